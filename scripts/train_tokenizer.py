@@ -29,6 +29,7 @@ import argparse
 import io
 import json
 import os
+import sys
 from typing import Iterable, Iterator, Sequence
 
 GEMMA_CONTROL = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0..3
@@ -42,15 +43,8 @@ N_SPECIAL = len(GEMMA_CONTROL) + len(GEMMA_USER_DEFINED)  # 108
 BYTE_OFFSET = N_SPECIAL  # <0x00> is at id 108
 MIN_VOCAB_SIZE = N_SPECIAL + 256 + 1
 
-# The chat template of google/gemma-2-2b-it (tokenizer_config.json), verbatim.
-GEMMA2_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
-    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
-    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
-    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
-    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
-    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
-)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gemma2np.chat import GEMMA2_CHAT_TEMPLATE  # noqa: E402  (single source of the template string)
 
 
 def _added_tokens_decoder() -> dict:
