@@ -1,0 +1,258 @@
+"""HF-format checkpoint directories: safetensors files (single or sharded) <-> {name: array}.
+
+Layer 2 of the package: knows file formats and Hugging Face tensor names, nothing of the model.
+
+The safetensors format is small enough to read directly: an 8-byte little-endian header length, a
+JSON header mapping each tensor name to {dtype, shape, data_offsets}, then the raw little-endian
+bytes. Reading it ourselves lets every tensor be a *memory map* of the file (nothing is read until
+it is used, so a 5 GB checkpoint costs page cache, not 2x its size in RAM) and lets every
+corruption be reported with the file and tensor it concerns. bfloat16 comes from `ml_dtypes`
+(the NumPy dtype extension maintained by the JAX team), not from bit tricks of our own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Iterable, Mapping
+
+import ml_dtypes
+import numpy as np
+
+__all__ = [
+    "CheckpointError",
+    "SAFE_WEIGHTS_NAME",
+    "SAFE_WEIGHTS_INDEX_NAME",
+    "read_safetensors",
+    "write_safetensors",
+    "load_state_dict",
+    "save_state_dict",
+    "checkpoint_files",
+    "bfloat16",
+]
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+bfloat16 = np.dtype(ml_dtypes.bfloat16)
+
+# safetensors dtype tag <-> NumPy dtype (little endian).
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": bfloat16,
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "BOOL": np.dtype("?"),
+}
+_TAGS = {v: k for k, v in _DTYPES.items()}
+
+_MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec caps the header at 100 MB
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or directory is missing, malformed, truncated or inconsistent."""
+
+
+def read_safetensors(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict]:
+    """Read one .safetensors file -> ({name: array}, metadata).
+
+    With mmap=True every array is a read-only view of a memory map of the file.
+    """
+    path = os.fspath(path)
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", head)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CheckpointError(
+                    f"{path}: header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)"
+                )
+            raw = f.read(n)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file not found: {path}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + n
+    data_size = size - data_start
+    buffer = None
+    if header:
+        if mmap:
+            buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
+        else:
+            with open(path, "rb") as f:
+                f.seek(data_start)
+                buffer = np.frombuffer(f.read(), dtype=np.uint8)
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        try:
+            tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
+        dtype = _DTYPES.get(tag)
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
+        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != nbytes or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({tag} {shape}) should take {nbytes} bytes but its offsets are "
+                f"[{begin}, {end})"
+            )
+        if end > data_size:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ends at byte {end} of the data section but the file only has "
+                f"{data_size} bytes of data (truncated file?)"
+            )
+        tensors[name] = buffer[begin:end].view(dtype).reshape(shape)
+    return tensors, metadata
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
+    """Write {name: array} as one .safetensors file (readable by the `safetensors` library and transformers)."""
+    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        a = np.asarray(tensors[name])
+        tag = _TAGS.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
+        if tag is None:
+            raise CheckpointError(f"cannot write tensor {name!r}: dtype {a.dtype} has no safetensors tag")
+        a = np.ascontiguousarray(a, dtype=_DTYPES[tag])
+        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        arrays.append(a)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+    tmp = os.fspath(path) + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for a in arrays:
+            f.write(a.tobytes(order="C"))
+    os.replace(tmp, path)  # never leave a half-written file under the real name
+
+
+def checkpoint_files(directory: str | os.PathLike) -> list[str]:
+    """The safetensors files of an HF checkpoint directory, in index order."""
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"checkpoint directory not found: {directory!r}")
+    index = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
+    single = os.path.join(directory, SAFE_WEIGHTS_NAME)
+    if os.path.exists(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+        files = list(dict.fromkeys(weight_map.values()))
+        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
+        return [os.path.join(directory, f) for f in files]
+    if os.path.exists(single):
+        return [single]
+    others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+    if others:
+        return [os.path.join(directory, f) for f in others]
+    hint = ""
+    if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(directory)):
+        hint = " (PyTorch pickle checkpoints are not loaded directly: see `gemma2np convert`)"
+    if any(f.endswith(".gguf") for f in os.listdir(directory)):
+        hint = " (for a GGUF file pass gguf_file=...)"
+    raise CheckpointError(f"no model.safetensors or {SAFE_WEIGHTS_INDEX_NAME} in {directory!r}{hint}")
+
+
+def load_state_dict(directory: str | os.PathLike, mmap: bool = True) -> dict[str, np.ndarray]:
+    """All tensors of an HF checkpoint directory (single file or shards), memory-mapped."""
+    state: dict[str, np.ndarray] = {}
+    for path in checkpoint_files(directory):
+        tensors, _ = read_safetensors(path, mmap=mmap)
+        for name, value in tensors.items():
+            if name in state:
+                raise CheckpointError(f"tensor {name!r} appears in more than one shard ({path})")
+            state[name] = value
+    return state
+
+
+def save_state_dict(
+    directory: str | os.PathLike,
+    state: Mapping[str, np.ndarray],
+    max_shard_size: int | None = None,
+    dtype: np.dtype | str | None = None,
+) -> list[str]:
+    """Write {name: array} as model.safetensors, or as shards + model.safetensors.index.json when the
+    total exceeds max_shard_size bytes (transformers' naming: model-00001-of-00003.safetensors)."""
+    os.makedirs(directory, exist_ok=True)
+    if dtype is not None:
+        dtype = bfloat16 if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
+        state = {k: np.asarray(v).astype(dtype) if np.issubdtype(np.asarray(v).dtype, np.floating) or np.asarray(v).dtype == bfloat16 else v
+                 for k, v in state.items()}
+    names = list(state)
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name in names:
+        nbytes = np.asarray(state[name]).nbytes
+        if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    # drop stale files from an earlier save with another layout
+    for f in os.listdir(directory):
+        if f == SAFE_WEIGHTS_INDEX_NAME or (f.startswith("model") and f.endswith(".safetensors")):
+            os.remove(os.path.join(directory, f))
+    if len(shards) == 1:
+        write_safetensors(os.path.join(directory, SAFE_WEIGHTS_NAME), {k: state[k] for k in shards[0]})
+        return [SAFE_WEIGHTS_NAME]
+    files = []
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(os.path.join(directory, fname), {k: state[k] for k in shard})
+        files.append(fname)
+        weight_map.update({k: fname for k in shard})
+    total = sum(np.asarray(v).nbytes for v in state.values())
+    with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
+    return files
+
+
+def check_state_dict(
+    state: Mapping[str, np.ndarray],
+    expected: Mapping[str, tuple[int, ...]],
+    optional: Iterable[str] = (),
+) -> tuple[list[str], list[str]]:
+    """Compare a state dict with the expected {name: shape}.
+
+    Raises CheckpointError naming the tensor when a shape disagrees or a tensor is not floating point;
+    returns (missing, unexpected) name lists (the caller decides which are fatal).
+    """
+    optional = set(optional)
+    for name, shape in expected.items():
+        if name in state:
+            got = tuple(state[name].shape)
+            if got != tuple(shape):
+                raise CheckpointError(f"tensor {name!r} has shape {got}, the config implies {tuple(shape)}")
+            dt = state[name].dtype
+            if not (np.issubdtype(dt, np.floating) or dt == bfloat16):
+                raise CheckpointError(f"tensor {name!r} has dtype {dt}, expected a floating-point dtype")
+    missing = [n for n in expected if n not in state and n not in optional]
+    unexpected = [n for n in state if n not in expected]
+    return missing, unexpected
