@@ -1,0 +1,356 @@
+# cython: language_level=3
+"""gemma2np._native: thin typed wrappers over csrc/gemma2np_kernels.c.
+
+Every wrapper validates dtype (TypeError), C-contiguity, shapes and ranges (ValueError)
+before it calls C with the GIL released. Outputs are freshly allocated float32/int64 arrays
+unless ``out=`` is given (then it is validated the same way).
+"""
+import os
+import numpy as np
+cimport numpy as cnp
+from libc.stdint cimport int64_t, uint8_t, uint16_t, int8_t
+
+cnp.import_array()
+
+cdef extern from "gemma2np_kernels.h" nogil:
+    int G2_W_F32, G2_W_BF16, G2_W_INT8, G2_W_BF16DP
+    int g2_cpu_features()
+    int g2_set_simd(int level)
+    int g2_get_simd()
+    int g2_have_openmp()
+    int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
+                  const float *scales, int64_t block, int64_t N, const float *bias,
+                  float *y, int n_threads)
+    void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
+    void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
+                      const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
+                      int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
+                      int64_t window, float *out, int n_threads)
+    void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,
+                    int n_threads)
+    void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, float *out,
+                  int n_threads)
+    void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, int64_t H,
+                 int64_t T, int64_t D, int64_t Bc, float *out, int n_threads)
+    void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads)
+    void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads)
+    void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values,
+                 int64_t *indices, int n_threads)
+
+FORMATS = {"float32": G2_W_F32, "bfloat16": G2_W_BF16, "int8": G2_W_INT8,
+           "bfloat16_dp": G2_W_BF16DP}
+
+_FEATURE_NAMES = ["avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512bf16", "avx512vnni"]
+
+
+def cpu_features():
+    """Names of the CPU features the C code detected."""
+    cdef int f = g2_cpu_features()
+    return [n for i, n in enumerate(_FEATURE_NAMES) if f & (1 << i)]
+
+
+def set_simd(int level):
+    """0 = force the portable scalar path, 1 = AVX-512 when available. Returns the level in use."""
+    return g2_set_simd(level)
+
+
+def get_simd():
+    return g2_get_simd()
+
+
+def have_openmp():
+    return bool(g2_have_openmp())
+
+
+def _physical_cores():
+    try:
+        cpus = os.sched_getaffinity(0)
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+    cores = set()
+    try:
+        for c in cpus:
+            base = "/sys/devices/system/cpu/cpu%d/topology/" % c
+            with open(base + "core_id") as f1, open(base + "physical_package_id") as f2:
+                cores.add((f1.read().strip(), f2.read().strip()))
+    except OSError:
+        return max(1, len(cpus))
+    return max(1, len(cores))
+
+
+def default_threads():
+    """OMP_NUM_THREADS if set (first entry), else the number of physical cores we may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env:
+        try:
+            n = int(env)
+            if n > 0:
+                return n
+        except ValueError:
+            pass
+    return _physical_cores()
+
+
+cdef int _threads(n_threads) except -1:
+    if n_threads is None:
+        return default_threads()
+    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool):
+        raise TypeError("n_threads must be an int or None")
+    if n_threads < 1 or n_threads > 1024:
+        raise ValueError("n_threads must be in [1, 1024], got %r" % (n_threads,))
+    return <int>n_threads
+
+
+cdef _check(a, str name, dtype, int ndim=-1):
+    if not isinstance(a, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray, got %s" % (name, type(a).__name__))
+    if a.dtype != dtype:
+        raise TypeError("%s must have dtype %s, got %s" % (name, np.dtype(dtype), a.dtype))
+    if ndim >= 0 and a.ndim != ndim:
+        raise ValueError("%s must be %d-D, got shape %s" % (name, ndim, a.shape))
+    if not a.flags.c_contiguous:
+        raise ValueError("%s must be C-contiguous" % name)
+
+
+cdef _out(out, shape, dtype, str name="out"):
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    _check(out, name, dtype)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), out.shape))
+    if not out.flags.writeable:
+        raise ValueError("%s must be writeable" % name)
+    return out
+
+
+def f32_to_bf16(x, n_threads=None):
+    """float32 -> bf16 bits (uint16), round to nearest even."""
+    _check(x, "x", np.float32)
+    cdef int nt = _threads(n_threads)
+    out = np.empty(x.shape, dtype=np.uint16)
+    cdef cnp.ndarray xa = x, oa = out
+    cdef int64_t n = x.size
+    with nogil:
+        g2_f32_to_bf16(<const float *>cnp.PyArray_DATA(xa), <uint16_t *>cnp.PyArray_DATA(oa), n, nt)
+    return out
+
+
+def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threads=None, out=None):
+    """y = x @ W^T (+ bias).
+
+    x: (M, K) float32. fmt "float32": w (N, K) float32; "bfloat16" / "bfloat16_dp": w (N, K)
+    uint16 bf16 bits; "int8": w (N, K) int8, scales (N, ceil(K/block)) float32, block a
+    positive multiple of 16. bias: (N,) float32 or None. Returns (M, N) float32.
+    """
+    if fmt not in FORMATS:
+        raise ValueError("fmt must be one of %s, got %r" % (sorted(FORMATS), fmt))
+    cdef int f = FORMATS[fmt]
+    _check(x, "x", np.float32, 2)
+    wdt = {G2_W_F32: np.float32, G2_W_BF16: np.uint16, G2_W_BF16DP: np.uint16, G2_W_INT8: np.int8}[f]
+    _check(w, "w", wdt, 2)
+    cdef int64_t M = x.shape[0], K = x.shape[1], N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError("w must have shape (N, %d), got %s" % (K, w.shape))
+    cdef int64_t nb = 0
+    cdef cnp.ndarray sa = None
+    if f == G2_W_INT8:
+        if block <= 0 or block % 16 != 0:
+            raise ValueError("int8 block must be a positive multiple of 16, got %d" % block)
+        nb = (K + block - 1) // block
+        if scales is None:
+            raise ValueError("int8 weights need scales")
+        _check(scales, "scales", np.float32, 2)
+        if scales.shape[0] != N or scales.shape[1] != nb:
+            raise ValueError("scales must have shape (%d, %d), got %s" % (N, nb, scales.shape))
+        sa = scales
+    elif scales is not None:
+        raise ValueError("scales are only used with fmt='int8'")
+    cdef cnp.ndarray ba = None
+    if bias is not None:
+        _check(bias, "bias", np.float32, 1)
+        if bias.shape[0] != N:
+            raise ValueError("bias must have shape (%d,), got %s" % (N, bias.shape))
+        ba = bias
+    cdef int nt = _threads(n_threads)
+    y = _out(out, (M, N), np.float32)
+    cdef cnp.ndarray xa = x, wa = w, ya = y
+    cdef const float *sp = NULL if sa is None else <const float *>cnp.PyArray_DATA(sa)
+    cdef const float *bp = NULL if ba is None else <const float *>cnp.PyArray_DATA(ba)
+    cdef int rc
+    with nogil:
+        rc = g2_linear(<const float *>cnp.PyArray_DATA(xa), M, K, f, cnp.PyArray_DATA(wa), sp,
+                       block, N, bp, <float *>cnp.PyArray_DATA(ya), nt)
+    if rc != 0:
+        raise MemoryError("g2_linear: out of memory")
+    return y
+
+
+def attention(q, k, v, q_pos, k_pos, key_valid, double scaling, softcap=None, window=None,
+              n_threads=None, out=None):
+    """Fused attention, see gemma2np_kernels.h. key_valid: (B, S) bool/uint8 or None."""
+    _check(q, "q", np.float32, 4)
+    _check(k, "k", np.float32, 4)
+    _check(v, "v", np.float32, 4)
+    _check(q_pos, "q_pos", np.int64, 1)
+    _check(k_pos, "k_pos", np.int64, 1)
+    cdef int64_t B = q.shape[0], Hq = q.shape[1], T = q.shape[2], D = q.shape[3]
+    cdef int64_t Hkv = k.shape[1], S = k.shape[2]
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError("k must have shape (%d, Hkv, S, %d), got %s" % (B, D, k.shape))
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError("v must have the shape of k %s, got %s" % (k.shape, v.shape))
+    if Hkv <= 0 or Hq % Hkv != 0:
+        raise ValueError("query heads (%d) must be a positive multiple of kv heads (%d)" % (Hq, Hkv))
+    if q_pos.shape[0] != T:
+        raise ValueError("q_pos must have shape (%d,), got %s" % (T, q_pos.shape))
+    if k_pos.shape[0] != S:
+        raise ValueError("k_pos must have shape (%d,), got %s" % (S, k_pos.shape))
+    cdef cnp.ndarray kva = None
+    if key_valid is not None:
+        if isinstance(key_valid, np.ndarray) and key_valid.dtype == np.bool_:
+            key_valid = key_valid.view(np.uint8)
+        _check(key_valid, "key_valid", np.uint8, 2)
+        if key_valid.shape[0] != B or key_valid.shape[1] != S:
+            raise ValueError("key_valid must have shape (%d, %d), got %s" % (B, S, key_valid.shape))
+        kva = key_valid
+    if not np.isfinite(scaling):
+        raise ValueError("scaling must be finite")
+    cdef float cap = 0.0
+    if softcap is not None:
+        cap = float(softcap)
+        if not np.isfinite(cap):
+            raise ValueError("softcap must be finite")
+    cdef int64_t win = 0
+    if window is not None:
+        win = int(window)
+    cdef int nt = _threads(n_threads)
+    o = _out(out, (B, Hq, T, D), np.float32)
+    cdef cnp.ndarray qa = q, ka = k, va = v, qpa = q_pos, kpa = k_pos, oa = o
+    cdef const uint8_t *kvp = NULL if kva is None else <const uint8_t *>cnp.PyArray_DATA(kva)
+    cdef float sc = scaling
+    with nogil:
+        g2_attention(<const float *>cnp.PyArray_DATA(qa), <const float *>cnp.PyArray_DATA(ka),
+                     <const float *>cnp.PyArray_DATA(va), <const int64_t *>cnp.PyArray_DATA(qpa),
+                     <const int64_t *>cnp.PyArray_DATA(kpa), kvp, B, Hq, Hkv, T, S, D, sc, cap,
+                     win, <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def rmsnorm(x, w, double eps=1e-6, n_threads=None, out=None):
+    """Gemma RMSNorm over the last axis: x * rsqrt(mean(x^2) + eps) * (1 + w), float32."""
+    _check(x, "x", np.float32)
+    _check(w, "w", np.float32, 1)
+    if x.ndim < 1 or x.shape[x.ndim - 1] != w.shape[0]:
+        raise ValueError("last axis of x %s must match w %s" % (x.shape, w.shape))
+    if not eps >= 0:
+        raise ValueError("eps must be >= 0")
+    cdef int64_t D = w.shape[0]
+    cdef int64_t R = x.size // D if D > 0 else 0
+    cdef int nt = _threads(n_threads)
+    o = _out(out, x.shape, np.float32)
+    cdef cnp.ndarray xa = x, wa = w, oa = o
+    cdef float e = eps
+    with nogil:
+        g2_rmsnorm(<const float *>cnp.PyArray_DATA(xa), <const float *>cnp.PyArray_DATA(wa), R, D,
+                   e, <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def geglu(gate, up, approximate="tanh", n_threads=None, out=None):
+    """act(gate) * up with act = gelu ("tanh" approximation or "none" = exact erf)."""
+    _check(gate, "gate", np.float32)
+    _check(up, "up", np.float32)
+    if gate.shape != up.shape:
+        raise ValueError("gate %s and up %s must have the same shape" % (gate.shape, up.shape))
+    if approximate not in ("tanh", "none"):
+        raise ValueError("approximate must be 'tanh' or 'none'")
+    cdef int appr = 1 if approximate == "tanh" else 0
+    cdef int nt = _threads(n_threads)
+    o = _out(out, gate.shape, np.float32)
+    cdef cnp.ndarray ga = gate, ua = up, oa = o
+    cdef int64_t n = gate.size
+    with nogil:
+        g2_geglu(<const float *>cnp.PyArray_DATA(ga), <const float *>cnp.PyArray_DATA(ua), n, appr,
+                 <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def rope(x, cos, sin, n_threads=None, out=None):
+    """Rotate-half RoPE: x (B, H, T, D); cos/sin (T, D) or (B, T, D) or (1, T, D)."""
+    _check(x, "x", np.float32, 4)
+    _check(cos, "cos", np.float32)
+    _check(sin, "sin", np.float32)
+    cdef int64_t B = x.shape[0], H = x.shape[1], T = x.shape[2], D = x.shape[3]
+    if D % 2 != 0:
+        raise ValueError("head_dim must be even, got %d" % D)
+    if cos.shape != sin.shape:
+        raise ValueError("cos %s and sin %s must have the same shape" % (cos.shape, sin.shape))
+    cdef int64_t Bc
+    if cos.ndim == 2 and cos.shape == (T, D):
+        Bc = 1
+    elif cos.ndim == 3 and cos.shape[1:] == (T, D) and cos.shape[0] in (1, B):
+        Bc = cos.shape[0]
+    else:
+        raise ValueError("cos/sin must have shape (T, D), (1, T, D) or (B, T, D) = %s, got %s"
+                         % ((B, T, D), cos.shape))
+    cdef int nt = _threads(n_threads)
+    o = _out(out, x.shape, np.float32)
+    cdef cnp.ndarray xa = x, ca = cos, sa = sin, oa = o
+    with nogil:
+        g2_rope(<const float *>cnp.PyArray_DATA(xa), <const float *>cnp.PyArray_DATA(ca),
+                <const float *>cnp.PyArray_DATA(sa), B, H, T, D, Bc,
+                <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def softcap(x, double cap, n_threads=None, out=None):
+    """cap * tanh(x / cap); out may be x (in place)."""
+    _check(x, "x", np.float32)
+    if not (cap > 0 and np.isfinite(cap)):
+        raise ValueError("cap must be a positive finite number, got %r" % cap)
+    cdef int nt = _threads(n_threads)
+    o = _out(out, x.shape, np.float32)
+    cdef cnp.ndarray xa = x, oa = o
+    cdef int64_t n = x.size
+    cdef float c = cap
+    with nogil:
+        g2_softcap(<const float *>cnp.PyArray_DATA(xa), n, c, <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def argmax(x, n_threads=None):
+    """Argmax over the last axis (first maximum; first NaN wins) -> int64 of shape x.shape[:-1]."""
+    _check(x, "x", np.float32)
+    if x.ndim < 1 or x.shape[x.ndim - 1] == 0:
+        raise ValueError("argmax needs a non-empty last axis, got shape %s" % (x.shape,))
+    cdef int64_t V = x.shape[x.ndim - 1]
+    cdef int64_t R = x.size // V
+    cdef int nt = _threads(n_threads)
+    o = np.empty(x.shape[:-1], dtype=np.int64)
+    cdef cnp.ndarray xa = x, oa = o
+    with nogil:
+        g2_argmax(<const float *>cnp.PyArray_DATA(xa), R, V, <int64_t *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def topk(x, int k, n_threads=None):
+    """Top-k over the last axis: (values float32, indices int64), each of shape (..., k),
+    value-descending, ties by smaller index. NaN in x -> ValueError."""
+    _check(x, "x", np.float32)
+    if x.ndim < 1:
+        raise ValueError("topk needs at least 1-D input")
+    cdef int64_t V = x.shape[x.ndim - 1]
+    if k < 1 or k > V:
+        raise ValueError("k must be in [1, %d], got %d" % (V, k))
+    if np.isnan(x).any():
+        raise ValueError("topk input contains NaN")
+    cdef int64_t R = x.size // V
+    cdef int nt = _threads(n_threads)
+    vals = np.empty(x.shape[:-1] + (k,), dtype=np.float32)
+    idx = np.empty(x.shape[:-1] + (k,), dtype=np.int64)
+    cdef cnp.ndarray xa = x, va = vals, ia = idx
+    cdef int64_t kk = k
+    with nogil:
+        g2_topk(<const float *>cnp.PyArray_DATA(xa), R, V, kk, <float *>cnp.PyArray_DATA(va),
+                <int64_t *>cnp.PyArray_DATA(ia), nt)
+    return vals, idx

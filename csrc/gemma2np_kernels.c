@@ -1,0 +1,595 @@
+/* gemma2np native kernels. See gemma2np_kernels.h for the API.
+ *
+ * Build: plain -O3 (no -march, no -ffast-math), -ffp-contract=off so the scalar code rounds
+ * exactly like NumPy; OpenMP when available. AVX-512 code lives in functions with a
+ * target attribute and is only called when __builtin_cpu_supports says so.
+ */
+#include "gemma2np_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(G2_NO_SIMD)
+#define G2_X86 1
+#include <immintrin.h>
+#else
+#define G2_X86 0
+#endif
+
+#define G2_MIN(a, b) ((a) < (b) ? (a) : (b))
+#define G2_MAX(a, b) ((a) > (b) ? (a) : (b))
+#define NT(n) ((n) > 0 ? (n) : 1)
+
+/* ------------------------------------------------------------------------------------------ */
+/* CPU features and dispatch                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+static int g_features = -1;
+static int g_simd = -1; /* -1: not decided yet */
+
+int g2_cpu_features(void) {
+    if (g_features >= 0) return g_features;
+    int f = 0;
+#if G2_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) f |= G2_CPU_AVX2;
+    if (__builtin_cpu_supports("fma")) f |= G2_CPU_FMA;
+    if (__builtin_cpu_supports("avx512f")) f |= G2_CPU_AVX512F;
+    if (__builtin_cpu_supports("avx512bw")) f |= G2_CPU_AVX512BW;
+    if (__builtin_cpu_supports("avx512vl")) f |= G2_CPU_AVX512VL;
+#if __GNUC__ >= 11 || defined(__clang__)
+    if (__builtin_cpu_supports("avx512bf16")) f |= G2_CPU_AVX512BF16;
+#endif
+    if (__builtin_cpu_supports("avx512vnni")) f |= G2_CPU_AVX512VNNI;
+#endif
+    g_features = f;
+    return f;
+}
+
+static int have_avx512(void) {
+    int need = G2_CPU_AVX512F | G2_CPU_AVX512BW | G2_CPU_AVX512VL | G2_CPU_FMA;
+    return (g2_cpu_features() & need) == need;
+}
+
+int g2_set_simd(int level) {
+    g_simd = (level > 0 && G2_X86 && have_avx512()) ? 1 : 0;
+    return g_simd;
+}
+
+int g2_get_simd(void) {
+    if (g_simd < 0) g2_set_simd(1);
+    return g_simd;
+}
+
+static int use_bf16dp(void) {
+    return g2_get_simd() && (g2_cpu_features() & G2_CPU_AVX512BF16);
+}
+
+int g2_have_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* bf16 helpers                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x0040u); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads) {
+    int64_t i;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
+    for (i = 0; i < n; i++) out[i] = f32_to_bf16(x[i]);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* linear: portable path                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+static inline float wval(int fmt, const void *w, const float *sc, int64_t n, int64_t k, int64_t K,
+                         int64_t block, int64_t nb) {
+    switch (fmt) {
+    case G2_W_F32: return ((const float *)w)[n * K + k];
+    case G2_W_INT8: return (float)((const int8_t *)w)[n * K + k] * sc[n * nb + k / block];
+    default: return bf16_to_f32(((const uint16_t *)w)[n * K + k]);
+    }
+}
+
+static void linear_scalar(int fmt, const float *x, int64_t M, int64_t K, const void *w,
+                          const float *sc, int64_t block, int64_t N, float *y, int nt) {
+    int64_t nb = block > 0 ? (K + block - 1) / block : 0;
+    int64_t n;
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt)
+    for (n = 0; n < N; n++) {
+        for (int64_t m = 0; m < M; m++) {
+            const float *xr = x + m * K;
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t k = 0; k < K; k++) acc[k & 7] += xr[k] * wval(fmt, w, sc, n, k, K, block, nb);
+            y[m * N + n] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        }
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* linear: AVX-512 path                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+#if G2_X86
+#define G2_TGT __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx2")))
+#define G2_TGT_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,avx2")))
+#define G2_INLINE static inline __attribute__((always_inline))
+
+#define MR_MAX 4
+#define NR_MAX 4
+
+G2_INLINE G2_TGT __m512 load_w16(const int fmt, const void *w, int64_t off, __mmask16 msk,
+                                 const int full, float scale) {
+    if (fmt == G2_W_F32) {
+        const float *p = (const float *)w + off;
+        return full ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(msk, p);
+    } else if (fmt == G2_W_BF16) {
+        const uint16_t *p = (const uint16_t *)w + off;
+        __m256i h = full ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16(msk, p);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    } else {
+        const int8_t *p = (const int8_t *)w + off;
+        __m128i b = full ? _mm_loadu_si128((const __m128i *)p) : _mm_maskz_loadu_epi8(msk, p);
+        return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), _mm512_set1_ps(scale));
+    }
+}
+
+/* One MR x NR tile of dot products over the full K. Each output element uses one 16-lane
+ * accumulator and the same instruction sequence whatever MR/NR/thread count -> results do not
+ * depend on tiling, batch size or threads. x: row m0; w: row n0; sc: scales of row n0. */
+G2_INLINE G2_TGT void tile_avx512(const int fmt, const int MR, const int NR, const float *x,
+                                  int64_t K, const void *w, const float *sc, int64_t block,
+                                  int64_t nb, float *y, int64_t ldy) {
+    __m512 acc[MR_MAX][NR_MAX];
+    __m512 xv[MR_MAX];
+    int m, n;
+    for (m = 0; m < MR; m++)
+        for (n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        int64_t bi = (fmt == G2_W_INT8) ? k / block : 0;
+        for (m = 0; m < MR; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
+        for (n = 0; n < NR; n++) {
+            float s = (fmt == G2_W_INT8) ? sc[n * nb + bi] : 0.0f;
+            __m512 wv = load_w16(fmt, w, n * K + k, 0xFFFF, 1, s);
+            for (m = 0; m < MR; m++) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
+        }
+    }
+    if (k < K) {
+        __mmask16 msk = (__mmask16)((1u << (K - k)) - 1u);
+        int64_t bi = (fmt == G2_W_INT8) ? k / block : 0;
+        for (m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_ps(msk, x + m * K + k);
+        for (n = 0; n < NR; n++) {
+            float s = (fmt == G2_W_INT8) ? sc[n * nb + bi] : 0.0f;
+            __m512 wv = load_w16(fmt, w, n * K + k, msk, 0, s);
+            for (m = 0; m < MR; m++) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
+        }
+    }
+    for (m = 0; m < MR; m++)
+        for (n = 0; n < NR; n++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+/* bf16 x bf16 -> f32 tile with vdpbf16ps (x already rounded to bf16). */
+G2_INLINE G2_TGT_BF16 void tile_bf16dp(const int MR, const int NR, const uint16_t *x, int64_t K,
+                                       const uint16_t *w, float *y, int64_t ldy) {
+    __m512 acc[MR_MAX][NR_MAX];
+    __m512i xv[MR_MAX];
+    int m, n;
+    for (m = 0; m < MR; m++)
+        for (n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        for (m = 0; m < MR; m++) xv[m] = _mm512_loadu_si512((const void *)(x + m * K + k));
+        for (n = 0; n < NR; n++) {
+            __m512i wv = _mm512_loadu_si512((const void *)(w + n * K + k));
+            for (m = 0; m < MR; m++)
+                acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv[m], (__m512bh)wv);
+        }
+    }
+    if (k < K) {
+        __mmask32 msk = (__mmask32)((1u << (K - k)) - 1u);
+        for (m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_epi16(msk, x + m * K + k);
+        for (n = 0; n < NR; n++) {
+            __m512i wv = _mm512_maskz_loadu_epi16(msk, w + n * K + k);
+            for (m = 0; m < MR; m++)
+                acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv[m], (__m512bh)wv);
+        }
+    }
+    for (m = 0; m < MR; m++)
+        for (n = 0; n < NR; n++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
+}
+
+typedef void (*tile_fn)(const float *, int64_t, const void *, const float *, int64_t, int64_t,
+                        float *, int64_t);
+
+#define DEF_TILE(FMT, MR, NR)                                                                   \
+    static G2_TGT __attribute__((noinline)) void tile_##FMT##_##MR##_##NR(                       \
+        const float *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,    \
+        float *y, int64_t ldy) {                                                                 \
+        tile_avx512(FMT, MR, NR, x, K, w, sc, block, nb, y, ldy);                                \
+    }
+#define DEF_TILES(FMT) DEF_TILE(FMT, 4, 4) DEF_TILE(FMT, 4, 1) DEF_TILE(FMT, 1, 4) DEF_TILE(FMT, 1, 1)
+DEF_TILES(0)
+DEF_TILES(1)
+DEF_TILES(2)
+
+#define DEF_TILE_DP(MR, NR)                                                                     \
+    static G2_TGT_BF16 __attribute__((noinline)) void tile_dp_##MR##_##NR(                       \
+        const float *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,    \
+        float *y, int64_t ldy) {                                                                 \
+        (void)sc; (void)block; (void)nb;                                                         \
+        tile_bf16dp(MR, NR, (const uint16_t *)x, K, (const uint16_t *)w, y, ldy);                \
+    }
+DEF_TILE_DP(4, 4)
+DEF_TILE_DP(4, 1)
+DEF_TILE_DP(1, 4)
+DEF_TILE_DP(1, 1)
+
+/* tiles[fmt][mr==4][nr==4] */
+static const tile_fn g_tiles[4][2][2] = {
+    {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}},
+    {{tile_1_1_1, tile_1_1_4}, {tile_1_4_1, tile_1_4_4}},
+    {{tile_2_1_1, tile_2_1_4}, {tile_2_4_1, tile_2_4_4}},
+    {{tile_dp_1_1, tile_dp_1_4}, {tile_dp_4_1, tile_dp_4_4}},
+};
+
+/* Blocking: the rows of W are cut into blocks of ~L2-sized tiles (parallel over these
+ * blocks, so M=1 is parallel over N and bandwidth-bound); x is cut into chunks of MC rows, and
+ * inside a W block every 4x4 tile reuses 4 W rows for 4 x rows. */
+static void linear_avx512(int fmt, const void *x, int64_t M, int64_t K, const void *w,
+                          const float *sc, int64_t block, int64_t N, float *y, int nt) {
+    int64_t nb = (fmt == G2_W_INT8) ? (K + block - 1) / block : 0;
+    int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
+    int64_t xbytes = fmt == G2_W_BF16DP ? 2 : 4;
+    int64_t nblk = (256 * 1024) / (K * wbytes);
+    nblk = nblk / 4 * 4;
+    if (nblk < 4) nblk = 4;
+    /* keep enough blocks for all threads when N is small */
+    while (nblk > 4 && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= 4;
+    int64_t nblocks = (N + nblk - 1) / nblk;
+    int64_t MC = 64;
+    const char *xc = (const char *)x;
+    const char *wc = (const char *)w;
+    for (int64_t m0 = 0; m0 < M; m0 += MC) {
+        int64_t m1 = G2_MIN(M, m0 + MC);
+        int64_t jb;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (jb = 0; jb < nblocks; jb++) {
+            int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
+            int64_t m = m0;
+            while (m < m1) {
+                int mr = (m1 - m >= 4) ? 1 : 0;
+                int64_t n = n0;
+                while (n < n1) {
+                    int nr = (n1 - n >= 4) ? 1 : 0;
+                    g_tiles[fmt][mr][nr]((const float *)(xc + m * K * xbytes), K,
+                                         wc + n * K * wbytes, sc ? sc + n * nb : NULL, block, nb,
+                                         y + m * N + n, N);
+                    n += nr ? 4 : 1;
+                }
+                m += mr ? 4 : 1;
+            }
+        }
+    }
+}
+#endif /* G2_X86 */
+
+int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w, const float *scales,
+              int64_t block, int64_t N, const float *bias, float *y, int n_threads) {
+    int nt = NT(n_threads);
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0) {
+        for (int64_t i = 0; i < M * N; i++) y[i] = 0.0f;
+    } else if (fmt == G2_W_BF16DP) {
+#if G2_X86
+        if (use_bf16dp()) {
+            uint16_t *xb = (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
+            if (!xb) return -1;
+            g2_f32_to_bf16(x, xb, M * K, nt);
+            linear_avx512(G2_W_BF16DP, xb, M, K, w, NULL, 0, N, y, nt);
+            free(xb);
+        } else
+#endif
+        {
+            float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
+            if (!xr) return -1;
+            for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+#if G2_X86
+            if (g2_get_simd())
+                linear_avx512(G2_W_BF16, xr, M, K, w, NULL, 0, N, y, nt);
+            else
+#endif
+                linear_scalar(G2_W_BF16, xr, M, K, w, NULL, 0, N, y, nt);
+            free(xr);
+        }
+    } else {
+#if G2_X86
+        if (g2_get_simd())
+            linear_avx512(fmt, x, M, K, w, scales, block, N, y, nt);
+        else
+#endif
+            linear_scalar(fmt, x, M, K, w, scales, block, N, y, nt);
+    }
+    if (bias) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* attention                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+static float dot_scalar(const float *a, const float *b, int64_t n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+static void scale_axpy_scalar(float *acc, float a, const float *v, float p, int64_t n) {
+    /* acc = acc * a + p * v */
+    for (int64_t i = 0; i < n; i++) acc[i] = acc[i] * a + p * v[i];
+}
+
+#if G2_X86
+static G2_TGT float dot_avx512(const float *a, const float *b, int64_t n) {
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    if (i < n) {
+        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+    }
+    return _mm512_reduce_add_ps(acc);
+}
+static G2_TGT void scale_axpy_avx512(float *acc, float a, const float *v, float p, int64_t n) {
+    __m512 av = _mm512_set1_ps(a), pv = _mm512_set1_ps(p);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + i), _mm512_mul_ps(_mm512_loadu_ps(acc + i), av)));
+    for (; i < n; i++) acc[i] = acc[i] * a + p * v[i];
+}
+#endif
+
+#define ATT_BLOCK 64
+
+void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
+                  const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
+                  int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
+                  int64_t window, float *out, int n_threads) {
+    float (*dot)(const float *, const float *, int64_t) = dot_scalar;
+    void (*saxpy)(float *, float, const float *, float, int64_t) = scale_axpy_scalar;
+#if G2_X86
+    if (g2_get_simd()) {
+        dot = dot_avx512;
+        saxpy = scale_axpy_avx512;
+    }
+#endif
+    int64_t rep = Hq / Hkv;
+    int64_t total = B * Hq * T;
+#pragma omp parallel num_threads(NT(n_threads))
+    {
+        float *acc = (float *)malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
+        float sbuf[ATT_BLOCK];
+        unsigned char vis[ATT_BLOCK];
+        int64_t idx;
+#pragma omp for schedule(dynamic, 2)
+        for (idx = 0; idx < total; idx++) {
+            if (!acc) continue; /* out of memory: leave row (cannot raise from here) */
+            int64_t t = idx % T, h = (idx / T) % Hq, b = idx / (T * Hq), g = h / rep;
+            const float *qr = q + idx * D;
+            const float *kb = k + (b * Hkv + g) * S * D;
+            const float *vb = v + (b * Hkv + g) * S * D;
+            const uint8_t *valid = key_valid ? key_valid + b * S : NULL;
+            float *o = out + idx * D;
+            int64_t qp = q_pos[t];
+            float mx = -INFINITY, l = 0.0f;
+            int64_t nvis = 0;
+            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+            for (int64_t s0 = 0; s0 < S; s0 += ATT_BLOCK) {
+                int64_t s1 = G2_MIN(S, s0 + ATT_BLOCK);
+                float bmax = -INFINITY;
+                int any = 0;
+                for (int64_t s = s0; s < s1; s++) {
+                    int64_t kp = k_pos[s];
+                    int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
+                    vis[s - s0] = (unsigned char)ok;
+                    if (!ok) continue;
+                    float sc = dot(qr, kb + s * D, D) * scaling;
+                    if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
+                    sbuf[s - s0] = sc;
+                    if (!any || sc > bmax) bmax = sc;
+                    any = 1;
+                }
+                if (!any) continue;
+                if (bmax > mx) {
+                    float a = (nvis == 0) ? 0.0f : expf(mx - bmax);
+                    l *= a;
+                    for (int64_t d = 0; d < D; d++) acc[d] *= a;
+                    mx = bmax;
+                }
+                for (int64_t s = s0; s < s1; s++) {
+                    if (!vis[s - s0]) continue;
+                    float p = expf(sbuf[s - s0] - mx);
+                    l += p;
+                    saxpy(acc, 1.0f, vb + s * D, p, D);
+                    nvis++;
+                }
+            }
+            if (nvis == 0) {
+                /* no visible key: uniform softmax over all S keys (what HF's finfo.min mask gives) */
+                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+                for (int64_t s = 0; s < S; s++) saxpy(acc, 1.0f, vb + s * D, 1.0f, D);
+                l = (float)S;
+            }
+            if (S == 0) {
+                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            } else {
+                for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
+            }
+        }
+        free(acc);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* elementwise / row kernels                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,
+                int n_threads) {
+    int64_t r;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R * D > 32768)
+    for (r = 0; r < R; r++) {
+        const float *xr = x + r * D;
+        double ss = 0.0;
+        for (int64_t d = 0; d < D; d++) ss += (double)xr[d] * (double)xr[d];
+        float ms = (float)(ss / (double)D);
+        float inv = 1.0f / sqrtf(ms + eps);
+        for (int64_t d = 0; d < D; d++) out[r * D + d] = (xr[d] * inv) * (1.0f + w[d]);
+    }
+}
+
+#define GELU_BETA 0.7978845608028654f /* sqrt(2/pi) */
+#define GELU_KAPPA 0.044715f
+
+void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, float *out,
+              int n_threads) {
+    int64_t i;
+    if (approximate) {
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 16384)
+        for (i = 0; i < n; i++) {
+            float g = gate[i];
+            float inner = GELU_BETA * (g + ((GELU_KAPPA * g) * g) * g); /* ops.gelu_tanh's order */
+            out[i] = ((0.5f * g) * (1.0f + tanhf(inner))) * up[i];
+        }
+    } else {
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 16384)
+        for (i = 0; i < n; i++) {
+            float g = gate[i];
+            out[i] = (0.5f * g * (1.0f + erff(g / 1.41421356237309515f))) * up[i];
+        }
+    }
+}
+
+void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, int64_t H,
+             int64_t T, int64_t D, int64_t Bc, float *out, int n_threads) {
+    int64_t half = D / 2, rows = B * H * T, r;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (rows * D > 32768)
+    for (r = 0; r < rows; r++) {
+        int64_t t = r % T, b = r / (H * T);
+        int64_t bc = Bc == 1 ? 0 : b;
+        const float *c = cos_ + (bc * T + t) * D, *s = sin_ + (bc * T + t) * D;
+        const float *xr = x + r * D;
+        float *o = out + r * D;
+        for (int64_t i = 0; i < half; i++) {
+            float x1 = xr[i], x2 = xr[i + half];
+            float a = x1 * c[i] + (-x2) * s[i];
+            float bb = x2 * c[i + half] + x1 * s[i + half];
+            o[i] = a;
+            o[i + half] = bb;
+        }
+    }
+}
+
+void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads) {
+    int64_t i;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
+    for (i = 0; i < n; i++) out[i] = cap * tanhf(x[i] / cap);
+}
+
+void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads) {
+    int64_t r;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R > 1)
+    for (r = 0; r < R; r++) {
+        const float *xr = x + r * V;
+        int64_t best = 0;
+        float bv = xr[0];
+        if (!isnan(bv)) {
+            for (int64_t i = 1; i < V; i++) {
+                float vi = xr[i];
+                if (vi > bv) { bv = vi; best = i; }
+                else if (isnan(vi)) { best = i; break; }
+            }
+        }
+        out[r] = best;
+    }
+}
+
+/* "a is better than b": larger value, ties -> smaller index */
+#define TK_BETTER(va, ia, vb, ib) ((va) > (vb) || ((va) == (vb) && (ia) < (ib)))
+
+static void tk_sift_down(float *hv, int64_t *hi, int64_t n, int64_t i) {
+    /* min-heap on "better": the worst element at the root */
+    for (;;) {
+        int64_t l = 2 * i + 1, r = l + 1, w = i;
+        if (l < n && TK_BETTER(hv[w], hi[w], hv[l], hi[l])) w = l;
+        if (r < n && TK_BETTER(hv[w], hi[w], hv[r], hi[r])) w = r;
+        if (w == i) return;
+        float tv = hv[i]; hv[i] = hv[w]; hv[w] = tv;
+        int64_t ti = hi[i]; hi[i] = hi[w]; hi[w] = ti;
+        i = w;
+    }
+}
+
+void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *indices,
+             int n_threads) {
+    int64_t r;
+    if (k <= 0) return;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R > 1)
+    for (r = 0; r < R; r++) {
+        const float *xr = x + r * V;
+        float *hv = values + r * k;
+        int64_t *hi = indices + r * k;
+        int64_t n = 0;
+        for (int64_t i = 0; i < V; i++) {
+            float vi = xr[i];
+            if (n < k) {
+                /* sift up */
+                int64_t c = n++;
+                hv[c] = vi; hi[c] = i;
+                while (c > 0) {
+                    int64_t p = (c - 1) / 2;
+                    if (TK_BETTER(hv[p], hi[p], hv[c], hi[c])) {
+                        float tv = hv[p]; hv[p] = hv[c]; hv[c] = tv;
+                        int64_t ti = hi[p]; hi[p] = hi[c]; hi[c] = ti;
+                        c = p;
+                    } else break;
+                }
+            } else if (TK_BETTER(vi, i, hv[0], hi[0])) {
+                hv[0] = vi; hi[0] = i;
+                tk_sift_down(hv, hi, n, 0);
+            }
+        }
+        /* heap sort: repeatedly move the worst to the end -> best first */
+        for (int64_t end = n - 1; end > 0; end--) {
+            float tv = hv[0]; hv[0] = hv[end]; hv[end] = tv;
+            int64_t ti = hi[0]; hi[0] = hi[end]; hi[end] = ti;
+            tk_sift_down(hv, hi, end, 0);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+/* gemma2np native kernels: plain C99, no Python, callable without the GIL.
+ *
+ * All tensors are C-contiguous float32 unless stated otherwise. Callers (the
+ * Cython wrappers in _native.pyx) validate shapes, dtypes and ranges BEFORE
+ * calling; the C side trusts its arguments. Every kernel takes n_threads
+ * (<= 0 means 1) and produces bitwise-identical results for any thread count
+ * (each output element is computed by exactly one thread in a fixed order).
+ *
+ * Runtime CPU dispatch: on x86_64 the AVX-512 paths are compiled with
+ * __attribute__((target)) / #pragma GCC target and chosen at run time with
+ * __builtin_cpu_supports; elsewhere (or when disabled with g2_set_simd(0))
+ * the portable scalar code runs.
+ */
+#ifndef GEMMA2NP_KERNELS_H
+#define GEMMA2NP_KERNELS_H
+
+#include <stdint.h>
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* weight formats of g2_linear */
+#define G2_W_F32    0  /* w: float32 (N, K) */
+#define G2_W_BF16   1  /* w: uint16 bf16 bits (N, K); x stays f32, w widened exactly */
+#define G2_W_INT8   2  /* w: int8 (N, K) + f32 scales (N, ceil(K/block)); x stays f32 */
+#define G2_W_BF16DP 3  /* w: uint16 bf16 bits (N, K); x rounded to bf16 (RNE), f32 accumulation
+                          (vdpbf16ps on avx512_bf16) */
+
+/* feature bits */
+#define G2_CPU_AVX2       1
+#define G2_CPU_FMA        2
+#define G2_CPU_AVX512F    4
+#define G2_CPU_AVX512BW   8
+#define G2_CPU_AVX512VL  16
+#define G2_CPU_AVX512BF16 32
+#define G2_CPU_AVX512VNNI 64
+
+int g2_cpu_features(void);
+/* 0 = portable scalar only, 1 = AVX-512 (if the CPU has it). Returns the level in effect. */
+int g2_set_simd(int level);
+int g2_get_simd(void);
+int g2_have_openmp(void);
+
+/* y[M,N] = x[M,K] @ W[N,K]^T (+ bias[N]).  Returns 0, or -1 on allocation failure. */
+int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
+              const float *scales, int64_t block, int64_t N, const float *bias,
+              float *y, int n_threads);
+
+/* Round float32 to bf16 bits, round-to-nearest-even (NaN -> quiet NaN). */
+void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
+
+/* Fused attention (online softmax, no T x S matrix).
+ * q (B,Hq,T,D), k/v (B,Hkv,S,D), out (B,Hq,T,D), q_pos (T), k_pos (S), key_valid (B,S) or NULL.
+ * softcap <= 0: none; window <= 0: none. */
+void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
+                  const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
+                  int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
+                  int64_t window, float *out, int n_threads);
+
+/* out[r,:] = x[r,:] * 1/sqrt(mean(x[r,:]^2) + eps) * (1 + w)   (float32) */
+void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,
+                int n_threads);
+
+/* out = act(gate) * up, act: 0 = gelu tanh approximation, 1 = exact gelu (erf) */
+void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, float *out,
+              int n_threads);
+
+/* RoPE rotate-half: x (B,H,T,D); cos/sin (Bc,T,D) with Bc in {1,B}; out may alias x. */
+void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, int64_t H,
+             int64_t T, int64_t D, int64_t Bc, float *out, int n_threads);
+
+/* out = cap * tanh(x / cap); out may alias x */
+void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads);
+
+/* argmax over the last axis of x (R,V): first index of the maximum (NaN counts as maximum,
+ * first NaN wins, like numpy.argmax). */
+void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads);
+
+/* top-k over the last axis (R,V), k <= V, no NaN in x: values/indices (R,k), ordered by value
+ * descending, ties by index ascending. Uses a size-k heap (O(V log k)). */
+void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values, int64_t *indices,
+             int n_threads);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

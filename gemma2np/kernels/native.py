@@ -1,0 +1,179 @@
+"""Backends implementing the contract of docs/ARCHITECTURE.md ("Backend contract").
+
+NumpyBackend  -- the NumPy twins (gemma2np.kernels.reference); prepare_linear returns a float32
+                 array (the dequantised weights when weights="bfloat16"/"int8"), or a
+                 LinearHandle when a bias is given.
+NativeBackend -- the C/Cython kernels (gemma2np._native); prepare_linear returns a LinearHandle
+                 holding the weights in the chosen storage format.
+
+Both accept any float dtype for weights (incl. ml_dtypes.bfloat16) and activations; activations
+are computed in float32.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference as ref
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "bfloat16_dp", "int8")
+_TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate")
+_ERF_GELUS = ("gelu", "gelu_python")
+
+
+class LinearHandle:
+    """Prepared weights of one linear layer: y = x @ W^T + bias, W stored as `fmt`."""
+
+    __slots__ = ("fmt", "w", "scales", "block", "bias", "out_features", "in_features")
+
+    def __init__(self, fmt, w, scales=None, block=0, bias=None):
+        self.fmt, self.w, self.scales, self.block, self.bias = fmt, w, scales, block, bias
+        self.out_features, self.in_features = w.shape
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.w, self.scales, self.bias) if a is not None)
+
+    def __repr__(self):
+        return "LinearHandle(%s, out=%d, in=%d%s)" % (self.fmt, self.out_features, self.in_features,
+                                                      ", bias" if self.bias is not None else "")
+
+
+def _pack(w, bias, weights, block):
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError("weights must be one of %s, got %r" % (WEIGHT_FORMATS, weights))
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
+    b = None
+    if bias is not None:
+        b = np.ascontiguousarray(np.asarray(bias).astype(np.float32))
+        if b.shape != (w.shape[0],):
+            raise ValueError("bias must have shape (%d,), got %s" % (w.shape[0], b.shape))
+    if weights == "float32":
+        return LinearHandle("float32", np.ascontiguousarray(w.astype(np.float32)), bias=b)
+    if weights in ("bfloat16", "bfloat16_dp"):
+        return LinearHandle(weights, ref.to_bf16_bits(w), bias=b)
+    q, s = ref.quantize_int8(w, block)
+    return LinearHandle("int8", q, s, block, bias=b)
+
+
+def _as_2d(x, in_features):
+    x = np.asarray(x)
+    if x.shape[-1] != in_features:
+        raise ValueError("x has %d features, the layer expects %d" % (x.shape[-1], in_features))
+    lead = x.shape[:-1]
+    return np.ascontiguousarray(x.reshape(-1, in_features), dtype=np.float32), lead
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, n_threads=None, int8_block=ref.DEFAULT_INT8_BLOCK):
+        self.n_threads = n_threads
+        self.int8_block = int8_block
+
+    def prepare_linear(self, w, bias=None, weights="float32"):
+        h = _pack(w, bias, weights, self.int8_block)
+        wf = np.ascontiguousarray(ref.weight_as_f32(h.w, h.fmt, h.scales, h.block))
+        if h.fmt == "bfloat16_dp" or bias is not None:
+            return LinearHandle(h.fmt if h.fmt == "bfloat16_dp" else "float32",
+                                h.w if h.fmt == "bfloat16_dp" else wf, bias=h.bias)
+        return wf
+
+    def linear(self, x, handle):
+        if isinstance(handle, LinearHandle):
+            x2, lead = _as_2d(x, handle.in_features)
+            y = ref.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block)
+            return y.reshape(lead + (handle.out_features,))
+        x = np.asarray(x, np.float32)
+        return x @ np.asarray(handle).T
+
+    def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window):
+        return ref.attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window)
+
+    def rmsnorm(self, x, w, eps):
+        return ref.rmsnorm(x, w, eps)
+
+    def geglu(self, gate, up, activation="gelu_pytorch_tanh"):
+        if activation in _TANH_GELUS:
+            return ref.geglu(gate, up, "tanh")
+        if activation in _ERF_GELUS:
+            return ref.geglu(gate, up, "none")
+        from .. import ops  # other activations: the readable reference
+        return ops.geglu(np.asarray(gate, np.float32), np.asarray(up, np.float32), activation)
+
+    def rope(self, x, cos, sin):
+        return ref.rope(x, cos, sin)
+
+    def softcap(self, x, cap):
+        return x if cap is None else ref.softcap(x, cap)
+
+    def argmax(self, x):
+        return ref.argmax(x)
+
+    def topk(self, x, k):
+        return ref.topk(x, k)
+
+
+class NativeBackend(NumpyBackend):
+    """The C kernels. n_threads=None: OMP_NUM_THREADS, else the number of physical cores."""
+
+    name = "native"
+
+    def __init__(self, n_threads=None, int8_block=ref.DEFAULT_INT8_BLOCK):
+        from .. import _native
+        self._nat = _native
+        self.n_threads = _native.default_threads() if n_threads is None else int(n_threads)
+        if self.n_threads < 1:
+            raise ValueError("n_threads must be >= 1")
+        self.int8_block = int8_block
+
+    def prepare_linear(self, w, bias=None, weights="float32"):
+        return _pack(w, bias, weights, self.int8_block)
+
+    def linear(self, x, handle):
+        if not isinstance(handle, LinearHandle):  # a plain matrix: treat as float32 weights
+            handle = _pack(handle, None, "float32", self.int8_block)
+        x2, lead = _as_2d(x, handle.in_features)
+        y = self._nat.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block,
+                             n_threads=self.n_threads)
+        return y.reshape(lead + (handle.out_features,))
+
+    def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window):
+        c = np.ascontiguousarray
+        kv = None if key_valid is None else c(np.asarray(key_valid).astype(np.uint8, copy=False))
+        return self._nat.attention(c(q, dtype=np.float32), c(k, dtype=np.float32),
+                                   c(v, dtype=np.float32), c(q_pos, dtype=np.int64),
+                                   c(k_pos, dtype=np.int64), kv, float(scaling), softcap, window,
+                                   n_threads=self.n_threads)
+
+    def rmsnorm(self, x, w, eps):
+        c = np.ascontiguousarray
+        return self._nat.rmsnorm(c(x, dtype=np.float32), c(w, dtype=np.float32), float(eps),
+                                 n_threads=self.n_threads)
+
+    def geglu(self, gate, up, activation="gelu_pytorch_tanh"):
+        if activation not in _TANH_GELUS + _ERF_GELUS:
+            return NumpyBackend.geglu(self, gate, up, activation)
+        c = np.ascontiguousarray
+        return self._nat.geglu(c(gate, dtype=np.float32), c(up, dtype=np.float32),
+                               "tanh" if activation in _TANH_GELUS else "none",
+                               n_threads=self.n_threads)
+
+    def rope(self, x, cos, sin):
+        c = np.ascontiguousarray
+        return self._nat.rope(c(x, dtype=np.float32), c(cos, dtype=np.float32),
+                              c(sin, dtype=np.float32), n_threads=self.n_threads)
+
+    def softcap(self, x, cap):
+        if cap is None:
+            return x
+        return self._nat.softcap(np.ascontiguousarray(x, dtype=np.float32), float(cap),
+                                 n_threads=self.n_threads)
+
+    def argmax(self, x):
+        return self._nat.argmax(np.ascontiguousarray(x, dtype=np.float32), n_threads=self.n_threads)
+
+    def topk(self, x, k):
+        return self._nat.topk(np.ascontiguousarray(x, dtype=np.float32), int(k),
+                              n_threads=self.n_threads)

@@ -1,0 +1,95 @@
+"""Build of the optional native extension gemma2np._native (C99 + Cython, OpenMP).
+
+Metadata lives in pyproject.toml; this file only adds the extension. Flags: -O3,
+-ffp-contract=off (scalar code rounds like NumPy), -fopenmp when a probe program compiles and
+links with it. Never -ffast-math, never -march=native (the C code dispatches at run time).
+If Cython, NumPy headers or the compiler are missing or fail, the extension is skipped with
+a warning and the package still installs (pure NumPy).
+"""
+import os
+import shutil
+import sys
+import tempfile
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _warn(msg):
+    print("\n*** gemma2np: %s\n*** gemma2np: continuing without the native extension "
+          "(pure NumPy backend)\n" % msg, file=sys.stderr)
+
+
+def _compiler_accepts(compiler, cflags, ldflags):
+    """Compile and link a tiny OpenMP program with the given flags."""
+    tmp = tempfile.mkdtemp(prefix="g2probe")
+    try:
+        src = os.path.join(tmp, "probe.c")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint main(void){int n=0;\n"
+                    "#pragma omp parallel reduction(+:n)\nn+=1;\nreturn omp_get_max_threads()>0?0:n;}\n")
+        objs = compiler.compile([src], output_dir=tmp, extra_postargs=cflags)
+        compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=ldflags)
+        return True
+    except Exception:
+        return False
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class OptionalBuildExt(build_ext):
+    """build_ext that probes OpenMP and never fails the install."""
+
+    def build_extensions(self):
+        ctype = getattr(self.compiler, "compiler_type", "")
+        for ext in self.extensions:
+            if ctype == "msvc":
+                ext.extra_compile_args = ["/O2", "/openmp"]
+                continue
+            base = ["-O3", "-std=gnu99", "-ffp-contract=off", "-fno-strict-aliasing"]
+            if os.environ.get("GEMMA2NP_NO_OPENMP") != "1" and _compiler_accepts(
+                    self.compiler, ["-fopenmp"], ["-fopenmp"]):
+                ext.extra_compile_args = base + ["-fopenmp"]
+                ext.extra_link_args = ["-fopenmp"]
+            else:
+                print("gemma2np: OpenMP not available, building the serial extension",
+                      file=sys.stderr)
+                ext.extra_compile_args = base
+        try:
+            super().build_extensions()
+        except Exception as e:  # compile/link errors
+            _warn("building the native extension failed: %s" % (e,))
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:
+            _warn("build_ext failed: %s" % (e,))
+
+
+def _extensions():
+    if os.environ.get("GEMMA2NP_NO_NATIVE") == "1":
+        return []
+    try:
+        import numpy
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except Exception as e:  # Cython or NumPy missing
+        _warn("Cython/NumPy not importable at build time (%s)" % (e,))
+        return []
+    ext = Extension(
+        "gemma2np._native",
+        sources=["csrc/_native.pyx", "csrc/gemma2np_kernels.c"],
+        include_dirs=[numpy.get_include(), "csrc"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    )
+    try:
+        return cythonize([ext], compiler_directives={"language_level": "3"}, quiet=True)
+    except Exception as e:
+        _warn("cythonize failed: %s" % (e,))
+        return []
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": OptionalBuildExt})
