@@ -127,8 +127,6 @@ def validate_rope_parameters(rope_parameters: dict, head_dim: int, max_position_
     elif rope_type == "yarn":
         # factor=None is allowed by the yarn init (it falls back to max_position_embeddings / original).
         factor = rope_parameters["factor"]
-        if factor is None and max_position_embeddings is None:
-            pass
         if factor is None or not _is_number(factor) or factor < 1.0:
             warnings.warn(f"`rope_parameters`'s factor field must be a float or int >= 1, got {factor}")
         if factor is not None and not _is_number(factor):
