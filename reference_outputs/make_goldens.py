@@ -470,20 +470,34 @@ def rewrite_old_config(case: Case):
     }
     assert "layer_types" in new and "rope_parameters" in new
     (case.dir / "config.json").write_text(json.dumps(old, indent=2) + "\n")
+    # and the 2024 generation_config.json (cache_implementation "hybrid" = transformers' static sliding-window
+    # cache at the time; 5.23 accepts it and generates the same tokens, checked below)
+    gen_old = {"_from_model_config": True, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+               "pad_token_id": 0, "transformers_version": "4.42.4"}
+    (case.dir / "generation_config.json").write_text(json.dumps(gen_old, indent=2) + "\n")
     case.check_reload()  # same outputs from the old-layout file
     back = transformers.AutoConfig.from_pretrained(case.dir)
     assert back.layer_types == new["layer_types"], back.layer_types
     assert back.rope_parameters == new["rope_parameters"], (back.rope_parameters, new["rope_parameters"])
-    print("  old_config_format: 2024 config.json loads to the same layer_types/rope_parameters and outputs")
+    print("  old_config_format: 2024 config.json + generation_config.json load to the same layer_types/rope_parameters and outputs")
 
 
-def case_eos_list():
-    """eos_token_id a list, no min_new_tokens: rows stop early and are padded with pad_token_id."""
+def case_eos_list(it_style=False):
+    """eos_token_id a list, no min_new_tokens: rows stop early and are padded with pad_token_id.
+    it_style: like gemma-2-*-it, config.json says eos 1 and only generation_config.json says [1, 7]
+    (transformers' generate reads generation_config.json)."""
     for seed in range(30, 200):
-        cfg = tiny_config(num_hidden_layers=2, eos_token_id=[1, 7], sliding_window=4)
-        c = Case("generate_eos_list", "Gemma2ForCausalLM", cfg, seed=seed,
-                 note="eos_token_id [1, 7] in config.json (and so in generation_config.json); generate without "
-                      "min_new_tokens: finished rows are padded with pad_token_id 0")
+        if it_style:
+            cfg = tiny_config(num_hidden_layers=2, eos_token_id=1, sliding_window=4)
+            c = Case("generate_eos_in_generation_config", "Gemma2ForCausalLM", cfg, seed=seed,
+                     note="config.json eos_token_id 1, generation_config.json eos_token_id [1, 7] (the gemma-2-it "
+                          "layout); generate without min_new_tokens stops on 7 as well")
+            c.model.generation_config.eos_token_id = [1, 7]
+        else:
+            cfg = tiny_config(num_hidden_layers=2, eos_token_id=[1, 7], sliding_window=4)
+            c = Case("generate_eos_list", "Gemma2ForCausalLM", cfg, seed=seed,
+                     note="eos_token_id [1, 7] in config.json (and so in generation_config.json); generate without "
+                          "min_new_tokens: finished rows are padded with pad_token_id 0")
         # bias the head towards the eos ids a little so some rows stop (still a valid random model)
         with torch.no_grad():
             c.model.model.embed_tokens.weight[[1, 7]] *= 2.0
@@ -496,7 +510,8 @@ def case_eos_list():
         new = seq[:, 5:]
         finished = [bool(np.isin(row, [1, 7]).any()) for row in new]
         early = [f and np.isin(row[:-1], [1, 7]).any() and (row == 0).any() for f, row in zip(finished, new)]
-        if seq.shape[1] == 17 and sum(early) >= 1 and not all(finished):
+        stops_on_7 = any(7 in row[:list(row).index(0)] if 0 in row else False for row in new)
+        if seq.shape[1] == 17 and sum(early) >= 1 and not all(finished) and (stops_on_7 or not it_style):
             c.generate(gi, gm, 12, min_new=False, note="rows finishing at different steps; one never finishes")
             c.call(dict(input_ids=gi, attention_mask=gm))
             c.facts["eos_search_seed"] = seed
@@ -572,6 +587,7 @@ CASES = {
     "longer_than_max_position": case_long_default_rope,
     "old_config_format": case_old_config,
     "generate_eos_list": case_eos_list,
+    "generate_eos_in_generation_config": lambda: case_eos_list(it_style=True),
     "seq_cls_single_label": case_seq_cls,
     "seq_cls_regression": case_seq_regression,
     "seq_cls_multi_label": case_seq_multilabel,
