@@ -52,19 +52,18 @@ class InputError(ValueError):
 
 
 def _resolve_backend(name: str, n_threads: int | None):
-    try:
-        from .kernels import get_backend
-    except ImportError:  # kernels package absent: the reference ops are the backend
-        get_backend = None
-    if get_backend is not None:
-        return get_backend(name, n_threads=n_threads)
-    if name != "numpy":
-        raise ValueError(f"backend {name!r} is not available (only 'numpy')")
-    return _ReferenceBackend()
+    """"numpy": the readable reference (`ops`, float32 or float64); "native"/"auto": gemma2np.kernels."""
+    if name == "numpy":
+        return _ReferenceBackend()
+    if name not in ("native", "auto"):
+        raise ValueError(f"backend must be 'numpy', 'native' or 'auto', got {name!r}")
+    from .kernels import get_backend
+
+    return get_backend(name, n_threads=n_threads)
 
 
 class _ReferenceBackend:
-    """The contract of docs/ARCHITECTURE.md served directly by `ops` (used when gemma2np.kernels is absent)."""
+    """The backend contract of docs/ARCHITECTURE.md served directly by the reference `ops`."""
 
     name = "numpy"
 
