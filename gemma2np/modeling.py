@@ -772,6 +772,8 @@ def _sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, c: Gem
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+        # transformers writes the inferred type into the config on the first call, so later calls keep it
+        c.problem_type = problem
     if problem == "regression":
         labels = labels.astype(pooled.dtype)
         if n == 1:
