@@ -95,7 +95,14 @@ class Gemma2Cache:
                 raise CacheError(f"past_key_values[{i}]: keys {k.shape} and values {v.shape} must both be (B, K, L, D)")
             lengths.append(k.shape[2])
         full = [n for n, t in zip(lengths, layer_types) if t != "sliding_attention"]
-        seen = full[0] if full else lengths[0]
+        if not full and sliding_window is not None and max(lengths) >= sliding_window - 1:
+            # every layer slides and holds a full window: the tuple no longer says how many tokens were seen,
+            # and guessing would put the next tokens at wrong positions (silently wrong RoPE / window)
+            raise CacheError(
+                "past_key_values: every layer is sliding and holds sliding_window - 1 positions, so the number of "
+                "tokens already seen cannot be recovered from a legacy tuple; pass the Gemma2Cache instead"
+            )
+        seen = full[0] if full else max(lengths)
         if any(n != seen for n in full):
             raise CacheError(f"global layers of past_key_values disagree on the cached length: {sorted(set(full))}")
         for i, (k, v) in enumerate(past):
