@@ -1,0 +1,242 @@
+"""llama.cpp GGUF files of Gemma 2 -> (config dict, HF-named state dict).
+
+Layer 2 of the package. The file is parsed by the `gguf` package (llama.cpp's own Python reader,
+`gguf.GGUFReader`) and quantized blocks are expanded by `gguf.quants.dequantize`; this module only
+maps names, shapes and metadata, and undoes llama.cpp's conventions:
+
+* Names: `token_embd` -> model.embed_tokens, `blk.N.attn_q/k/v/output` -> self_attn.{q,k,v,o}_proj,
+  `blk.N.attn_norm` -> input_layernorm, `post_attention_norm`, `ffn_norm` -> pre_feedforward_layernorm,
+  `post_ffw_norm`, `ffn_gate/up/down` -> mlp.*, `output_norm` -> model.norm, `output` -> lm_head
+  (present only for an untied head; llama.cpp's converter writes none for Gemma 2).
+* Shapes: GGUF lists dimensions fastest-first (ne[0] = row length); GGUFReader already reverses them,
+  so a weight comes out as NumPy (out_features, in_features), exactly HF's layout. Shapes are checked
+  against the config anyway (by the model's loader, naming the tensor).
+* No q/k permutation: llama.cpp runs Gemma 2 with NEOX-style RoPE (rotate halves), the same as
+  transformers, so its converter stores q/k unpermuted (unlike LLaMA).
+* Norm weights: llama.cpp's converter stores Gemma's RMSNorm weight as `1 + w` (its graph multiplies
+  by the stored weight). We subtract 1 on load. In float32 arithmetic this is exact for a value read
+  from an F16/BF16/F32 file in [0.5, 2] (Sterbenz), and `1 + (x - 1)` gives back x, so the model
+  multiplies by exactly what llama.cpp does. What is *lost* is upstream: if a converter ever stored the
+  norms as F16/BF16 (llama.cpp keeps 1-D tensors in F32), `1 + w` was rounded at the magnitude of 1
+  (bf16 step 2^-7 ~ 0.0078, f16 2^-10 ~ 0.001 near 1), i.e. w gets an absolute error up to half a step,
+  far more than rounding w itself would have cost. We cannot recover that; we report what is stored.
+* Query scale: GGUF has no query_pre_attn_scalar. llama.cpp (src/llama-model.cpp, LLM_ARCH_GEMMA2, with
+  a reference to gemma_pytorch's config.py) derives it from the layer count:
+      type = 27B if n_layer == 46 else ...
+      f_attention_scale = type == 27B ? 1/sqrt(n_embd / n_head)   (integer division: 4608/32 = 144)
+                                      : 1/sqrt(n_embd_head_k)      (key_length: 256 for 2B and 9B)
+  We reproduce that rule (query_pre_attn_scalar = hidden // heads for 46 layers, else head_dim), so a
+  GGUF computes here what it computes in llama.cpp. transformers' own GGUF loader leaves the config
+  default and ignores the softcap keys (noted in the project's numerics notes): not copied.
+* Missing optional keys mean what they mean to llama.cpp: the softcaps default to its hparams defaults
+  50 / 30 (src/llama-hparams.h), the sliding window to 4096 (every converter writes it), layer i slides
+  iff i is even (set_swa_pattern(2)) and a key is masked iff q_pos - k_pos >= window -- the same rule
+  as transformers' default layer_types and window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import CheckpointError, bfloat16
+
+__all__ = ["load_gguf", "read_gguf_config", "GGUF_TO_HF"]
+
+ARCH = "gemma2"
+
+# GGUF per-layer tensor name -> HF name (after `model.layers.N.`), and whether it is a (1 + w) norm.
+_LAYER_MAP: dict[str, tuple[str, bool]] = {
+    "attn_q": ("self_attn.q_proj", False),
+    "attn_k": ("self_attn.k_proj", False),
+    "attn_v": ("self_attn.v_proj", False),
+    "attn_output": ("self_attn.o_proj", False),
+    "attn_norm": ("input_layernorm", True),
+    "post_attention_norm": ("post_attention_layernorm", True),
+    "ffn_norm": ("pre_feedforward_layernorm", True),
+    "post_ffw_norm": ("post_feedforward_layernorm", True),
+    "ffn_gate": ("mlp.gate_proj", False),
+    "ffn_up": ("mlp.up_proj", False),
+    "ffn_down": ("mlp.down_proj", False),
+}
+_GLOBAL_MAP: dict[str, tuple[str, bool]] = {
+    "token_embd": ("model.embed_tokens", False),
+    "output_norm": ("model.norm", True),
+    "output": ("lm_head", False),
+}
+GGUF_TO_HF = {"global": _GLOBAL_MAP, "layer": _LAYER_MAP}
+_BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def _open(path: str):
+    try:
+        import gguf
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise CheckpointError("reading GGUF files needs the `gguf` package (pip install gguf)") from None
+    if not os.path.isfile(path):
+        raise CheckpointError(f"GGUF file not found: {path!r}")
+    try:
+        return gguf, gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError / IndexError / struct errors on bad input
+        raise CheckpointError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc}; truncated?)") from None
+
+
+def _field(reader, key: str, default: Any = None) -> Any:
+    f = reader.get_field(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _config_from_reader(reader, path: str, vocab_rows: int | None) -> dict[str, Any]:
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise CheckpointError(f"{path}: GGUF architecture is {arch!r}, not 'gemma2' (only Gemma 2 is supported)")
+
+    def req(key):
+        v = _field(reader, f"{ARCH}.{key}")
+        if v is None:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {ARCH}.{key}")
+        return v
+
+    hidden = int(req("embedding_length"))
+    n_layer = int(req("block_count"))
+    n_head = int(req("attention.head_count"))
+    n_kv = int(_field(reader, f"{ARCH}.attention.head_count_kv", n_head))
+    # llama.cpp: n_embd_head_k = key_length if present, else n_embd / n_head
+    head_dim = int(_field(reader, f"{ARCH}.attention.key_length", hidden // n_head))
+    v_dim = int(_field(reader, f"{ARCH}.attention.value_length", head_dim))
+    if v_dim != head_dim:
+        raise CheckpointError(f"{path}: key_length {head_dim} != value_length {v_dim}; Gemma 2 has one head_dim")
+    # The query scale rule of llama.cpp (see the module docstring): 27B is recognised by its 46 layers.
+    query_pre_attn_scalar = hidden // n_head if n_layer == 46 else head_dim
+
+    caps = {}
+    for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+        caps[key] = float(_field(reader, f"{ARCH}.{key}", default))
+
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    if vocab_rows is not None:
+        vocab = vocab_rows  # the embedding is what the model computes with
+    elif tokens is not None:
+        vocab = len(tokens)
+    else:
+        raise CheckpointError(f"{path}: cannot tell the vocabulary size (no token list, no token_embd)")
+
+    cfg: dict[str, Any] = {
+        "model_type": "gemma2",
+        "architectures": ["Gemma2ForCausalLM"],
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": int(req("feed_forward_length")),
+        "num_hidden_layers": n_layer,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "max_position_embeddings": int(_field(reader, f"{ARCH}.context_length", 8192)),
+        "rms_norm_eps": float(_field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)),
+        # llama.cpp's Gemma 2 graph uses ggml_gelu, the tanh approximation
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rope_theta": float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
+        "sliding_window": int(_field(reader, f"{ARCH}.attention.sliding_window", 4096)),
+        "query_pre_attn_scalar": query_pre_attn_scalar,
+        **caps,
+    }
+    scaling = _field(reader, f"{ARCH}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise CheckpointError(f"{path}: unsupported rope scaling {scaling!r} for Gemma 2")
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{ARCH}.rope.scaling.factor", 1.0))}
+    for hf_key, gg_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                           ("pad_token_id", "padding_token_id")):
+        v = _field(reader, f"tokenizer.ggml.{gg_key}")
+        if v is not None:
+            cfg[hf_key] = int(v)
+    name = _field(reader, "general.name")
+    if name is not None:
+        cfg["_name_or_path"] = str(name)
+    return cfg
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """Only the config dict of a Gemma 2 GGUF (metadata; no tensor is dequantized)."""
+    path = os.fspath(path)
+    _, reader = _open(path)
+    rows = None
+    for t in reader.tensors:
+        if t.name == "token_embd.weight":
+            rows = int(t.shape[1])  # GGUF dims are [n_embd, n_vocab]
+    return _config_from_reader(reader, path, rows)
+
+
+def _to_array(gguf, t, path: str) -> np.ndarray:
+    """One tensor as NumPy in (out, in) order. F32/F16 stay memory-mapped views, BF16 becomes an exact
+    ml_dtypes.bfloat16 view; quantized types (Q8_0, Q4_K, ...) are expanded to float32 by the gguf
+    package's reference dequantizers, so the model computes with exactly the values llama.cpp decodes."""
+    Q = gguf.GGMLQuantizationType
+    shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne[] is fastest-first
+    data = t.data
+    if t.tensor_type in (Q.F32, Q.F16, Q.F64):
+        out = data
+    elif t.tensor_type == Q.BF16:
+        out = data.view(np.uint16).view(bfloat16) if data.dtype == np.uint8 else data.view(bfloat16)
+    else:
+        try:
+            out = gguf.quants.dequantize(data, t.tensor_type)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{path}: tensor {t.name} is {t.tensor_type.name}, which the installed gguf package cannot "
+                "dequantize; re-quantize the model to F32/F16/BF16/Q8_0 (or a type gguf.quants supports)"
+            ) from None
+    out = out.reshape(shape)
+    return out
+
+
+def load_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a llama.cpp Gemma 2 GGUF -> (config dict for Gemma2Config.from_dict, {HF name: array})."""
+    path = os.fspath(path)
+    gguf, reader = _open(path)
+    arch = _field(reader, "general.architecture")
+    if arch != ARCH:
+        raise CheckpointError(f"{path}: GGUF architecture is {arch!r}, not 'gemma2' (only Gemma 2 is supported)")
+    size = os.path.getsize(path)
+    state: dict[str, np.ndarray] = {}
+    rows = None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size:
+            raise CheckpointError(f"{path}: tensor {t.name} runs past the end of the file (truncated)")
+        m = _BLK.match(t.name)
+        if m:
+            layer, short, kind = m.groups()
+            if short not in _LAYER_MAP:
+                raise CheckpointError(f"{path}: unexpected tensor {t.name} for a Gemma 2 GGUF")
+            hf, is_norm = _LAYER_MAP[short]
+            hf_name = f"model.layers.{int(layer)}.{hf}.{kind}"
+        else:
+            base, _, kind = t.name.rpartition(".")
+            if base == "rope_freqs":
+                continue  # llama.cpp's optional precomputed RoPE factors; recomputed from rope_theta
+            if base not in _GLOBAL_MAP:
+                raise CheckpointError(f"{path}: unexpected tensor {t.name} for a Gemma 2 GGUF")
+            hf, is_norm = _GLOBAL_MAP[base]
+            hf_name = f"{hf}.{kind}"
+        try:
+            arr = _to_array(gguf, t, path)
+        except (ValueError, IndexError) as exc:
+            raise CheckpointError(f"{path}: cannot read tensor {t.name} ({exc}; truncated file?)") from None
+        if is_norm:
+            # stored as 1 + w (see module docstring): subtract in float32, exact for values near 1
+            arr = arr.astype(np.float32) - np.float32(1.0)
+        if hf_name == "model.embed_tokens.weight":
+            rows = arr.shape[0]
+        state[hf_name] = arr
+    if "model.embed_tokens.weight" not in state:
+        raise CheckpointError(f"{path}: no token_embd.weight tensor; not a complete Gemma 2 GGUF")
+    cfg = _config_from_reader(reader, path, rows)
+    # llama.cpp ties the head when no `output` tensor exists; an untied one is loaded as lm_head
+    cfg["tie_word_embeddings"] = "lm_head.weight" not in state
+    return cfg, state
