@@ -141,6 +141,7 @@ static void linear_scalar(int fmt, const float *x, int64_t M, int64_t K, const v
 
 #define MR_MAX 4
 #define NR_MAX 4
+#define NR_MAIN 4
 
 G2_INLINE G2_TGT __m512 load_w16(const int fmt, const void *w, int64_t off, __mmask16 msk,
                                  const int full, float scale) {
@@ -249,7 +250,7 @@ DEF_TILE_DP(4, 1)
 DEF_TILE_DP(1, 4)
 DEF_TILE_DP(1, 1)
 
-/* tiles[fmt][mr==4][nr==4] */
+/* tiles[fmt][mr==4][nr==NR_MAIN] */
 static const tile_fn g_tiles[4][2][2] = {
     {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}},
     {{tile_1_1_1, tile_1_1_4}, {tile_1_4_1, tile_1_4_4}},
@@ -257,43 +258,81 @@ static const tile_fn g_tiles[4][2][2] = {
     {{tile_dp_1_1, tile_dp_1_4}, {tile_dp_4_1, tile_dp_4_4}},
 };
 
-/* Blocking: the rows of W are cut into blocks of ~L2-sized tiles (parallel over these
- * blocks, so M=1 is parallel over N and bandwidth-bound); x is cut into chunks of MC rows, and
- * inside a W block every 4x4 tile reuses 4 W rows for 4 x rows. */
+/* Widen rows [0, nr) of a bf16/int8 W block to float32 (exactly the values load_w16 forms). */
+static G2_TGT void widen_rows(int fmt, const void *w, const float *sc, int64_t nr, int64_t K,
+                              int64_t block, int64_t nb, float *dst) {
+    for (int64_t n = 0; n < nr; n++) {
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            float s = (fmt == G2_W_INT8) ? sc[n * nb + k / block] : 0.0f;
+            _mm512_storeu_ps(dst + n * K + k, load_w16(fmt, w, n * K + k, 0xFFFF, 1, s));
+        }
+        if (k < K) {
+            __mmask16 msk = (__mmask16)((1u << (K - k)) - 1u);
+            float s = (fmt == G2_W_INT8) ? sc[n * nb + k / block] : 0.0f;
+            _mm512_mask_storeu_ps(dst + n * K + k, msk, load_w16(fmt, w, n * K + k, msk, 0, s));
+        }
+    }
+}
+
+/* Blocking: the rows of W are cut into blocks of ~256 KB (parallel over these blocks, so M=1 is
+ * parallel over N and bandwidth-bound); x is cut into chunks of MC rows, and inside a W block
+ * every 4x4 tile reuses 4 W rows for 4 x rows. For bf16/int8 weights and >= 4 rows, each W
+ * block is first widened to f32 in a per-thread scratch (once per x chunk) and the f32 tiles
+ * run on it: the same f32 values and FMA sequence as the direct path, so results are bitwise
+ * independent of M, tiling and threads. */
 static void linear_avx512(int fmt, const void *x, int64_t M, int64_t K, const void *w,
                           const float *sc, int64_t block, int64_t N, float *y, int nt) {
     int64_t nb = (fmt == G2_W_INT8) ? (K + block - 1) / block : 0;
     int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
     int64_t xbytes = fmt == G2_W_BF16DP ? 2 : 4;
-    int64_t nblk = (256 * 1024) / (K * wbytes);
-    nblk = nblk / 4 * 4;
-    if (nblk < 4) nblk = 4;
+    int want_pack = (fmt == G2_W_INT8) && M >= 4; /* bf16 direct is as fast (half the L2 traffic) */
+    int64_t nblk = (256 * 1024) / (K * (want_pack ? 4 : wbytes));
+    nblk = nblk / NR_MAIN * NR_MAIN;
+    if (nblk < NR_MAIN) nblk = NR_MAIN;
     /* keep enough blocks for all threads when N is small */
-    while (nblk > 4 && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= 4;
+    while (nblk > NR_MAIN && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
     int64_t nblocks = (N + nblk - 1) / nblk;
     int64_t MC = 64;
     const char *xc = (const char *)x;
     const char *wc = (const char *)w;
-    for (int64_t m0 = 0; m0 < M; m0 += MC) {
-        int64_t m1 = G2_MIN(M, m0 + MC);
-        int64_t jb;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-        for (jb = 0; jb < nblocks; jb++) {
-            int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
-            int64_t m = m0;
-            while (m < m1) {
-                int mr = (m1 - m >= 4) ? 1 : 0;
-                int64_t n = n0;
-                while (n < n1) {
-                    int nr = (n1 - n >= 4) ? 1 : 0;
-                    g_tiles[fmt][mr][nr]((const float *)(xc + m * K * xbytes), K,
-                                         wc + n * K * wbytes, sc ? sc + n * nb : NULL, block, nb,
-                                         y + m * N + n, N);
-                    n += nr ? 4 : 1;
+#pragma omp parallel num_threads(nt)
+    {
+        float *scratch = want_pack ? (float *)malloc((size_t)(nblk * K) * sizeof(float)) : NULL;
+        for (int64_t m0 = 0; m0 < M; m0 += MC) {
+            int64_t m1 = G2_MIN(M, m0 + MC);
+            int pack = scratch != NULL && (m1 - m0) >= 4;
+            int tf = pack ? G2_W_F32 : fmt;
+            int64_t jb;
+#pragma omp for schedule(dynamic, 1)
+            for (jb = 0; jb < nblocks; jb++) {
+                int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
+                const char *wblk = wc + n0 * K * wbytes;
+                const float *sblk = sc ? sc + n0 * nb : NULL;
+                int64_t tb = wbytes;
+                if (pack) {
+                    widen_rows(fmt, wblk, sblk, n1 - n0, K, block, nb, scratch);
+                    wblk = (const char *)scratch;
+                    sblk = NULL;
+                    tb = 4;
                 }
-                m += mr ? 4 : 1;
+                int64_t m = m0;
+                while (m < m1) {
+                    int mr = (m1 - m >= 4) ? 1 : 0;
+                    int64_t n = n0;
+                    while (n < n1) {
+                        int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
+                        g_tiles[tf][mr][nr]((const float *)(xc + m * K * xbytes), K,
+                                            wblk + (n - n0) * K * tb,
+                                            sblk ? sblk + (n - n0) * nb : NULL, block, nb,
+                                            y + m * N + n, N);
+                        n += nr ? NR_MAIN : 1;
+                    }
+                    m += mr ? 4 : 1;
+                }
             }
         }
+        free(scratch);
     }
 }
 #endif /* G2_X86 */
