@@ -104,6 +104,7 @@ class Gemma2PreTrainedModel:
         n_threads: int | None = None,
         seed: int | None = 0,
         strict: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ):
         if not isinstance(config, Gemma2Config):
             raise TypeError(f"config must be a Gemma2Config, got {type(config).__name__}")
@@ -115,7 +116,7 @@ class Gemma2PreTrainedModel:
         self._recorder: Callable[[str, np.ndarray], None] | None = None
         if state_dict is None:
             state_dict = self._random_state_dict(seed)
-        self._load(state_dict, backend=backend, weights=weights, n_threads=n_threads, strict=strict)
+        self._load(state_dict, backend=backend, weights=weights, n_threads=n_threads, strict=strict, progress=progress)
 
     # ------------------------------------------------------------------ names and shapes
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -156,7 +157,7 @@ class Gemma2PreTrainedModel:
         return state
 
     # ------------------------------------------------------------------ loading
-    def _load(self, state, backend, weights, n_threads, strict):
+    def _load(self, state, backend, weights, n_threads, strict, progress=None):
         c = self.config
         expected = self.expected_shapes()
         p = self._prefix()
@@ -207,6 +208,8 @@ class Gemma2PreTrainedModel:
                 **{n: lin(lp + f"mlp.{n}.weight") for n in _MLP},
                 **{n: _to_compute(state[lp + n + ".weight"], dt) for n in _NORMS},
             ))
+            if progress is not None:  # (layers prepared, total): lets a CLI draw a loading bar
+                progress(i + 1, c.num_hidden_layers)
         self.norm = _to_compute(state[p + "norm.weight"], dt)
         self._load_head(state, lin)
         self.rotary_emb = RotaryEmbedding(c.rope_parameters, c.head_dim, c.max_position_embeddings, dtype=dt)
@@ -252,7 +255,7 @@ class Gemma2PreTrainedModel:
                 raise CheckpointError(f"model directory not found: {path!r}")
             cfg = config or Gemma2Config.from_pretrained(path, **config_overrides)
             state = _adapt_prefix(load_state_dict(path), cls.head_kind)
-        model = cls(cfg, state, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads)
+        model = cls(cfg, state, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads, progress=progress)
         model.name_or_path = path
         return model
 
@@ -606,8 +609,8 @@ def _reject_unknown(kwargs: dict, allowed) -> None:
 class _WithBase(Gemma2PreTrainedModel):
     """A head on top of a Gemma2Model that shares its weights and backend."""
 
-    def _load(self, state, backend, weights, n_threads, strict):
-        super()._load(state, backend, weights, n_threads, strict)
+    def _load(self, state, backend, weights, n_threads, strict, progress=None):
+        super()._load(state, backend, weights, n_threads, strict, progress)
         # a Gemma2Model view over the same prepared weights
         model = Gemma2Model.__new__(Gemma2Model)
         model.__dict__.update({k: v for k, v in self.__dict__.items()})
