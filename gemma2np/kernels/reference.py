@@ -12,6 +12,10 @@ Weight formats of `linear` (quantisation happens once, at load, with the helpers
   "bfloat16_dp"  as bfloat16, but x is rounded to bf16 (RNE) too; products exact, f32 accumulation
   "int8"         w int8 (N, K), scales float32 (N, ceil(K / block)); w ~= q * scale, symmetric absmax
                  per block of `block` consecutive inputs; x stays float32
+
+Measured accuracy (benchmarks/bench_kernels.py, Gaussian x and W, K = 2304 / 9216, relative RMS
+error of y against float64): float32 2e-7..4e-7, bfloat16 1.7e-3 (weight rounding only),
+bfloat16_dp 2.3e-3 (x rounded to bf16 as well), int8 block 32 5.3e-3.
 """
 from __future__ import annotations
 
