@@ -40,6 +40,11 @@ def expected(name):
     return tensors
 
 
+def load_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def as_f32(a):
     return np.asarray(a).astype(np.float32)
 
@@ -53,7 +58,7 @@ def test_convert_matches_torch_split(ckpt, tmp_path):
     for k in want:
         assert got[k].dtype == np.float32, k  # default --dtype float32 (bf16 -> f32 is exact)
         np.testing.assert_array_equal(got[k], as_f32(want[k]), err_msg=k)
-    cfg = json.load(open(os.path.join(out, "config.json")))
+    cfg = load_json(os.path.join(out, "config.json"))
     assert cfg["torch_dtype"] == "float32" and cfg["hidden_size"] == 16
 
 
@@ -66,7 +71,7 @@ def test_bfloat16_output_rounds_like_torch(tmp_path):
     for k in want:
         assert got[k].dtype == ml_dtypes.bfloat16, k
         np.testing.assert_array_equal(got[k].view(np.uint16), want[k].view(np.uint16), err_msg=k)
-    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+    assert load_json(os.path.join(out, "config.json"))["torch_dtype"] == "bfloat16"
 
 
 def test_converted_model_runs_and_matches(tmp_path):
@@ -164,7 +169,8 @@ def test_other_globals_refused(tmp_path):
 
 # ----------------------------------------------------------------------------- malformed input
 def test_truncated_zip(tmp_path):
-    raw = open(os.path.join(DATA, "model_f32.ckpt"), "rb").read()
+    with open(os.path.join(DATA, "model_f32.ckpt"), "rb") as f:
+        raw = f.read()
     for cut in (len(raw) - 10, len(raw) - 300, len(raw) // 2, 100, 2):
         p = tmp_path / "cut.ckpt"
         p.write_bytes(raw[:cut])
@@ -174,9 +180,8 @@ def test_truncated_zip(tmp_path):
 
 
 def test_missing_storage_member(tmp_path):
-    src = zipfile.ZipFile(os.path.join(DATA, "model_f32.ckpt"))
     p = tmp_path / "hole.ckpt"
-    with zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
+    with zipfile.ZipFile(os.path.join(DATA, "model_f32.ckpt")) as src, zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
         for info in src.infolist():
             if not info.filename.endswith("/data/3"):
                 z.writestr(info.filename, src.read(info))
@@ -203,7 +208,7 @@ def test_wrong_model_size(tmp_path):
     with pytest.raises(ConvertError, match="exactly one"):
         convert(os.path.join(DATA, "model_f32.ckpt"), tmp_path / "o")
     # a config whose heads disagree with the fused qkv rows
-    cfg = json.load(open(CONFIG))
+    cfg = load_json(CONFIG)
     cfg["num_key_value_heads"] = 4
     (tmp_path / "bad.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=r"qkv_proj.weight has shape \(64, 16\).*implies \(96, 16\)"):
