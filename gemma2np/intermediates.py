@@ -27,6 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 __all__ = [
@@ -344,11 +345,13 @@ def run_with_intermediates(model, input_ids, attention_mask=None, position_ids=N
 
 
 def save_intermediates(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> None:
-    """Write {name: array} as .npz or .safetensors (chosen by the file extension)."""
+    """Write {name: array} as .npz or .safetensors (chosen by the file extension).
+
+    .npz has no bfloat16: bfloat16 arrays are stored there as float32 (exactly; safetensors keeps BF16)."""
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
     if path.endswith(".npz"):
-        np.savez(path, **arrays)
+        np.savez(path, **{k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v) for k, v in arrays.items()})
     elif path.endswith(".safetensors"):
         from .checkpoint import write_safetensors
 
