@@ -95,6 +95,11 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
         raise CheckpointError(f"malformed tensor record: offset={storage_offset} size={size} stride={stride}")
     if math.prod(size) == 0:
         return np.zeros(size, dtype=storage.dtype)
+    if math.prod(size) > storage.shape[0]:
+        # only overlapping strides (an expand()ed tensor) can need more elements than the storage has; a
+        # state dict never holds one, and copying it could allocate without bound
+        raise CheckpointError(f"tensor of size {size} with stride {stride} overlaps itself in a storage of "
+                              f"{storage.shape[0]} elements; not a plain weight")
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
     if last >= storage.shape[0]:
         raise CheckpointError(
@@ -128,7 +133,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
     ("collections", "OrderedDict"): _ordered_dict,
-    **{("torch", name): _StorageType(name) for name in _STORAGE_DTYPES},
+    **{("torch", name): _StorageType for name in _STORAGE_DTYPES},
 }
 
 
@@ -162,18 +167,22 @@ class RestrictedUnpickler(pickle.Unpickler):
                 "torch._utils._rebuild_tensor_v2/_rebuild_parameter, torch.*Storage and collections.OrderedDict); "
                 "the file may be malicious or is not a plain state dict"
             )
+        if obj is _StorageType:
+            # a fresh marker per lookup: a BUILD opcode aimed at it cannot leak state into later loads
+            return _StorageType(name)
         return obj
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
             raise CheckpointError(f"{self._source}: unsupported persistent id {pid!r:.200}")
         storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
-        if not isinstance(storage_type, _StorageType):
+        dtype = _STORAGE_DTYPES.get(getattr(storage_type, "name", None)) if isinstance(storage_type, _StorageType) else None
+        if dtype is None:
             raise CheckpointError(f"{self._source}: persistent id names {storage_type!r:.100}, not a torch storage type")
         if key not in self._storages:
-            if not isinstance(numel, int) or numel < 0:
+            if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
                 raise CheckpointError(f"{self._source}: storage {key} has an invalid size {numel!r}")
-            self._storages[key] = self._load_storage(storage_type.dtype, key, numel)
+            self._storages[key] = self._load_storage(dtype, key, numel)
         storage = self._storages[key]
         if len(pid) >= 6 and pid[5] is not None:  # legacy format: (view_key, offset, view_size) of a storage view
             _view_key, offset, view_size = pid[5]
@@ -270,9 +279,13 @@ def _load_legacy(path: str) -> Any:
     (magic number, protocol version, sys info, the object) then, for each storage key listed by a fifth
     pickle, an int64 element count followed by the raw bytes."""
     with open(path, "rb") as f:
-        storages: dict[str, tuple[np.dtype, int]] = {}
+        storages: dict[str, tuple[np.dtype, int, np.ndarray]] = {}
+
+        file_size = os.path.getsize(path)
 
         def declare(dtype, key, numel):  # data comes after the main pickle: fill in once it is read
+            if numel * dtype.itemsize > file_size:
+                raise CheckpointError(f"{path}: storage {key} declares {numel} elements, more than the file holds")
             arr = np.empty(numel, dtype=dtype)
             storages[key] = (dtype, numel, arr)
             return arr
