@@ -179,6 +179,16 @@ def test_truncated_zip(tmp_path):
         assert not isinstance(info.value, UnsafeCheckpointError)
 
 
+def test_truncated_legacy(tmp_path):
+    with open(os.path.join(DATA, "model_bf16_legacy.ckpt"), "rb") as f:
+        raw = f.read()
+    for cut in (len(raw) - 10, len(raw) // 2, 30):
+        p = tmp_path / "cut.ckpt"
+        p.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError, match="cut.ckpt"):
+            load_original_checkpoint(p)
+
+
 def test_missing_storage_member(tmp_path):
     p = tmp_path / "hole.ckpt"
     with zipfile.ZipFile(os.path.join(DATA, "model_f32.ckpt")) as src, zipfile.ZipFile(p, "w", zipfile.ZIP_STORED) as z:
