@@ -123,28 +123,44 @@ def read_safetensors(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[s
     return tensors, metadata
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict | None = None) -> None:
-    """Write {name: array} as one .safetensors file (readable by the `safetensors` library and transformers)."""
+def _target_dtype(a: np.ndarray, dtype) -> np.dtype:
+    """The dtype a tensor is written in: `dtype` for floating-point tensors when given, else its own."""
+    own = a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype
+    if dtype is not None and (np.issubdtype(a.dtype, np.floating) or a.dtype == bfloat16):
+        return dtype
+    return own
+
+
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict | None = None, dtype=None
+) -> None:
+    """Write {name: array} as one .safetensors file (readable by the `safetensors` library and transformers).
+
+    dtype: convert floating-point tensors to it while writing, one tensor at a time (so converting a large
+    checkpoint never holds a second full copy in memory).
+    """
     header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
     offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        a = np.asarray(tensors[name])
-        tag = _TAGS.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == ">" else a.dtype)
+    names = sorted(tensors)
+    for name in names:
+        a = tensors[name]
+        dt = _target_dtype(a, dtype)
+        tag = _TAGS.get(dt)
         if tag is None:
-            raise CheckpointError(f"cannot write tensor {name!r}: dtype {a.dtype} has no safetensors tag")
-        a = np.ascontiguousarray(a, dtype=_DTYPES[tag])
-        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
-        offset += a.nbytes
-        arrays.append(a)
+            raise CheckpointError(f"cannot write tensor {name!r}: dtype {dt} has no safetensors tag")
+        nbytes = math.prod(a.shape) * dt.itemsize
+        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
     tmp = os.fspath(path) + ".tmp"
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for a in arrays:
-            f.write(a.tobytes(order="C"))
+        for name in names:
+            a = np.asarray(tensors[name])
+            a = np.ascontiguousarray(a.astype(_target_dtype(a, dtype), copy=False))
+            f.write(memoryview(a.reshape(-1).view(np.uint8)))
     os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
@@ -202,13 +218,11 @@ def save_state_dict(
     os.makedirs(directory, exist_ok=True)
     if dtype is not None:
         dtype = bfloat16 if str(dtype) in ("bfloat16", "bf16") else np.dtype(dtype)
-        state = {k: np.asarray(v).astype(dtype) if np.issubdtype(np.asarray(v).dtype, np.floating) or np.asarray(v).dtype == bfloat16 else v
-                 for k, v in state.items()}
     names = list(state)
     shards: list[list[str]] = [[]]
     size = 0
     for name in names:
-        nbytes = np.asarray(state[name]).nbytes
+        nbytes = math.prod(state[name].shape) * _target_dtype(state[name], dtype).itemsize
         if max_shard_size is not None and shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -219,16 +233,16 @@ def save_state_dict(
         if f == SAFE_WEIGHTS_INDEX_NAME or (f.startswith("model") and f.endswith(".safetensors")):
             os.remove(os.path.join(directory, f))
     if len(shards) == 1:
-        write_safetensors(os.path.join(directory, SAFE_WEIGHTS_NAME), {k: state[k] for k in shards[0]})
+        write_safetensors(os.path.join(directory, SAFE_WEIGHTS_NAME), {k: state[k] for k in shards[0]}, dtype=dtype)
         return [SAFE_WEIGHTS_NAME]
     files = []
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_safetensors(os.path.join(directory, fname), {k: state[k] for k in shard})
+        write_safetensors(os.path.join(directory, fname), {k: state[k] for k in shard}, dtype=dtype)
         files.append(fname)
         weight_map.update({k: fname for k in shard})
-    total = sum(np.asarray(v).nbytes for v in state.values())
+    total = sum(math.prod(v.shape) * _target_dtype(v, dtype).itemsize for v in state.values())
     with open(os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME), "w", encoding="utf-8") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2, sort_keys=True)
     return files
@@ -256,3 +270,36 @@ def check_state_dict(
     missing = [n for n in expected if n not in state and n not in optional]
     unexpected = [n for n in state if n not in expected]
     return missing, unexpected
+
+
+def release_pages(a: np.ndarray) -> None:
+    """Tell the OS that the pages of a memory-mapped tensor may leave this process's resident set.
+
+    Used after a tensor was converted at load (int8 quantisation, bf16 -> f32 widening): the converted
+    copy is what the model uses, and without this the file pages we read would stay counted in our
+    RSS until memory pressure evicts them. The mapping is read-only and file-backed, so this is always
+    safe: a later access simply faults the pages in again from the page cache. No-op for other arrays.
+    """
+    import mmap as _mmap
+
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or not hasattr(_mmap, "MADV_DONTNEED"):
+        return
+    try:
+        start_addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
+    except (TypeError, ValueError):
+        return
+    addr = a.__array_interface__["data"][0]
+    page = _mmap.PAGESIZE
+    start = (addr - start_addr) // page * page
+    end = addr - start_addr + a.nbytes
+    if start < 0 or end > len(mm):
+        return
+    # only whole pages that lie inside this tensor: neighbours may still be in use
+    first = -(-(addr - start_addr) // page) * page
+    last = end // page * page
+    if last > first:
+        mm.madvise(_mmap.MADV_DONTNEED, first, last - first)

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import ops
 from .cache import CacheError, Gemma2Cache
-from .checkpoint import CheckpointError, bfloat16, check_state_dict, load_state_dict, save_state_dict
+from .checkpoint import CheckpointError, bfloat16, check_state_dict, load_state_dict, release_pages, save_state_dict
 from .config import CONFIG_NAME, Gemma2Config
 from .outputs import (
     BaseModelOutputWithPast,
@@ -190,13 +190,19 @@ class Gemma2PreTrainedModel:
         self.weights_format = weights
         dt = self.dtype
 
+        if self.backend.name != "numpy" and dt != np.float32:
+            raise ValueError(f"backend {self.backend.name!r} computes in float32; dtype={dt.name} needs backend='numpy'")
+
         def lin(name, bias_name=None):
             w = state[name]
             b = state.get(bias_name) if bias_name else None
             kw = {"weights": weights}
             if self.backend.name == "numpy":
                 kw["dtype"] = dt
-            return self.backend.prepare_linear(w, b, **kw)
+            handle = self.backend.prepare_linear(w, b, **kw)
+            if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
+                release_pages(w)  # converted copy in use: let the file pages leave our resident set
+            return handle
 
         self.embed_tokens = state[p + "embed_tokens.weight"]  # (V, E) kept in the file's dtype; rows gathered on use
         self.layers = []
@@ -213,6 +219,11 @@ class Gemma2PreTrainedModel:
         self.norm = _to_compute(state[p + "norm.weight"], dt)
         self._load_head(state, lin)
         self.rotary_emb = RotaryEmbedding(c.rope_parameters, c.head_dim, c.max_position_embeddings, dtype=dt)
+        # Element-wise ops: the reference `ops` on the NumPy backend, the fused C kernels (tested against
+        # the same ops) on the native one.
+        native = self.backend.name != "numpy"
+        self._rms_norm = self.backend.rmsnorm if native else ops.rms_norm
+        self._geglu = self.backend.geglu if native else ops.geglu
         self._state = state  # for save_pretrained / state_dict (memory-mapped: costs no RAM)
 
     def _load_head(self, state, lin):
@@ -325,6 +336,15 @@ class Gemma2PreTrainedModel:
 
     def _base(self) -> "Gemma2Model":
         return self
+
+
+def _arrays_of(handle) -> list:
+    """The arrays a prepared linear holds (a tuple, a bare array, or an object with .w/.scales/.bias)."""
+    if isinstance(handle, np.ndarray):
+        return [handle]
+    if isinstance(handle, tuple):
+        return [a for a in handle if isinstance(a, np.ndarray)]
+    return [a for a in (getattr(handle, n, None) for n in ("w", "scales", "bias")) if isinstance(a, np.ndarray)]
 
 
 def _default_weights(embed: np.ndarray) -> str:
@@ -505,7 +525,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
                 all_attn.append(probs)
         if rec:
             rec(f"layers.{len(self.layers) - 1}.output", h)
-        h = ops.rms_norm(h, self.norm, c.rms_norm_eps)
+        h = self._rms_norm(h, self.norm, c.rms_norm_eps)
         if rec:
             rec("final_norm", h)
         if output_hidden_states:
@@ -535,7 +555,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
 
         # --- attention block ---------------------------------------------------------------
         residual = h
-        x = ops.rms_norm(h, w.input_layernorm, c.rms_norm_eps)
+        x = self._rms_norm(h, w.input_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.input_norm", x)
         q = be.linear(x, w.q_proj).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
@@ -568,7 +588,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         attn = be.linear(attn, w.o_proj)
         if rec:
             rec(f"layers.{i}.attn_out", attn)
-        attn = ops.rms_norm(attn, w.post_attention_layernorm, c.rms_norm_eps)
+        attn = self._rms_norm(attn, w.post_attention_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.post_attn_norm", attn)
         h = residual + attn
@@ -577,7 +597,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
 
         # --- feed-forward block --------------------------------------------------------------
         residual = h
-        x = ops.rms_norm(h, w.pre_feedforward_layernorm, c.rms_norm_eps)
+        x = self._rms_norm(h, w.pre_feedforward_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.pre_ffn_norm", x)
         gate = be.linear(x, w.gate_proj)
@@ -585,10 +605,10 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if rec:
             rec(f"layers.{i}.gate", gate)
             rec(f"layers.{i}.up", up)
-        y = be.linear(ops.geglu(gate, up, c.hidden_activation), w.down_proj)
+        y = be.linear(self._geglu(gate, up, c.hidden_activation), w.down_proj)
         if rec:
             rec(f"layers.{i}.ffn_out", y)
-        y = ops.rms_norm(y, w.post_feedforward_layernorm, c.rms_norm_eps)
+        y = self._rms_norm(y, w.post_feedforward_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.post_ffn_norm", y)
         h = residual + y
