@@ -347,3 +347,27 @@ def test_processors_match_transformers(seed):
     want = theirs(torch.from_numpy(ids), torch.from_numpy(scores.copy())).numpy()
     got = ours(ids, scores)
     np.testing.assert_array_equal(np.isneginf(got), np.isneginf(want))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("case", ["causal_gqa", "generate_eos_list"])
+@pytest.mark.parametrize("kw", [
+    dict(max_new_tokens=12, repetition_penalty=1.5),
+    dict(max_new_tokens=12, repetition_penalty=0.8, min_new_tokens=5),
+    dict(max_length=14),
+    dict(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7),  # sampling reduced to argmax
+])
+def test_greedy_variants_match_transformers(case, kw):
+    """Deterministic settings beyond the goldens (repetition penalty with left padding, min_new_tokens with an eos
+    list, max_length, top_k=1 sampling), token for token against transformers' generate on the golden models."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    d = Path(__file__).resolve().parent.parent / "reference_outputs" / case
+    with np.load(d / "golden.npz") as z:
+        ids, mask = z["gen.input_ids"], z["gen.attention_mask"]
+    hf = transformers.Gemma2ForCausalLM.from_pretrained(d, attn_implementation="eager", dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                           **{"do_sample": False, **kw}).numpy()
+    got = Gemma2ForCausalLM.from_pretrained(d).generate(ids, attention_mask=mask, seed=0, **kw)
+    np.testing.assert_array_equal(got, want)
