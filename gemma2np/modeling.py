@@ -221,13 +221,17 @@ class Gemma2PreTrainedModel:
         self.rotary_emb = RotaryEmbedding(c.rope_parameters, c.head_dim, c.max_position_embeddings, dtype=dt)
         # Element-wise ops: the reference `ops` on the NumPy backend, the fused C kernels (tested against
         # the same ops) on the native one.
-        native = self.backend.name != "numpy"
-        self._rms_norm = self.backend.rmsnorm if native else ops.rms_norm
-        self._geglu = self.backend.geglu if native else ops.geglu
+        self._native = self.backend.name != "numpy"
         self._state = state  # for save_pretrained / state_dict (memory-mapped: costs no RAM)
 
     def _load_head(self, state, lin):
         pass
+
+    def _rms_norm(self, x, weight, eps):
+        return self.backend.rmsnorm(x, weight, eps) if self._native else ops.rms_norm(x, weight, eps)
+
+    def _geglu(self, gate, up, activation):
+        return self.backend.geglu(gate, up, activation) if self._native else ops.geglu(gate, up, activation)
 
     @classmethod
     def from_pretrained(
