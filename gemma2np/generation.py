@@ -439,6 +439,7 @@ def _validate(gc: GenerationConfig) -> None:
 
 
 _GENERATE_ARGS = {f.name for f in fields(GenerationConfig)} - {"extra"}
+_NONE_MEANS_OFF = {"eos_token_id": [], "top_k": 0, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 def generate(
@@ -471,6 +472,7 @@ def generate(
       temperature (1.0), top_k (50; 0 disables), top_p (1.0), repetition_penalty (1.0): used as transformers does;
                        temperature, top_k and top_p only when do_sample=True.
       eos_token_id     int or list (instruction-tuned Gemma 2 stops on [1, 107]); a row stops at its first eos.
+                       Passing None explicitly disables eos stopping, as in transformers (so does []).
       pad_token_id     fills rows that finished while others continue (default: the first eos id).
       use_cache        True (default): prefill once then one token per step with the KV cache; False recomputes
                        the whole sequence each step (slow; for checking the cache).
@@ -505,6 +507,12 @@ def generate(
     for k, v in kwargs.items():
         if v is not None:
             setattr(gc, k, v)
+        elif k in _NONE_MEANS_OFF:
+            # transformers applies generate()'s keyword arguments last, None included, and then treats None as
+            # "off": eos_token_id=None disables eos stopping, top_k=None disables top-k, temperature/top_p/
+            # repetition_penalty=None are no-ops (measured on transformers 5.23). Length arguments and
+            # pad/bos/do_sample/use_cache given as None stay unset (their defaults apply).
+            setattr(gc, k, _NONE_MEANS_OFF[k])
     _validate(gc)
     user_set_max_length = gc.max_length is not None
     do_sample = bool(gc.do_sample if gc.do_sample is not None else _DEFAULTS["do_sample"])

@@ -126,8 +126,9 @@ def test_eos_from_config_and_generation_config_json(tmp_path):
     out = loaded.generate(PROMPT, max_new_tokens=8)
     assert out[0, -1] == e
     assert loaded.generation_config.eos_token_id == [1, e]
-    # an explicit argument beats both (None means "unset", as in transformers; [] means "no eos")
+    # an explicit argument beats both; like transformers, an explicit None (or []) means "no eos"
     assert loaded.generate(PROMPT, max_new_tokens=8, eos_token_id=[]).shape == (1, 13)
+    assert loaded.generate(PROMPT, max_new_tokens=8, eos_token_id=None).shape == (1, 13)
 
 
 def test_min_new_tokens_blocks_eos(model):
@@ -356,6 +357,7 @@ def test_processors_match_transformers(seed):
     dict(max_new_tokens=12, repetition_penalty=0.8, min_new_tokens=5),
     dict(max_length=14),
     dict(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.7),  # sampling reduced to argmax
+    dict(max_new_tokens=12, eos_token_id=None),  # an explicit None turns eos stopping off
 ])
 def test_greedy_variants_match_transformers(case, kw):
     """Deterministic settings beyond the goldens (repetition penalty with left padding, min_new_tokens with an eos
@@ -371,3 +373,11 @@ def test_greedy_variants_match_transformers(case, kw):
                            **{"do_sample": False, **kw}).numpy()
     got = Gemma2ForCausalLM.from_pretrained(d).generate(ids, attention_mask=mask, seed=0, **kw)
     np.testing.assert_array_equal(got, want)
+
+
+def test_explicit_none_disables_like_transformers(model):
+    """transformers treats generate(top_k=None) as "no top-k" (not the default 50): same here."""
+    kw = dict(max_new_tokens=6, do_sample=True, seed=3)
+    np.testing.assert_array_equal(model.generate(PROMPT, top_k=None, **kw), model.generate(PROMPT, top_k=0, **kw))
+    np.testing.assert_array_equal(model.generate(PROMPT, temperature=None, repetition_penalty=None, top_p=None, **kw),
+                                  model.generate(PROMPT, **kw))
