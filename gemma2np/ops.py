@@ -36,8 +36,8 @@ def embedding_normalizer(hidden_size: int, dtype=np.float32):
 
 
 def scale_embeddings(x: np.ndarray, hidden_size: int) -> np.ndarray:
-    """(B, T, E) -> (B, T, E). Applied to `inputs_embeds` too: transformers scales inside the embedding
-    module, so user-supplied `inputs_embeds` are NOT scaled by Gemma2Model. (See Gemma2Model.forward.)"""
+    """(B, T, E) -> (B, T, E). Applied to looked-up embeddings only: transformers scales inside its embedding
+    module, so user-supplied `inputs_embeds` are used as given, NOT scaled (golden `sharded_inputs_embeds`)."""
     return x * embedding_normalizer(hidden_size, x.dtype)
 
 
