@@ -533,9 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"gemma2np {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: leaving a chat is normal (0); interrupting anything else is 130
         print(file=sys.stderr)
-        return 130
+        return 0 if args.command == "chat" else 130
     except BrokenPipeError:  # e.g. `gemma2np generate ... | head`
         try:
             sys.stdout = open(os.devnull, "w")

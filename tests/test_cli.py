@@ -243,3 +243,11 @@ def test_bundled_model_is_the_default():
     assert r.returncode == 0 and DEFAULT_MODEL_DIR in r.stdout
     r = run("generate", "--prompt", "ROMEO:", "--max-new-tokens", 4)
     assert r.returncode == 0, r.stderr
+
+
+def test_console_script_when_installed(model_dir):
+    exe = shutil.which("gemma2np")
+    if exe is None:
+        pytest.skip("gemma2np is not pip-installed here (the console script is declared in pyproject.toml)")
+    r = subprocess.run([exe, "info", "--model", str(model_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
