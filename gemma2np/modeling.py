@@ -275,9 +275,30 @@ class Gemma2PreTrainedModel:
         return model
 
     @classmethod
-    def from_config(cls, config: Gemma2Config, seed: int | None = 0, **kwargs):
-        """A randomly initialised model (transformers' init, reproducible with `seed`)."""
+    def from_config(cls, config: Gemma2Config, seed: int | None = 0, empty_weights: bool = False, **kwargs):
+        """A randomly initialised model (transformers' init, reproducible with `seed`).
+
+        empty_weights=True builds the model with every tensor of the right shape but no memory behind it
+        (read-only zero-stride views of one 0.0, like transformers' meta device): for inspecting shapes and
+        parameter counts of a real-size config (gemma-2-27b) without allocating its weights.
+        """
+        if empty_weights:
+            zero = np.zeros((), np.float32)
+            state = {name: np.broadcast_to(zero, shape) for name, shape in cls._shapes_for(config).items()}
+            if cls.head_kind == "causal_lm" and config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)
+            return cls(config, state, **kwargs)
         return cls(config, None, seed=seed, **kwargs)
+
+    @classmethod
+    def _shapes_for(cls, config: Gemma2Config) -> dict[str, tuple[int, ...]]:
+        probe = cls.__new__(cls)
+        probe.config = config
+        return probe.expected_shapes()
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """HF tensor name -> shape of every parameter of this model (the tied head counted once)."""
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, np.ndarray]:

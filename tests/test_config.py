@@ -136,3 +136,18 @@ def test_initializer_range_drives_random_init():
     again = Gemma2ForCausalLM.from_config(Gemma2Config(initializer_range=0.01, **base), seed=1)
     np.testing.assert_array_equal(again.state_dict()["model.embed_tokens.weight"],
                                   small.state_dict()["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_published_models_build_without_allocating(name):
+    import resource
+
+    cfg = Gemma2Config.from_pretrained(CONFIGS / f"{name}.config.json")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model = Gemma2ForCausalLM.from_config(cfg, empty_weights=True)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 200, f"building {name} allocated {grown_mb:.0f} MB"
+    assert model.num_parameters() == PUBLISHED[name]
+    assert sum(math.prod(s) for s in model.parameter_shapes().values()) == PUBLISHED[name]
+    assert len(model.layers) == cfg.num_hidden_layers
+    assert model.layers[0].q_proj[0].shape == (cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size)
