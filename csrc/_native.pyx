@@ -50,7 +50,8 @@ def cpu_features():
 
 
 def set_simd(int level):
-    """0 = force the portable scalar path, 1 = AVX-512 when available. Returns the level in use."""
+    """0 = force the portable scalar path, 1 = AVX-512 when available (with avx512_bf16 when
+    present), 2 = AVX-512 without the avx512_bf16 instructions. Returns the level in use."""
     return g2_set_simd(level)
 
 

@@ -57,7 +57,7 @@ static int have_avx512(void) {
 }
 
 int g2_set_simd(int level) {
-    g_simd = (level > 0 && G2_X86 && have_avx512()) ? 1 : 0;
+    g_simd = (level > 0 && G2_X86 && have_avx512()) ? (level == 2 ? 2 : 1) : 0;
     return g_simd;
 }
 
@@ -67,7 +67,7 @@ int g2_get_simd(void) {
 }
 
 static int use_bf16dp(void) {
-    return g2_get_simd() && (g2_cpu_features() & G2_CPU_AVX512BF16);
+    return g2_get_simd() == 1 && (g2_cpu_features() & G2_CPU_AVX512BF16);
 }
 
 int g2_have_openmp(void) {
@@ -107,16 +107,21 @@ void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads) {
 /* linear: portable path                                                                       */
 /* ------------------------------------------------------------------------------------------ */
 
+/* dp != 0: the "rounded" semantics (see gemma2np_kernels.h): x was already rounded to bf16 by
+ * the caller, int8 weights are rounded to bf16(q * scale). */
 static inline float wval(int fmt, const void *w, const float *sc, int64_t n, int64_t k, int64_t K,
-                         int64_t block, int64_t nb) {
+                         int64_t block, int64_t nb, int dp) {
     switch (fmt) {
     case G2_W_F32: return ((const float *)w)[n * K + k];
-    case G2_W_INT8: return (float)((const int8_t *)w)[n * K + k] * sc[n * nb + k / block];
+    case G2_W_INT8: {
+        float v = (float)((const int8_t *)w)[n * K + k] * sc[n * nb + k / block];
+        return dp ? bf16_to_f32(f32_to_bf16(v)) : v;
+    }
     default: return bf16_to_f32(((const uint16_t *)w)[n * K + k]);
     }
 }
 
-static void linear_scalar(int fmt, const float *x, int64_t M, int64_t K, const void *w,
+static void linear_scalar(int fmt, int dp, const float *x, int64_t M, int64_t K, const void *w,
                           const float *sc, int64_t block, int64_t N, float *y, int nt) {
     int64_t nb = block > 0 ? (K + block - 1) / block : 0;
     int64_t n;
@@ -125,7 +130,7 @@ static void linear_scalar(int fmt, const float *x, int64_t M, int64_t K, const v
         for (int64_t m = 0; m < M; m++) {
             const float *xr = x + m * K;
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int64_t k = 0; k < K; k++) acc[k & 7] += xr[k] * wval(fmt, w, sc, n, k, K, block, nb);
+            for (int64_t k = 0; k < K; k++) acc[k & 7] += xr[k] * wval(fmt, w, sc, n, k, K, block, nb, dp);
             y[m * N + n] = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         }
     }
@@ -140,8 +145,23 @@ static void linear_scalar(int fmt, const float *x, int64_t M, int64_t K, const v
 #define G2_INLINE static inline __attribute__((always_inline))
 
 #define MR_MAX 4
-#define NR_MAX 4
+#define NR_MAX 8
 #define NR_MAIN 4
+
+/* Scheduling knobs (set once from the environment, for experiments; defaults are the tuned
+ * values): G2_GEMV_KB = target bytes of W per work item for M < G2_DP_MIN_M (default 64 KB). */
+static int64_t g_gemv_bytes = -1;
+static int g_pf = 1;
+static int64_t gemv_bytes(void) {
+    if (g_gemv_bytes < 0) {
+        const char *s = getenv("G2_GEMV_KB");
+        int64_t v = s ? atoll(s) : 0;
+        g_gemv_bytes = (v > 0 ? v : 64) * 1024;
+        s = getenv("G2_PF");
+        g_pf = s ? atoi(s) : 1;
+    }
+    return g_gemv_bytes;
+}
 
 G2_INLINE G2_TGT __m512 load_w16(const int fmt, const void *w, int64_t off, __mmask16 msk,
                                  const int full, float scale) {
@@ -159,12 +179,48 @@ G2_INLINE G2_TGT __m512 load_w16(const int fmt, const void *w, int64_t off, __mm
     }
 }
 
-/* One MR x NR tile of dot products over the full K. Each output element uses one 16-lane
- * accumulator and the same instruction sequence whatever MR/NR/thread count -> results do not
- * depend on tiling, batch size or threads. x: row m0; w: row n0; sc: scales of row n0. */
+/* float32 -> bf16 bits in the low 16 bits of each 32-bit lane, RNE, NaN -> quiet NaN: exactly
+ * f32_to_bf16 (denormals kept, unlike vcvtneps2bf16). */
+G2_INLINE G2_TGT __m512i rne_bf16_epi32(__m512 v) {
+    __m512i u = _mm512_castps_si512(v);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+/* x (M, K) float32 -> P bf16 planes per row, layout [m][p][K]: x ~= p0 + p1 + p2 with each
+ * part the RNE bf16 rounding of what the previous parts left (residuals are exact in f32).
+ * P = 1: x rounded to bf16; P = 3: x represented to ~2^-24 relative (exact for normal floats
+ * whose parts stay normal). A non-finite part ends the split (residual 0). */
+static G2_TGT void split_bf16(const float *x, int64_t M, int64_t K, int P, uint16_t *out) {
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 msk = (K - k >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(msk, x + m * K + k);
+            for (int p = 0; p < P; p++) {
+                __m512i h = rne_bf16_epi32(v);
+                _mm256_mask_storeu_epi16(out + (m * P + p) * K + k, msk, _mm512_cvtepi32_epi16(h));
+                if (p + 1 < P) {
+                    __m512 hv = _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+                    __mmask16 fin = (__mmask16)~_mm512_fpclass_ps_mask(hv, 0x99); /* not NaN/inf */
+                    v = _mm512_maskz_sub_ps(fin, v, hv);
+                }
+            }
+        }
+    }
+}
+
+/* One MR x NR tile of dot products over the full K (f32 / bf16-widened weights). Each output
+ * element uses one 16-lane accumulator and the same instruction sequence whatever MR/NR/thread
+ * count -> results do not depend on tiling, batch size or threads. */
+/* PF: software-prefetch the W rows of the next tile (the NR rows after this one) at the same
+ * offset: decode streams whole rows, and the hardware prefetcher restarts at every row. */
+#define G2_PF(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+
 G2_INLINE G2_TGT void tile_avx512(const int fmt, const int MR, const int NR, const float *x,
-                                  int64_t K, const void *w, const float *sc, int64_t block,
-                                  int64_t nb, float *y, int64_t ldy) {
+                                  int64_t K, const void *w, float *y, int64_t ldy, const int PF) {
     __m512 acc[MR_MAX][NR_MAX];
     __m512 xv[MR_MAX];
     int m, n;
@@ -172,21 +228,20 @@ G2_INLINE G2_TGT void tile_avx512(const int fmt, const int MR, const int NR, con
         for (n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        int64_t bi = (fmt == G2_W_INT8) ? k / block : 0;
         for (m = 0; m < MR; m++) xv[m] = _mm512_loadu_ps(x + m * K + k);
+        if (PF && (fmt == G2_W_F32 || (k & 31) == 0))
+            for (n = 0; n < NR; n++)
+                G2_PF((const char *)w + ((NR + n) * K + k) * (fmt == G2_W_F32 ? 4 : 2));
         for (n = 0; n < NR; n++) {
-            float s = (fmt == G2_W_INT8) ? sc[n * nb + bi] : 0.0f;
-            __m512 wv = load_w16(fmt, w, n * K + k, 0xFFFF, 1, s);
+            __m512 wv = load_w16(fmt, w, n * K + k, 0xFFFF, 1, 0.0f);
             for (m = 0; m < MR; m++) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
         }
     }
     if (k < K) {
         __mmask16 msk = (__mmask16)((1u << (K - k)) - 1u);
-        int64_t bi = (fmt == G2_W_INT8) ? k / block : 0;
         for (m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_ps(msk, x + m * K + k);
         for (n = 0; n < NR; n++) {
-            float s = (fmt == G2_W_INT8) ? sc[n * nb + bi] : 0.0f;
-            __m512 wv = load_w16(fmt, w, n * K + k, msk, 0, s);
+            __m512 wv = load_w16(fmt, w, n * K + k, msk, 0, 0.0f);
             for (m = 0; m < MR; m++) acc[m][n] = _mm512_fmadd_ps(xv[m], wv, acc[m][n]);
         }
     }
@@ -194,185 +249,335 @@ G2_INLINE G2_TGT void tile_avx512(const int fmt, const int MR, const int NR, con
         for (n = 0; n < NR; n++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
 }
 
-/* bf16 x bf16 -> f32 tile with vdpbf16ps (x already rounded to bf16). */
-G2_INLINE G2_TGT_BF16 void tile_bf16dp(const int MR, const int NR, const uint16_t *x, int64_t K,
-                                       const uint16_t *w, float *y, int64_t ldy) {
-    __m512 acc[MR_MAX][NR_MAX];
-    __m512i xv[MR_MAX];
-    int m, n;
+/* int8 weights, x float32 (M < G2_DP_MIN_M): per block of `block` inputs the products
+ * x * float(q) are accumulated (16 lanes), then the block sum is scaled once:
+ * acc += blocksum * scale. BLK > 0: compile-time block. */
+G2_INLINE G2_TGT void tile_i8(const int NR, const int BLK, const float *x, int64_t K,
+                              const int8_t *w, const float *sc, int64_t block, int64_t nb,
+                              float *y, const int PF) {
+    __m512 acc[NR_MAX], t[NR_MAX];
+    int n;
+    const int64_t bl = BLK > 0 ? BLK : block;
+    for (n = 0; n < NR; n++) acc[n] = _mm512_setzero_ps();
+    int64_t b = 0, k0 = 0;
+    for (; k0 + bl <= K; k0 += bl, b++) {
+        for (n = 0; n < NR; n++) t[n] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < k0 + bl; k += 16) {
+            __m512 xv = _mm512_loadu_ps(x + k);
+            if (PF && (k & 63) == 0)
+                for (n = 0; n < NR; n++) G2_PF(w + (NR + n) * K + k);
+            for (n = 0; n < NR; n++) {
+                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                    _mm_loadu_si128((const __m128i *)(w + n * K + k))));
+                t[n] = _mm512_fmadd_ps(xv, q, t[n]);
+            }
+        }
+        for (n = 0; n < NR; n++) acc[n] = _mm512_fmadd_ps(t[n], _mm512_set1_ps(sc[n * nb + b]), acc[n]);
+    }
+    if (k0 < K) { /* last, partial block */
+        for (n = 0; n < NR; n++) t[n] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < K; k += 16) {
+            __mmask16 msk = (K - k >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 xv = _mm512_maskz_loadu_ps(msk, x + k);
+            for (n = 0; n < NR; n++) {
+                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(msk, w + n * K + k)));
+                t[n] = _mm512_fmadd_ps(xv, q, t[n]);
+            }
+        }
+        for (n = 0; n < NR; n++) acc[n] = _mm512_fmadd_ps(t[n], _mm512_set1_ps(sc[n * nb + b]), acc[n]);
+    }
+    for (n = 0; n < NR; n++) y[n] = _mm512_reduce_add_ps(acc[n]);
+}
+
+/* bf16 x bf16 -> f32 with vdpbf16ps. x: P bf16 planes per row ([m][p][K]); each (row, part,
+ * output) has its own accumulator; parts are summed (p0 + p1) + p2 before the lane reduction. */
+G2_INLINE G2_TGT_BF16 void tile_dp(const int MR, const int NR, const int P, const uint16_t *x,
+                                   int64_t K, const uint16_t *w, float *y, int64_t ldy,
+                                   const int PF) {
+    __m512 acc[MR_MAX][NR_MAX][3];
+    __m512i xv[MR_MAX][3];
+    int m, n, p;
     for (m = 0; m < MR; m++)
-        for (n = 0; n < NR; n++) acc[m][n] = _mm512_setzero_ps();
+        for (n = 0; n < NR; n++)
+            for (p = 0; p < P; p++) acc[m][n][p] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        for (m = 0; m < MR; m++) xv[m] = _mm512_loadu_si512((const void *)(x + m * K + k));
+        for (m = 0; m < MR; m++)
+            for (p = 0; p < P; p++) xv[m][p] = _mm512_loadu_si512((const void *)(x + (m * P + p) * K + k));
+        if (PF)
+            for (n = 0; n < NR; n++) G2_PF(w + (NR + n) * K + k);
         for (n = 0; n < NR; n++) {
             __m512i wv = _mm512_loadu_si512((const void *)(w + n * K + k));
             for (m = 0; m < MR; m++)
-                acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv[m], (__m512bh)wv);
+                for (p = 0; p < P; p++)
+                    acc[m][n][p] = _mm512_dpbf16_ps(acc[m][n][p], (__m512bh)xv[m][p], (__m512bh)wv);
         }
     }
     if (k < K) {
         __mmask32 msk = (__mmask32)((1u << (K - k)) - 1u);
-        for (m = 0; m < MR; m++) xv[m] = _mm512_maskz_loadu_epi16(msk, x + m * K + k);
+        for (m = 0; m < MR; m++)
+            for (p = 0; p < P; p++) xv[m][p] = _mm512_maskz_loadu_epi16(msk, x + (m * P + p) * K + k);
         for (n = 0; n < NR; n++) {
             __m512i wv = _mm512_maskz_loadu_epi16(msk, w + n * K + k);
             for (m = 0; m < MR; m++)
-                acc[m][n] = _mm512_dpbf16_ps(acc[m][n], (__m512bh)xv[m], (__m512bh)wv);
+                for (p = 0; p < P; p++)
+                    acc[m][n][p] = _mm512_dpbf16_ps(acc[m][n][p], (__m512bh)xv[m][p], (__m512bh)wv);
         }
     }
     for (m = 0; m < MR; m++)
-        for (n = 0; n < NR; n++) y[m * ldy + n] = _mm512_reduce_add_ps(acc[m][n]);
+        for (n = 0; n < NR; n++) {
+            __m512 s = acc[m][n][0];
+            if (P > 1) s = _mm512_add_ps(s, acc[m][n][1]);
+            if (P > 2) s = _mm512_add_ps(s, acc[m][n][2]);
+            y[m * ldy + n] = _mm512_reduce_add_ps(s);
+        }
 }
 
-typedef void (*tile_fn)(const float *, int64_t, const void *, const float *, int64_t, int64_t,
+/* Tile entry points: x, K, w, scales, block, nb, y, ldy. */
+typedef void (*tile_fn)(const void *, int64_t, const void *, const float *, int64_t, int64_t,
                         float *, int64_t);
 
 #define DEF_TILE(FMT, MR, NR)                                                                   \
     static G2_TGT __attribute__((noinline)) void tile_##FMT##_##MR##_##NR(                       \
-        const float *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,    \
+        const void *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,     \
         float *y, int64_t ldy) {                                                                 \
-        tile_avx512(FMT, MR, NR, x, K, w, sc, block, nb, y, ldy);                                \
+        (void)sc; (void)block; (void)nb;                                                         \
+        tile_avx512(FMT, MR, NR, (const float *)x, K, w, y, ldy, MR == 1 && NR > 1 && g_pf);                                \
     }
 #define DEF_TILES(FMT) DEF_TILE(FMT, 4, 4) DEF_TILE(FMT, 4, 1) DEF_TILE(FMT, 1, 4) DEF_TILE(FMT, 1, 1)
 DEF_TILES(0)
 DEF_TILES(1)
-DEF_TILES(2)
 
-#define DEF_TILE_DP(MR, NR)                                                                     \
-    static G2_TGT_BF16 __attribute__((noinline)) void tile_dp_##MR##_##NR(                       \
-        const float *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,    \
+#define DEF_TILE_I8(NR, BLK)                                                                    \
+    static G2_TGT __attribute__((noinline)) void tile_i8_##NR##_##BLK(                           \
+        const void *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,     \
+        float *y, int64_t ldy) {                                                                 \
+        (void)ldy;                                                                               \
+        tile_i8(NR, BLK, (const float *)x, K, (const int8_t *)w, sc, block, nb, y, NR > 1 && g_pf);              \
+    }
+DEF_TILE_I8(4, 0)
+DEF_TILE_I8(1, 0)
+DEF_TILE_I8(4, 32)
+DEF_TILE_I8(1, 32)
+
+#define DEF_TILE_DP(MR, NR, P)                                                                  \
+    static G2_TGT_BF16 __attribute__((noinline)) void tile_dp_##MR##_##NR##_##P(                 \
+        const void *x, int64_t K, const void *w, const float *sc, int64_t block, int64_t nb,     \
         float *y, int64_t ldy) {                                                                 \
         (void)sc; (void)block; (void)nb;                                                         \
-        tile_bf16dp(MR, NR, (const uint16_t *)x, K, (const uint16_t *)w, y, ldy);                \
+        tile_dp(MR, NR, P, (const uint16_t *)x, K, (const uint16_t *)w, y, ldy, MR == 1 && NR > 1 && g_pf);                 \
     }
-DEF_TILE_DP(4, 4)
-DEF_TILE_DP(4, 1)
-DEF_TILE_DP(1, 4)
-DEF_TILE_DP(1, 1)
+DEF_TILE_DP(4, 4, 1)
+DEF_TILE_DP(4, 1, 1)
+DEF_TILE_DP(1, 4, 1)
+DEF_TILE_DP(1, 1, 1)
+DEF_TILE_DP(1, 1, 3)
+DEF_TILE_DP(1, 8, 3)
 
-/* tiles[fmt][mr==4][nr==NR_MAIN] */
-static const tile_fn g_tiles[4][2][2] = {
-    {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}},
-    {{tile_1_1_1, tile_1_1_4}, {tile_1_4_1, tile_1_4_4}},
-    {{tile_2_1_1, tile_2_1_4}, {tile_2_4_1, tile_2_4_4}},
-    {{tile_dp_1_1, tile_dp_1_4}, {tile_dp_4_1, tile_dp_4_4}},
-};
-
-/* Widen rows [0, nr) of a bf16/int8 W block to float32 (exactly the values load_w16 forms). */
-static G2_TGT void widen_rows(int fmt, const void *w, const float *sc, int64_t nr, int64_t K,
-                              int64_t block, int64_t nb, float *dst) {
+/* Widen rows [0, nr) of a bf16/int8 W block: to float32 (exactly load_w16's values), or, with
+ * to_bf16 = 1, int8 to bf16(q * scale) (RNE) as uint16 bits, with to_bf16 = 2 as
+ * float32 holding those bf16 values. */
+static G2_TGT void widen_rows(int fmt, int to_bf16, const void *w, const float *sc, int64_t nr,
+                              int64_t K, int64_t block, int64_t nb, void *dst) {
     for (int64_t n = 0; n < nr; n++) {
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
+        for (int64_t k = 0; k < K; k += 16) {
+            __mmask16 msk = (K - k >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
             float s = (fmt == G2_W_INT8) ? sc[n * nb + k / block] : 0.0f;
-            _mm512_storeu_ps(dst + n * K + k, load_w16(fmt, w, n * K + k, 0xFFFF, 1, s));
-        }
-        if (k < K) {
-            __mmask16 msk = (__mmask16)((1u << (K - k)) - 1u);
-            float s = (fmt == G2_W_INT8) ? sc[n * nb + k / block] : 0.0f;
-            _mm512_mask_storeu_ps(dst + n * K + k, msk, load_w16(fmt, w, n * K + k, msk, 0, s));
+            __m512 v = load_w16(fmt, w, n * K + k, msk, 0, s);
+            if (to_bf16 == 1)
+                _mm256_mask_storeu_epi16((uint16_t *)dst + n * K + k, msk,
+                                         _mm512_cvtepi32_epi16(rne_bf16_epi32(v)));
+            else if (to_bf16 == 2) /* f32 holding bf16(q*s) */
+                _mm512_mask_storeu_ps((float *)dst + n * K + k, msk,
+                                      _mm512_castsi512_ps(_mm512_slli_epi32(rne_bf16_epi32(v), 16)));
+            else
+                _mm512_mask_storeu_ps((float *)dst + n * K + k, msk, v);
         }
     }
 }
 
-/* Blocking: the rows of W are cut into blocks of ~256 KB (parallel over these blocks, so M=1 is
- * parallel over N and bandwidth-bound); x is cut into chunks of MC rows, and inside a W block
- * every 4x4 tile reuses 4 W rows for 4 x rows. For bf16/int8 weights and >= 4 rows, each W
- * block is first widened to f32 in a per-thread scratch (once per x chunk) and the f32 tiles
- * run on it: the same f32 values and FMA sequence as the direct path, so results are bitwise
- * independent of M, tiling and threads. */
-static void linear_avx512(int fmt, const void *x, int64_t M, int64_t K, const void *w,
-                          const float *sc, int64_t block, int64_t N, float *y, int nt) {
-    int64_t nb = (fmt == G2_W_INT8) ? (K + block - 1) / block : 0;
-    int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
-    int64_t xbytes = fmt == G2_W_BF16DP ? 2 : 4;
-    int want_pack = (fmt == G2_W_INT8) && M >= 4; /* bf16 direct is as fast (half the L2 traffic) */
-    int64_t nblk = (256 * 1024) / (K * (want_pack ? 4 : wbytes));
+/* Small M (M < G2_DP_MIN_M, or any M for the f32 weights' tiles when MR=1 is used): parallel
+ * over blocks of W rows (~gemv_bytes() of weights each, dynamic), every thread streams whole
+ * contiguous blocks; inside a block each x row runs over all tiles of NR rows. */
+static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int64_t xrow_bytes, int64_t M,
+                       int64_t K, const char *w, int64_t wrow_bytes, const float *sc, int64_t block,
+                       int64_t nb, int64_t N, float *y, int nt) {
+    int64_t rows = gemv_bytes() / (wrow_bytes > 0 ? wrow_bytes : 1);
+    rows = rows / NRM * NRM;
+    if (rows < NRM) rows = NRM;
+    while (rows > NRM && (N + rows - 1) / rows < 8 * (int64_t)nt) rows -= NRM;
+    int64_t nblocks = (N + rows - 1) / rows;
+    int64_t jb;
+    const char *xc = (const char *)x;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nblocks > 1 && nt > 1)
+    for (jb = 0; jb < nblocks; jb++) {
+        int64_t n0 = jb * rows, n1 = G2_MIN(N, n0 + rows);
+        for (int64_t m = 0; m < M; m++) {
+            int64_t n = n0;
+            for (; n + NRM <= n1; n += NRM)
+                main4(xc + m * xrow_bytes, K, w + n * wrow_bytes, sc ? sc + n * nb : NULL, block, nb,
+                      y + m * N + n, N);
+            for (; n < n1; n++)
+                tail1(xc + m * xrow_bytes, K, w + n * wrow_bytes, sc ? sc + n * nb : NULL, block, nb,
+                      y + m * N + n, N);
+        }
+    }
+}
+
+/* Larger M: x is cut into chunks of MC rows (sized so a chunk stays in L2), W into blocks of
+ * ~256 KB (parallel over blocks, dynamic); inside a block every MR x NR tile reuses NR W rows
+ * for MR x rows. widen_fmt >= 0: each W block is first converted (per thread scratch, once per
+ * x chunk) -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32 tiles. */
+static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
+                      int64_t K, const void *w, int64_t wrow_bytes, const float *sc, int64_t block,
+                      int64_t nb, int64_t N, float *y, int nt, int widen_fmt, int widen_to_bf16,
+                      int64_t trow_bytes) {
+    int64_t nblk = (256 * 1024) / (trow_bytes > 0 ? trow_bytes : 1);
     nblk = nblk / NR_MAIN * NR_MAIN;
     if (nblk < NR_MAIN) nblk = NR_MAIN;
-    /* keep enough blocks for all threads when N is small */
     while (nblk > NR_MAIN && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
     int64_t nblocks = (N + nblk - 1) / nblk;
-    int64_t MC = 64;
+    int64_t MC = (512 * 1024) / (xrow_bytes > 0 ? xrow_bytes : 1);
+    MC = MC / 4 * 4;
+    if (MC < 4) MC = 4;
+    if (MC > 128) MC = 128;
+    int fail = 0;
     const char *xc = (const char *)x;
     const char *wc = (const char *)w;
 #pragma omp parallel num_threads(nt)
     {
-        float *scratch = want_pack ? (float *)malloc((size_t)(nblk * K) * sizeof(float)) : NULL;
-        for (int64_t m0 = 0; m0 < M; m0 += MC) {
-            int64_t m1 = G2_MIN(M, m0 + MC);
-            int pack = scratch != NULL && (m1 - m0) >= 4;
-            int tf = pack ? G2_W_F32 : fmt;
-            int64_t jb;
+        char *scratch = NULL;
+        if (widen_fmt >= 0) {
+            scratch = (char *)malloc((size_t)(nblk * trow_bytes));
+            if (!scratch) {
+#pragma omp atomic write
+                fail = 1;
+            }
+        }
+#pragma omp barrier
+        if (!fail) {
+            for (int64_t m0 = 0; m0 < M; m0 += MC) {
+                int64_t m1 = G2_MIN(M, m0 + MC);
+                int64_t jb;
 #pragma omp for schedule(dynamic, 1)
-            for (jb = 0; jb < nblocks; jb++) {
-                int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
-                const char *wblk = wc + n0 * K * wbytes;
-                const float *sblk = sc ? sc + n0 * nb : NULL;
-                int64_t tb = wbytes;
-                if (pack) {
-                    widen_rows(fmt, wblk, sblk, n1 - n0, K, block, nb, scratch);
-                    wblk = (const char *)scratch;
-                    sblk = NULL;
-                    tb = 4;
-                }
-                int64_t m = m0;
-                while (m < m1) {
-                    int mr = (m1 - m >= 4) ? 1 : 0;
-                    int64_t n = n0;
-                    while (n < n1) {
-                        int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
-                        g_tiles[tf][mr][nr]((const float *)(xc + m * K * xbytes), K,
-                                            wblk + (n - n0) * K * tb,
-                                            sblk ? sblk + (n - n0) * nb : NULL, block, nb,
-                                            y + m * N + n, N);
-                        n += nr ? NR_MAIN : 1;
+                for (jb = 0; jb < nblocks; jb++) {
+                    int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
+                    const char *wblk = wc + n0 * wrow_bytes;
+                    const float *sblk = sc ? sc + n0 * nb : NULL;
+                    if (widen_fmt >= 0) {
+                        widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
+                        wblk = scratch;
+                        sblk = NULL;
                     }
-                    m += mr ? 4 : 1;
+                    int64_t m = m0;
+                    while (m < m1) {
+                        int mr = (m1 - m >= 4) ? 1 : 0;
+                        int64_t n = n0;
+                        while (n < n1) {
+                            int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
+                            tiles[mr][nr](xc + m * xrow_bytes, K, wblk + (n - n0) * trow_bytes,
+                                          sblk ? sblk + (n - n0) * nb : NULL, block, nb, y + m * N + n, N);
+                            n += nr ? NR_MAIN : 1;
+                        }
+                        m += mr ? 4 : 1;
+                    }
                 }
             }
         }
         free(scratch);
     }
+    return fail ? -1 : 0;
+}
+
+static const tile_fn g_tiles_f32[2][2] = {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}};
+static const tile_fn g_tiles_bf16w[2][2] = {{tile_1_1_1, tile_1_1_4}, {tile_1_4_1, tile_1_4_4}};
+static const tile_fn g_tiles_dp[2][2] = {{tile_dp_1_1_1, tile_dp_1_4_1}, {tile_dp_4_1_1, tile_dp_4_4_1}};
+
+/* dp: the rounded semantics (x -> bf16; int8 W -> bf16(q*s)). Returns 0 or -1 (no memory). */
+static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, const void *w,
+                         const float *sc, int64_t block, int64_t N, float *y, int nt) {
+    int64_t nb = (fmt == G2_W_INT8) ? (K + block - 1) / block : 0;
+    int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
+    int bf = use_bf16dp();
+    int rc = 0;
+    if (fmt == G2_W_F32) {
+        if (M < 4)
+            gemv_drive(tile_0_1_4, 4, tile_0_1_1, x, K * 4, M, K, (const char *)w, K * 4, NULL, 0, 0, N, y, nt);
+        else
+            rc = gemm_drive(g_tiles_f32, x, K * 4, M, K, w, K * 4, NULL, 0, 0, N, y, nt, -1, 0, K * 4);
+        return rc;
+    }
+    if (!dp) { /* x stays float32 */
+        if (fmt == G2_W_INT8) {
+            int b32 = block == 32;
+            gemv_drive(b32 ? tile_i8_4_32 : tile_i8_4_0, 4, b32 ? tile_i8_1_32 : tile_i8_1_0, x, K * 4, M,
+                       K, (const char *)w, K, sc, block, nb, N, y, nt);
+            return 0;
+        }
+        /* bf16 weights */
+        if (bf) { /* x split into 3 bf16 parts: vdpbf16ps at f32 accuracy */
+            uint16_t *xs = (uint16_t *)malloc((size_t)(M * 3 * K) * sizeof(uint16_t));
+            if (!xs) return -1;
+            split_bf16(x, M, K, 3, xs);
+            gemv_drive(tile_dp_1_8_3, 8, tile_dp_1_1_3, xs, 3 * K * 2, M, K, (const char *)w, K * 2, NULL,
+                       0, 0, N, y, nt);
+            free(xs);
+        } else {
+            gemv_drive(tile_1_1_4, 4, tile_1_1_1, x, K * 4, M, K, (const char *)w, K * 2, NULL, 0, 0, N, y, nt);
+        }
+        return 0;
+    }
+    /* rounded semantics */
+    if (bf) {
+        uint16_t *xs = (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
+        if (!xs) return -1;
+        split_bf16(x, M, K, 1, xs);
+        if (fmt == G2_W_INT8)
+            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, w, K, sc, block, nb, N, y, nt, G2_W_INT8, 1, K * 2);
+        else
+            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, w, K * 2, NULL, 0, 0, N, y, nt, -1, 0, K * 2);
+        free(xs);
+        return rc;
+    }
+    /* no avx512_bf16: rounded x in f32, f32 tiles (int8: widened to f32 of bf16(q*s)) */
+    float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!xr) return -1;
+    for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+    if (fmt == G2_W_INT8) {
+        rc = gemm_drive(g_tiles_f32, xr, K * 4, M, K, w, K * wbytes, sc, block, nb, N, y, nt,
+                        G2_W_INT8, 2, K * 4);
+    } else {
+        rc = gemm_drive(g_tiles_bf16w, xr, K * 4, M, K, w, K * 2, NULL, 0, 0, N, y, nt, -1, 0, K * 2);
+    }
+    free(xr);
+    return rc;
 }
 #endif /* G2_X86 */
 
 int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w, const float *scales,
               int64_t block, int64_t N, const float *bias, float *y, int n_threads) {
     int nt = NT(n_threads);
+    int rc = 0;
     if (M <= 0 || N <= 0) return 0;
+    int dp = fmt == G2_W_BF16DP || ((fmt == G2_W_BF16 || fmt == G2_W_INT8) && M >= G2_DP_MIN_M);
     if (K <= 0) {
         for (int64_t i = 0; i < M * N; i++) y[i] = 0.0f;
-    } else if (fmt == G2_W_BF16DP) {
-#if G2_X86
-        if (use_bf16dp()) {
-            uint16_t *xb = (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
-            if (!xb) return -1;
-            g2_f32_to_bf16(x, xb, M * K, nt);
-            linear_avx512(G2_W_BF16DP, xb, M, K, w, NULL, 0, N, y, nt);
-            free(xb);
-        } else
-#endif
-        {
-            float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
-            if (!xr) return -1;
-            for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
-#if G2_X86
-            if (g2_get_simd())
-                linear_avx512(G2_W_BF16, xr, M, K, w, NULL, 0, N, y, nt);
-            else
-#endif
-                linear_scalar(G2_W_BF16, xr, M, K, w, NULL, 0, N, y, nt);
-            free(xr);
-        }
-    } else {
-#if G2_X86
-        if (g2_get_simd())
-            linear_avx512(fmt, x, M, K, w, scales, block, N, y, nt);
-        else
-#endif
-            linear_scalar(fmt, x, M, K, w, scales, block, N, y, nt);
     }
+#if G2_X86
+    else if (g2_get_simd()) {
+        rc = linear_avx512(fmt, dp, x, M, K, w, scales, block, N, y, nt);
+    }
+#endif
+    else if (dp) {
+        float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
+        if (!xr) return -1;
+        for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
+        linear_scalar(fmt == G2_W_BF16DP ? G2_W_BF16 : fmt, 1, xr, M, K, w, scales, block, N, y, nt);
+        free(xr);
+    } else {
+        linear_scalar(fmt, 0, x, M, K, w, scales, block, N, y, nt);
+    }
+    if (rc) return rc;
     if (bias) {
         for (int64_t m = 0; m < M; m++)
             for (int64_t n = 0; n < N; n++) y[m * N + n] += bias[n];

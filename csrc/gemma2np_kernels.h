@@ -28,6 +28,13 @@ extern "C" {
 #define G2_W_BF16DP 3  /* w: uint16 bf16 bits (N, K); x rounded to bf16 (RNE), f32 accumulation
                           (vdpbf16ps on avx512_bf16) */
 
+/* Batch-size rule of G2_W_BF16 and G2_W_INT8: with M >= G2_DP_MIN_M rows (prefill) x is rounded
+ * to bf16 (RNE) and int8 weights to bf16(q * scale), so the product runs on vdpbf16ps like
+ * G2_W_BF16DP (the transformers bf16 baseline rounds activations to bf16 too). With fewer rows
+ * (decode) x keeps float32 accuracy: bf16 weights use vdpbf16ps on x split exactly into three
+ * bf16 parts, int8 weights are widened to float32 and each block sum is scaled once. */
+#define G2_DP_MIN_M 8
+
 /* feature bits */
 #define G2_CPU_AVX2       1
 #define G2_CPU_FMA        2
@@ -38,7 +45,9 @@ extern "C" {
 #define G2_CPU_AVX512VNNI 64
 
 int g2_cpu_features(void);
-/* 0 = portable scalar only, 1 = AVX-512 (if the CPU has it). Returns the level in effect. */
+/* 0 = portable scalar only, 1 = AVX-512 (if the CPU has it; with avx512_bf16 when present),
+ * 2 = AVX-512 without the avx512_bf16 instructions (to test that path). Returns the level in
+ * effect. */
 int g2_set_simd(int level);
 int g2_get_simd(void);
 int g2_have_openmp(void);

@@ -21,10 +21,10 @@ nat = pytest.importorskip("gemma2np._native")
 SETTINGS = settings(max_examples=25, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 FORMATS = ["float32", "bfloat16", "bfloat16_dp", "int8"]
-SIMD_LEVELS = [1, 0] if "avx512f" in nat.cpu_features() else [0]
+SIMD_LEVELS = [1, 2, 0] if "avx512f" in nat.cpu_features() else [0]
 
 
-@pytest.fixture(params=SIMD_LEVELS, ids=lambda l: "avx512" if l else "scalar")
+@pytest.fixture(params=SIMD_LEVELS, ids=lambda l: {0: "scalar", 1: "avx512", 2: "avx512-nobf16"}[l])
 def simd(request):
     got = nat.set_simd(request.param)
     assert got == request.param
@@ -62,8 +62,8 @@ def test_linear_matches_twin(simd, M, N, K, fmt, block, bias, threads, seed):
     yr = ref.linear(x, wp, fmt, s, b, blk)
     assert y.shape == (M, N) and y.dtype == np.float32
     # any summation order is within 2*K*u*sum|x w| of the exact result (u = 2^-24)
-    xq = ref.bf16_to_f32(ref.f32_to_bf16(x)) if fmt == "bfloat16_dp" else x
-    bound = 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ np.abs(ref.weight_as_f32(wp, fmt, s, blk)).T)
+    xq, wq = ref.linear_operands(x, wp, fmt, s, blk)
+    bound = 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ np.abs(wq).T)
     if b is not None:
         bound += 2.0**-23 * (np.abs(yr) + np.abs(b))
     assert np.all(np.abs(y - yr) <= bound + 1e-30), np.max(np.abs(y - yr) - bound)
@@ -73,15 +73,19 @@ def test_linear_matches_twin(simd, M, N, K, fmt, block, bias, threads, seed):
 @given(M=st.integers(1, 13), N=st.integers(1, 70), K=st.integers(1, 200),
        fmt=st.sampled_from(FORMATS), seed=st.integers(0, 2**31))
 def test_linear_thread_and_batch_invariance(simd, M, N, K, fmt, seed):
-    """Bitwise: the same result for any thread count, and row i of a batch == the row alone."""
+    """Bitwise: the same result for any thread count, and row i of a batch == the row alone
+    (bfloat16/int8 change semantics at ref.DP_MIN_M rows: there row i of a batch == row i in a
+    batch of DP_MIN_M copies of it)."""
     r = _rng(seed)
     x = r.standard_normal((M, K), dtype=np.float32)
     wp, s, blk = _pack(r.standard_normal((N, K), dtype=np.float32), fmt)
     y1 = nat.linear(x, wp, fmt, s, None, blk, n_threads=1)
     for t in (2, 3):
         np.testing.assert_array_equal(nat.linear(x, wp, fmt, s, None, blk, n_threads=t), y1)
+    mixed = fmt in ("bfloat16", "int8") and M >= ref.DP_MIN_M
     for i in (0, M - 1):
-        np.testing.assert_array_equal(nat.linear(x[i:i + 1].copy(), wp, fmt, s, None, blk, n_threads=2), y1[i:i + 1])
+        xi = np.repeat(x[i:i + 1], ref.DP_MIN_M + 1, axis=0) if mixed else x[i:i + 1].copy()
+        np.testing.assert_array_equal(nat.linear(xi, wp, fmt, s, None, blk, n_threads=2)[:1], y1[i:i + 1])
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

@@ -8,10 +8,15 @@ signature compatibility; `out`, when given, receives the result.
 
 Weight formats of `linear` (quantisation happens once, at load, with the helpers below):
   "float32"      w float32 (N, K)
-  "bfloat16"     w uint16 bf16 bits (N, K), widened exactly; x stays float32
-  "bfloat16_dp"  as bfloat16, but x is rounded to bf16 (RNE) too; products exact, f32 accumulation
+  "bfloat16"     w uint16 bf16 bits (N, K), widened exactly; x stays float32 when x has fewer than
+                 DP_MIN_M rows (decode), and is rounded to bf16 (RNE) with DP_MIN_M rows or more
+                 (prefill: the product then runs on vdpbf16ps, ~2x the float32 FMA rate)
+  "bfloat16_dp"  as bfloat16, but x is rounded to bf16 (RNE) for every batch size
   "int8"         w int8 (N, K), scales float32 (N, ceil(K / block)); w ~= q * scale, symmetric absmax
-                 per block of `block` consecutive inputs; x stays float32
+                 per block of `block` consecutive inputs; with fewer than DP_MIN_M rows x stays
+                 float32 and W = q * scale; with DP_MIN_M rows or more x is rounded to bf16 and
+                 W to bf16(q * scale) (RNE), like "bfloat16"
+(`linear_operands` returns the float32 x and W a call stands for.)
 
 Measured accuracy (benchmarks/bench_kernels.py, Gaussian x and W, K = 2304 / 9216, relative RMS
 error of y against float64): float32 2e-7..4e-7, bfloat16 1.7e-3 (weight rounding only),
@@ -27,6 +32,7 @@ import numpy as np
 BF16 = ml_dtypes.bfloat16
 FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp")
 DEFAULT_INT8_BLOCK = 32
+DP_MIN_M = 8  # G2_DP_MIN_M of csrc/gemma2np_kernels.h
 
 
 # ----------------------------------------------------------------------------- weight formats
@@ -101,12 +107,26 @@ def _put(out, y):
 # ----------------------------------------------------------------------------- kernels
 
 
+def _round_bf16(a):
+    return bf16_to_f32(f32_to_bf16(a))
+
+
+def linear_operands(x, w, fmt="float32", scales=None, block=0):
+    """The float32 (x, W) that linear(x (M, K), w, fmt, ...) multiplies (see module doc)."""
+    x = np.asarray(x, np.float32)
+    wf = weight_as_f32(w, fmt, scales, block)
+    rounded = fmt == "bfloat16_dp" or (fmt in ("bfloat16", "int8") and x.shape[0] >= DP_MIN_M)
+    if rounded:
+        x = _round_bf16(x)
+        if fmt == "int8":
+            wf = _round_bf16(wf)
+    return x, wf
+
+
 def linear(x, w, fmt="float32", scales=None, bias=None, block=0, n_threads=None, out=None):
     """y (M, N) = x (M, K) @ W^T (+ bias), W as described by fmt (see module doc)."""
-    x = np.asarray(x, np.float32)
-    if fmt == "bfloat16_dp":
-        x = bf16_to_f32(f32_to_bf16(x))
-    y = x @ weight_as_f32(w, fmt, scales, block).T
+    x, wf = linear_operands(x, w, fmt, scales, block)
+    y = x @ wf.T
     if bias is not None:
         y = y + np.asarray(bias, np.float32)
     return _put(out, y.astype(np.float32, copy=False))
