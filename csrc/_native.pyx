@@ -33,6 +33,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
     void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, int64_t H,
                  int64_t T, int64_t D, int64_t Bc, float *out, int n_threads)
     void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads)
+    void g2_tanh(const float *x, int64_t n, float *out, int n_threads)
+    void g2_exp(const float *x, int64_t n, float *out, int n_threads)
     void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads)
     void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values,
                  int64_t *indices, int n_threads)
@@ -317,6 +319,30 @@ def softcap(x, double cap, n_threads=None, out=None):
     with nogil:
         g2_softcap(<const float *>cnp.PyArray_DATA(xa), n, c, <float *>cnp.PyArray_DATA(oa), nt)
     return o
+
+
+def _unary(int op, x, n_threads, out):
+    _check(x, "x", np.float32)
+    cdef int nt = _threads(n_threads)
+    o = _out(out, x.shape, np.float32)
+    cdef cnp.ndarray xa = x, oa = o
+    cdef int64_t n = x.size
+    with nogil:
+        if op == 1:
+            g2_tanh(<const float *>cnp.PyArray_DATA(xa), n, <float *>cnp.PyArray_DATA(oa), nt)
+        else:
+            g2_exp(<const float *>cnp.PyArray_DATA(xa), n, <float *>cnp.PyArray_DATA(oa), nt)
+    return o
+
+
+def tanh(x, n_threads=None, out=None):
+    """tanh(x), float32 (AVX-512: polynomial + exp, a few ulp); out may be x."""
+    return _unary(1, x, n_threads, out)
+
+
+def exp(x, n_threads=None, out=None):
+    """exp(x), float32 (AVX-512: Cody-Waite + polynomial + vscalefps, a few ulp); out may be x."""
+    return _unary(2, x, n_threads, out)
 
 
 def argmax(x, n_threads=None):

@@ -600,22 +600,123 @@ static void scale_axpy_scalar(float *acc, float a, const float *v, float p, int6
 }
 
 #if G2_X86
-static G2_TGT float dot_avx512(const float *a, const float *b, int64_t n) {
-    __m512 acc = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
-    if (i < n) {
-        __mmask16 m = (__mmask16)((1u << (n - i)) - 1u);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
-    }
-    return _mm512_reduce_add_ps(acc);
+
+/* Vectorised exp and tanh (float32, no fast-math; see tests/test_kernels.py for the measured
+ * max ulp error against NumPy over the whole float range).
+ * exp: n = rint(x log2 e), r = x - n ln2 (Cody-Waite, ln2 in two parts), exp(r) =
+ *      1 + r + r^2 P(r) (degree-5 minimax on [-ln2/2, ln2/2]), times 2^n with vscalefps
+ *      (correct overflow to inf, gradual underflow); NaN propagates.
+ * tanh: |x| < 0.5625: x + x^3 Q(x^2) (degree-5 minimax); else sign(x) (1 - 2 / (exp(2|x|) + 1))
+ *      (no cancellation there: the subtracted term is <= 0.5), saturating to +-1. */
+G2_INLINE G2_TGT __m512 g2_exp512(__m512 x) {
+    __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.0f)), _mm512_set1_ps(89.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), xc);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723212e-6f), r);
+    __m512 P = _mm512_set1_ps(1.9907526286704142e-4f);
+    P = _mm512_fmadd_ps(P, r, _mm512_set1_ps(1.393364326228148e-3f));
+    P = _mm512_fmadd_ps(P, r, _mm512_set1_ps(8.333286093519424e-3f));
+    P = _mm512_fmadd_ps(P, r, _mm512_set1_ps(4.16664649792524e-2f));
+    P = _mm512_fmadd_ps(P, r, _mm512_set1_ps(1.6666666756203666e-1f));
+    P = _mm512_fmadd_ps(P, r, _mm512_set1_ps(5.00000001346175e-1f));
+    __m512 p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(r, r), P, r), _mm512_set1_ps(1.0f));
+    __m512 res = _mm512_scalef_ps(p, n);
+    return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), x);
 }
-static G2_TGT void scale_axpy_avx512(float *acc, float a, const float *v, float p, int64_t n) {
-    __m512 av = _mm512_set1_ps(a), pv = _mm512_set1_ps(p);
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(acc + i, _mm512_fmadd_ps(pv, _mm512_loadu_ps(v + i), _mm512_mul_ps(_mm512_loadu_ps(acc + i), av)));
-    for (; i < n; i++) acc[i] = acc[i] * a + p * v[i];
+
+G2_INLINE G2_TGT __m512 g2_tanh512(__m512 x) {
+    const __m512 sign = _mm512_castsi512_ps(_mm512_set1_epi32((int)0x80000000u));
+    __m512 ax = _mm512_andnot_ps(sign, x);
+    __m512 u = _mm512_mul_ps(x, x);
+    __m512 Q = _mm512_set1_ps(2.4921316923409097e-3f);
+    Q = _mm512_fmadd_ps(Q, u, _mm512_set1_ps(-8.502826311198341e-3f));
+    Q = _mm512_fmadd_ps(Q, u, _mm512_set1_ps(2.1812895276501428e-2f));
+    Q = _mm512_fmadd_ps(Q, u, _mm512_set1_ps(-5.396417629608254e-2f));
+    Q = _mm512_fmadd_ps(Q, u, _mm512_set1_ps(1.3333322519679336e-1f));
+    Q = _mm512_fmadd_ps(Q, u, _mm512_set1_ps(-3.3333333286779887e-1f));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(x, u), Q, x);
+    small = _mm512_or_ps(_mm512_andnot_ps(sign, small), _mm512_and_ps(x, sign)); /* tanh(-0) = -0 */
+    __m512 e = g2_exp512(_mm512_add_ps(ax, ax));
+    __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                               _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    big = _mm512_or_ps(big, _mm512_and_ps(x, sign));
+    return _mm512_mask_mov_ps(big, _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.5625f), _CMP_LT_OQ), small);
+}
+
+static G2_TGT void exp_avx512(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, m, g2_exp512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+static G2_TGT void tanh_avx512(const float *x, float *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(out + i, m, g2_tanh512(_mm512_maskz_loadu_ps(m, x + i)));
+    }
+}
+
+/* cap * tanh(x / cap) */
+static G2_TGT void softcap_avx512(const float *x, float *out, int64_t n, float cap) {
+    __m512 c = _mm512_set1_ps(cap);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), c);
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(c, g2_tanh512(v)));
+    }
+}
+
+/* ((0.5 g) (1 + tanh(beta (g + ((kappa g) g) g)))) up, the scalar code's operation order */
+static G2_TGT void geglu_tanh_avx512(const float *gate, const float *up, float *out, int64_t n) {
+    const __m512 beta = _mm512_set1_ps(0.7978845608028654f), kappa = _mm512_set1_ps(0.044715f);
+    const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 g = _mm512_maskz_loadu_ps(m, gate + i);
+        __m512 c = _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(kappa, g), g), g);
+        __m512 t = g2_tanh512(_mm512_mul_ps(beta, _mm512_add_ps(g, c)));
+        __m512 a = _mm512_mul_ps(_mm512_mul_ps(half, g), _mm512_add_ps(one, t));
+        _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(m, up + i)));
+    }
+}
+
+/* scores of keys [s0, s1) for one query row: sbuf[s - s0] = softcap(q . k_s * scaling) for
+ * visible keys (4 keys at a time: 4 independent FMA chains), 0 for the others. */
+static G2_TGT void att_scores_avx512(const float *qr, const float *kb, int64_t s0, int64_t s1,
+                                     int64_t D, float scaling, float softcap,
+                                     const unsigned char *vis, float *sbuf) {
+    int64_t s = s0;
+    for (; s < s1; s += 4) {
+        int nk = (int)G2_MIN(4, s1 - s);
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        const float *k0 = kb + s * D;
+        const float *k1 = nk > 1 ? k0 + D : k0, *k2 = nk > 2 ? k0 + 2 * D : k0, *k3 = nk > 3 ? k0 + 3 * D : k0;
+        int64_t d = 0;
+        for (; d < D; d += 16) {
+            __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+            __m512 qv = _mm512_maskz_loadu_ps(m, qr + d);
+            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
+            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + d), a1);
+            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + d), a2);
+            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + d), a3);
+        }
+        float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                      _mm512_reduce_add_ps(a3)};
+        for (int j = 0; j < nk; j++) sbuf[s - s0 + j] = vis[s - s0 + j] ? r[j] * scaling : 0.0f;
+    }
+    if (softcap > 0.0f) softcap_avx512(sbuf, sbuf, s1 - s0, softcap);
+}
+
+/* acc[0:D) += p * v */
+static G2_TGT void axpy_avx512(float *acc, float p, const float *v, int64_t D) {
+    __m512 pv = _mm512_set1_ps(p);
+    for (int64_t d = 0; d < D; d += 16) {
+        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+        _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + d),
+                                                          _mm512_maskz_loadu_ps(m, acc + d)));
+    }
 }
 #endif
 
@@ -625,20 +726,16 @@ void g2_attention(const float *q, const float *k, const float *v, const int64_t 
                   const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
                   int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
                   int64_t window, float *out, int n_threads) {
-    float (*dot)(const float *, const float *, int64_t) = dot_scalar;
-    void (*saxpy)(float *, float, const float *, float, int64_t) = scale_axpy_scalar;
+    int simd = 0;
 #if G2_X86
-    if (g2_get_simd()) {
-        dot = dot_avx512;
-        saxpy = scale_axpy_avx512;
-    }
+    simd = g2_get_simd() != 0;
 #endif
     int64_t rep = Hq / Hkv;
     int64_t total = B * Hq * T;
 #pragma omp parallel num_threads(NT(n_threads))
     {
         float *acc = (float *)malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
-        float sbuf[ATT_BLOCK];
+        float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
         unsigned char vis[ATT_BLOCK];
         int64_t idx;
 #pragma omp for schedule(dynamic, 2)
@@ -655,39 +752,60 @@ void g2_attention(const float *q, const float *k, const float *v, const int64_t 
             int64_t nvis = 0;
             for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
             for (int64_t s0 = 0; s0 < S; s0 += ATT_BLOCK) {
-                int64_t s1 = G2_MIN(S, s0 + ATT_BLOCK);
-                float bmax = -INFINITY;
+                int64_t s1 = G2_MIN(S, s0 + ATT_BLOCK), nbk = s1 - s0;
                 int any = 0;
                 for (int64_t s = s0; s < s1; s++) {
                     int64_t kp = k_pos[s];
                     int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
                     vis[s - s0] = (unsigned char)ok;
-                    if (!ok) continue;
-                    float sc = dot(qr, kb + s * D, D) * scaling;
-                    if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
-                    sbuf[s - s0] = sc;
-                    if (!any || sc > bmax) bmax = sc;
-                    any = 1;
+                    any |= ok;
                 }
                 if (!any) continue;
+#if G2_X86
+                if (simd) {
+                    att_scores_avx512(qr, kb, s0, s1, D, scaling, softcap, vis, sbuf);
+                } else
+#endif
+                {
+                    for (int64_t s = s0; s < s1; s++) {
+                        if (!vis[s - s0]) { sbuf[s - s0] = 0.0f; continue; }
+                        float sc = dot_scalar(qr, kb + s * D, D) * scaling;
+                        if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
+                        sbuf[s - s0] = sc;
+                    }
+                }
+                float bmax = -INFINITY;
+                int first = 1;
+                for (int64_t j = 0; j < nbk; j++)
+                    if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
                 if (bmax > mx) {
                     float a = (nvis == 0) ? 0.0f : expf(mx - bmax);
                     l *= a;
                     for (int64_t d = 0; d < D; d++) acc[d] *= a;
                     mx = bmax;
                 }
+                for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
+#if G2_X86
+                if (simd) exp_avx512(pbuf, pbuf, nbk);
+                else
+#endif
+                    for (int64_t j = 0; j < nbk; j++) pbuf[j] = expf(pbuf[j]);
                 for (int64_t s = s0; s < s1; s++) {
                     if (!vis[s - s0]) continue;
-                    float p = expf(sbuf[s - s0] - mx);
+                    float p = pbuf[s - s0];
                     l += p;
-                    saxpy(acc, 1.0f, vb + s * D, p, D);
+#if G2_X86
+                    if (simd) axpy_avx512(acc, p, vb + s * D, D);
+                    else
+#endif
+                        scale_axpy_scalar(acc, 1.0f, vb + s * D, p, D);
                     nvis++;
                 }
             }
             if (nvis == 0) {
                 /* no visible key: uniform softmax over all S keys (what HF's finfo.min mask gives) */
                 for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t s = 0; s < S; s++) saxpy(acc, 1.0f, vb + s * D, 1.0f, D);
+                for (int64_t s = 0; s < S; s++) scale_axpy_scalar(acc, 1.0f, vb + s * D, 1.0f, D);
                 l = (float)S;
             }
             if (S == 0) {
@@ -724,6 +842,15 @@ void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps,
 void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, float *out,
               int n_threads) {
     int64_t i;
+#if G2_X86
+    if (approximate && g2_get_simd()) {
+        int64_t chunk = 4096, nch = (n + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 16384)
+        for (i = 0; i < nch; i++)
+            geglu_tanh_avx512(gate + i * chunk, up + i * chunk, out + i * chunk, G2_MIN(chunk, n - i * chunk));
+        return;
+    }
+#endif
     if (approximate) {
 #pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 16384)
         for (i = 0; i < n; i++) {
@@ -760,10 +887,43 @@ void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, in
     }
 }
 
-void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads) {
-    int64_t i;
+#define G2_EW_CHUNK 4096
+
+/* elementwise ops: 0 softcap (cap * tanh(x / cap)), 1 tanh, 2 exp; chunks, static schedule */
+static void ew_chunk(int op, int simd, const float *x, float *out, int64_t cnt, float cap) {
+#if G2_X86
+    if (simd) {
+        if (op == 0) softcap_avx512(x, out, cnt, cap);
+        else if (op == 1) tanh_avx512(x, out, cnt);
+        else exp_avx512(x, out, cnt);
+        return;
+    }
+#endif
+    (void)simd;
+    for (int64_t i = 0; i < cnt; i++)
+        out[i] = op == 0 ? cap * tanhf(x[i] / cap) : (op == 1 ? tanhf(x[i]) : expf(x[i]));
+}
+
+static void ew_run(int op, const float *x, int64_t n, float cap, float *out, int n_threads) {
+    int64_t ch, nch = (n + G2_EW_CHUNK - 1) / G2_EW_CHUNK;
+    int simd = g2_get_simd() != 0;
 #pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
-    for (i = 0; i < n; i++) out[i] = cap * tanhf(x[i] / cap);
+    for (ch = 0; ch < nch; ch++) {
+        int64_t i0 = ch * G2_EW_CHUNK;
+        ew_chunk(op, simd, x + i0, out + i0, G2_MIN(G2_EW_CHUNK, n - i0), cap);
+    }
+}
+
+void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads) {
+    ew_run(0, x, n, cap, out, n_threads);
+}
+
+void g2_tanh(const float *x, int64_t n, float *out, int n_threads) {
+    ew_run(1, x, n, 0.0f, out, n_threads);
+}
+
+void g2_exp(const float *x, int64_t n, float *out, int n_threads) {
+    ew_run(2, x, n, 0.0f, out, n_threads);
 }
 
 void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads) {

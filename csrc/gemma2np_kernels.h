@@ -83,6 +83,11 @@ void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, in
 /* out = cap * tanh(x / cap); out may alias x */
 void g2_softcap(const float *x, int64_t n, float cap, float *out, int n_threads);
 
+/* out = tanh(x), out = exp(x) (float32; the AVX-512 versions are polynomial, a few ulp; see
+ * tests/test_kernels.py); out may alias x */
+void g2_tanh(const float *x, int64_t n, float *out, int n_threads);
+void g2_exp(const float *x, int64_t n, float *out, int n_threads);
+
 /* argmax over the last axis of x (R,V): first index of the maximum (NaN counts as maximum,
  * first NaN wins, like numpy.argmax). */
 void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads);

@@ -432,3 +432,39 @@ def test_default_threads_honours_omp_num_threads(monkeypatch):
     assert nat.default_threads() == 3
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert 1 <= nat.default_threads() <= (len(__import__("os").sched_getaffinity(0)))
+
+
+# ----------------------------------------------------------------------------- tanh / exp
+
+
+def _ulp_error(got, x, f):
+    """|got - f(x)| in units of the float32 spacing at f(x) (float64 truth); results beyond the
+    float32 range must be +-inf, underflow is measured against the smallest denormal."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        ref = f(x.astype(np.float64))
+        big = np.abs(ref) > np.finfo(np.float32).max
+        assert np.all(got[big] == np.sign(ref[big]) * np.inf)
+        ref, got = ref[~big], got[~big].astype(np.float64)
+        sp = np.maximum(np.spacing(np.abs(ref.astype(np.float32))).astype(np.float64), 2.0**-149)
+        return np.abs(got - ref) / sp
+
+
+@pytest.mark.parametrize("name", ["tanh", "exp"])
+def test_tanh_exp_max_ulp_over_float_range(simd, name):
+    """Every 997th float32 bit pattern (all of them: denormals, saturation, overflow). Measured
+    max error of the AVX-512 versions: tanh 1.39 ulp, exp 0.97 ulp (glibc tanhf: 2.09 ulp;
+    NumPy's own float32 tanh 1.37, exp 2.3)."""
+    x = np.arange(0, 2**32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    x = np.concatenate([x[np.isfinite(x)], np.float32([0.5625, -0.5625, 9.0, 9.1, 88.72283, 88.72284,
+                                                       -87.33655, -103.97, -104.0, 1e-30, -1e-40])])
+    f = {"tanh": np.tanh, "exp": np.exp}[name]
+    got = getattr(nat, name)(x, n_threads=2)
+    err = _ulp_error(got, x, f)
+    assert err.max() <= (1.5 if simd else 3.0), (name, err.max(), x[np.argmax(err)])
+    np.testing.assert_array_equal(got, getattr(nat, name)(x, n_threads=1))
+    np.testing.assert_allclose(got, getattr(ref, name)(x), rtol=3e-7, atol=1e-44)
+    special = np.float32([np.nan, np.inf, -np.inf, 0.0, -0.0])
+    out = getattr(nat, name)(special)
+    with np.errstate(over="ignore"):
+        np.testing.assert_array_equal(out, f(special))
+    assert np.signbit(out[4]) == np.signbit(f(special)[4])

@@ -202,6 +202,16 @@ def softcap(x, cap, n_threads=None, out=None):
     return _put(out, np.tanh(x / c) * c)
 
 
+def tanh(x, n_threads=None, out=None):
+    """tanh(x), float32."""
+    return _put(out, np.tanh(np.asarray(x, np.float32)))
+
+
+def exp(x, n_threads=None, out=None):
+    """exp(x), float32."""
+    return _put(out, np.exp(np.asarray(x, np.float32)))
+
+
 def argmax(x, n_threads=None):
     """Argmax over the last axis -> int64 (first maximum; first NaN wins, numpy semantics)."""
     return np.argmax(np.asarray(x, np.float32), axis=-1).astype(np.int64)
