@@ -50,7 +50,8 @@ def _pack(w, bias, weights, block):
         if b.shape != (w.shape[0],):
             raise ValueError("bias must have shape (%d,), got %s" % (w.shape[0], b.shape))
     if weights == "float32":
-        return LinearHandle("float32", np.ascontiguousarray(w.astype(np.float32)), bias=b)
+        # no copy when w is already contiguous float32 (a memory-mapped f32 checkpoint stays mapped)
+        return LinearHandle("float32", np.ascontiguousarray(w, dtype=np.float32), bias=b)
     if weights in ("bfloat16", "bfloat16_dp"):
         return LinearHandle(weights, ref.to_bf16_bits(w), bias=b)
     q, s = ref.quantize_int8(w, block)

@@ -62,19 +62,26 @@ def quantize_int8(w, block=DEFAULT_INT8_BLOCK):
     An all-zero block gets scale 0 and q 0."""
     if block <= 0 or block % 16:
         raise ValueError("block must be a positive multiple of 16, got %r" % (block,))
-    w = np.asarray(w).astype(np.float32)
+    w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError("w must be 2-D (N, K)")
     N, K = w.shape
     nb = -(-K // block)
-    wp = np.zeros((N, nb * block), np.float32)
-    wp[:, :K] = w
-    wb = wp.reshape(N, nb, block)
-    amax = np.max(np.abs(wb), axis=2)
-    scales = (amax / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scales > 0, scales, np.float32(1.0))
-    q = np.clip(np.rint(wb / safe[:, :, None]), -127, 127).astype(np.int8)
-    return np.ascontiguousarray(q.reshape(N, nb * block)[:, :K]), np.ascontiguousarray(scales)
+    q = np.empty((N, K), np.int8)
+    scales = np.empty((N, nb), np.float32)
+    # in chunks of rows, so quantising the 256000 x 2304 LM head never holds float32 copies of it all
+    rows = max(1, (16 << 20) // (nb * block * 4))
+    for r0 in range(0, N, rows):
+        r1 = min(N, r0 + rows)
+        wp = np.zeros((r1 - r0, nb * block), np.float32)
+        wp[:, :K] = w[r0:r1]
+        wb = wp.reshape(r1 - r0, nb, block)
+        amax = np.max(np.abs(wb), axis=2)
+        sc = (amax / np.float32(127.0)).astype(np.float32)
+        safe = np.where(sc > 0, sc, np.float32(1.0))
+        q[r0:r1] = np.clip(np.rint(wb / safe[:, :, None]), -127, 127).astype(np.int8).reshape(r1 - r0, -1)[:, :K]
+        scales[r0:r1] = sc
+    return q, scales
 
 
 def dequantize_int8(q, scales, block=DEFAULT_INT8_BLOCK):
