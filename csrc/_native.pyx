@@ -22,6 +22,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
                   const float *scales, int64_t block, int64_t N, const float *bias,
                   float *y, int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
+    void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
+                          float *scales, int n_threads)
     void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
                       const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
                       int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
@@ -136,6 +138,29 @@ def f32_to_bf16(x, n_threads=None):
     with nogil:
         g2_f32_to_bf16(<const float *>cnp.PyArray_DATA(xa), <uint16_t *>cnp.PyArray_DATA(oa), n, nt)
     return out
+
+
+def quantize_int8(w, int block=32, n_threads=None):
+    """W (N, K) float32, or bf16 bits as uint16 -> (q int8 (N, K), scales float32 (N, ceil(K/block))):
+    symmetric absmax per (row, block), exactly kernels.reference.quantize_int8."""
+    if block <= 0 or block % 16 or block > 1024:
+        raise ValueError("block must be a positive multiple of 16 up to 1024, got %r" % (block,))
+    w = np.asarray(w)
+    if w.dtype == np.uint16:
+        _check(w, "w", np.uint16, 2)
+    else:
+        _check(w, "w", np.float32, 2)
+    cdef int src_bf16 = 1 if w.dtype == np.uint16 else 0
+    cdef int64_t N = w.shape[0], K = w.shape[1], blk = block
+    cdef int64_t nb = (K + blk - 1) // blk
+    cdef int nt = _threads(n_threads)
+    q = np.empty((N, K), dtype=np.int8)
+    sc = np.empty((N, nb), dtype=np.float32)
+    cdef cnp.ndarray wa = w, qa = q, sa = sc
+    with nogil:
+        g2_quantize_int8(<const void *>cnp.PyArray_DATA(wa), src_bf16, N, K, blk,
+                         <int8_t *>cnp.PyArray_DATA(qa), <float *>cnp.PyArray_DATA(sa), nt)
+    return q, sc
 
 
 def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threads=None, out=None):

@@ -136,6 +136,33 @@ static void linear_scalar(int fmt, int dp, const float *x, int64_t M, int64_t K,
     }
 }
 
+void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
+                      float *scales, int n_threads) {
+    const int64_t nb = (K + block - 1) / block;
+    int64_t n;
+#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (N * K > 65536)
+    for (n = 0; n < N; n++) {
+        for (int64_t b = 0; b < nb; b++) {
+            const int64_t k0 = b * block, k1 = G2_MIN(K, k0 + block);
+            float v[1024]; /* block <= 1024 (checked by the wrapper) */
+            float amax = 0.0f;
+            for (int64_t k = k0; k < k1; k++) {
+                float x = src_bf16 ? bf16_to_f32(((const uint16_t *)w)[n * K + k]) : ((const float *)w)[n * K + k];
+                v[k - k0] = x;
+                float a = fabsf(x);
+                amax = a > amax ? a : amax;
+            }
+            const float s = amax / 127.0f;
+            scales[n * nb + b] = s;
+            for (int64_t k = k0; k < k1; k++) {
+                float r = s > 0.0f ? nearbyintf(v[k - k0] / s) : 0.0f;
+                r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+                q[n * K + k] = (int8_t)r;
+            }
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* linear: AVX-512 path                                                                        */
 /* ------------------------------------------------------------------------------------------ */

@@ -53,6 +53,13 @@ int g2_get_simd(void);
 int g2_have_openmp(void);
 
 /* y[M,N] = x[M,K] @ W[N,K]^T (+ bias[N]).  Returns 0, or -1 on allocation failure. */
+/* Symmetric absmax int8 quantisation per (row, block of `block` inputs) of W (N, K) given as float32
+ * (src_bf16 = 0) or bf16 bits (src_bf16 = 1): scale = absmax / 127, q = rint(w / scale) clipped to
+ * [-127, 127] (round half to even, float32 arithmetic: exactly kernels.reference.quantize_int8); an
+ * all-zero block gets scale 0 and q 0. q (N, K) int8, scales (N, ceil(K/block)) float32. */
+void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
+                      float *scales, int n_threads);
+
 int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
               const float *scales, int64_t block, int64_t N, const float *bias,
               float *y, int n_threads);

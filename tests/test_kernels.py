@@ -468,3 +468,36 @@ def test_tanh_exp_max_ulp_over_float_range(simd, name):
     with np.errstate(over="ignore"):
         np.testing.assert_array_equal(out, f(special))
     assert np.signbit(out[4]) == np.signbit(f(special)[4])
+
+
+@settings(max_examples=20, deadline=None)
+@given(N=st.integers(1, 40), K=st.integers(1, 300), block=st.sampled_from([16, 32, 64]),
+       bf16=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
+def test_quantize_int8_native_matches_twin(N, K, block, bf16, threads, seed):
+    r = _rng(seed)
+    w = (r.standard_normal((N, K), dtype=np.float32) * np.float32(r.choice([1e-3, 1.0, 50.0]))).astype(np.float32)
+    w[0, : min(K, block)] = 0.0  # an all-zero block
+    src = ref.to_bf16_bits(w) if bf16 else w
+    q, s = nat.quantize_int8(src, block, n_threads=threads)
+    qr, sr = ref.quantize_int8(ref.bf16_to_f32(src) if bf16 else w, block)
+    np.testing.assert_array_equal(q, qr)
+    np.testing.assert_array_equal(s, sr)
+
+
+def test_native_backend_int8_from_memmap_bf16(tmp_path):
+    """prepare_linear(weights="int8") on a bf16 memory map (the checkpoint path) == quantising the array."""
+    from gemma2np import kernels
+    from gemma2np.checkpoint import bfloat16, read_safetensors, write_safetensors
+
+    w = _rng(5).standard_normal((300, 96), dtype=np.float32).astype(bfloat16)
+    write_safetensors(tmp_path / "w.safetensors", {"w": w})
+    mm = read_safetensors(tmp_path / "w.safetensors")[0]["w"]
+    be = kernels.get_backend("native", n_threads=2)
+    h = be.prepare_linear(mm, weights="int8")
+    q, s = ref.quantize_int8(w.astype(np.float32), be.int8_block)
+    np.testing.assert_array_equal(h.w, q)
+    np.testing.assert_array_equal(h.scales, s)
+    with pytest.raises(ValueError):
+        nat.quantize_int8(np.zeros((2, 8), np.float32), 24)
+    with pytest.raises(TypeError):
+        nat.quantize_int8(np.zeros((2, 8), np.float64), 32)

@@ -130,7 +130,37 @@ class NativeBackend(NumpyBackend):
         self.int8_block = int8_block
 
     def prepare_linear(self, w, bias=None, weights="float32"):
+        if weights == "int8":
+            b = None
+            if bias is not None:
+                b = np.ascontiguousarray(np.asarray(bias).astype(np.float32))
+                if b.shape != (np.shape(w)[0],):
+                    raise ValueError("bias must have shape (%d,), got %s" % (np.shape(w)[0], b.shape))
+            q, s = self._quantize_int8(w)
+            return LinearHandle("int8", q, s, self.int8_block, bias=b)
         return _pack(w, bias, weights, self.int8_block)
+
+    def _quantize_int8(self, w):
+        """The C quantiser (bitwise equal to reference.quantize_int8), in chunks of rows: a memory-mapped
+        checkpoint tensor is read, quantised and its pages released chunk by chunk, so quantising the
+        256000-row LM head never holds a float copy of it or all of its file pages at once."""
+        from ..checkpoint import bfloat16, release_pages
+
+        w = np.asarray(w) if not isinstance(w, np.memmap) else w
+        if w.ndim != 2:
+            raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
+        N, K = w.shape
+        blk = self.int8_block
+        q = np.empty((N, K), np.int8)
+        s = np.empty((N, -(-K // blk)), np.float32)
+        rows = max(1, (32 << 20) // max(1, K * w.dtype.itemsize))
+        for r0 in range(0, N, rows):
+            chunk = w[r0:r0 + rows]
+            src = np.ascontiguousarray(chunk).view(np.uint16) if chunk.dtype == bfloat16 else \
+                np.ascontiguousarray(chunk, dtype=np.float32)
+            q[r0:r0 + rows], s[r0:r0 + rows] = self._nat.quantize_int8(src, blk, n_threads=self.n_threads)
+            release_pages(chunk)
+        return q, s
 
     def linear(self, x, handle):
         if not isinstance(handle, LinearHandle):  # a plain matrix: treat as float32 weights
