@@ -272,6 +272,71 @@ def check_state_dict(
     return missing, unexpected
 
 
+def _mapping_of(a: np.ndarray):
+    """(mmap object, byte offset of `a` inside it) for a view of a np.memmap, else (None, 0)."""
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    mm = getattr(base, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise"):
+        return None, 0
+    try:
+        start_addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
+    except (TypeError, ValueError):
+        return None, 0
+    return mm, a.__array_interface__["data"][0] - start_addr
+
+
+def gather_rows(a: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """a[index] for a 2-D tensor; rows of a memory-mapped tensor are read with pread() instead.
+
+    For the embedding table: touching rows through the mapping would map whole pages (plus the kernel's
+    fault-around) into our resident set, hundreds of MB after a few thousand random tokens; pread
+    copies just the rows. Returns an array of shape index.shape + a.shape[1:]."""
+    import mmap as _mmap
+
+    base = a
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    filename = getattr(base, "filename", None)
+    mm, off = _mapping_of(a)
+    if filename is None or mm is None or a.ndim != 2 or not a.flags.c_contiguous:
+        return a[index]
+    # np.memmap maps from `offset` rounded down to the allocation granularity; `off` is a's place in the map
+    offset = base.offset - base.offset % _mmap.ALLOCATIONGRANULARITY + off
+    row_bytes = a.shape[1] * a.dtype.itemsize
+    flat = np.asarray(index).reshape(-1)
+    uniq, inverse = np.unique(flat, return_inverse=True)
+    rows = np.empty((len(uniq), a.shape[1]), a.dtype)
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        for i, r in enumerate(uniq):
+            data = os.pread(fd, row_bytes, offset + int(r) * row_bytes)
+            if len(data) != row_bytes:
+                raise CheckpointError(f"{filename}: short read of embedding row {int(r)} (file truncated?)")
+            rows[i] = np.frombuffer(data, a.dtype)
+    finally:
+        os.close(fd)
+    return rows[inverse].reshape(np.shape(index) + a.shape[1:])
+
+
+def copy_to_ram(a: np.ndarray, chunk_bytes: int = 64 << 20) -> np.ndarray:
+    """A private in-memory copy of a (memory-mapped) tensor, made chunk by chunk with the file pages
+    released behind it: resident memory grows by the tensor's size only, never twice. NumPy backs large
+    allocations with transparent huge pages, which makes streaming the weights ~10% faster than through
+    the 4 KB pages of a file mapping (measured on gemma-2-2b prefill)."""
+    if _mapping_of(a)[0] is None:
+        return a
+    out = np.empty(a.shape, a.dtype)
+    flat_src = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
+    flat_dst = out.reshape(flat_src.shape)
+    rows = max(1, chunk_bytes // max(1, flat_src.shape[1] * a.dtype.itemsize))
+    for r0 in range(0, flat_src.shape[0], rows):
+        flat_dst[r0:r0 + rows] = flat_src[r0:r0 + rows]
+        release_pages(flat_src[r0:r0 + rows])
+    return out
+
+
 def release_pages(a: np.ndarray) -> None:
     """Tell the OS that the pages of a memory-mapped tensor may leave this process's resident set.
 
@@ -282,24 +347,12 @@ def release_pages(a: np.ndarray) -> None:
     """
     import mmap as _mmap
 
-    base = a
-    while base is not None and not isinstance(base, np.memmap):
-        base = getattr(base, "base", None)
-    mm = getattr(base, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or not hasattr(_mmap, "MADV_DONTNEED"):
+    mm, off = _mapping_of(a)
+    if mm is None or not hasattr(_mmap, "MADV_DONTNEED"):
         return
-    try:
-        start_addr = np.frombuffer(mm, dtype=np.uint8).__array_interface__["data"][0]
-    except (TypeError, ValueError):
-        return
-    addr = a.__array_interface__["data"][0]
     page = _mmap.PAGESIZE
-    start = (addr - start_addr) // page * page
-    end = addr - start_addr + a.nbytes
-    if start < 0 or end > len(mm):
-        return
     # only whole pages that lie inside this tensor: neighbours may still be in use
-    first = -(-(addr - start_addr) // page) * page
-    last = end // page * page
+    first = -(-off // page) * page
+    last = min(len(mm), off + a.nbytes) // page * page
     if last > first:
         mm.madvise(_mmap.MADV_DONTNEED, first, last - first)

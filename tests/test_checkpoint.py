@@ -170,3 +170,28 @@ def test_transformers_loads_what_we_save(tmp_path):
     with torch.no_grad():
         want = hf(input_ids=torch.tensor(IDS)).logits.numpy()
     assert np.abs(m(input_ids=IDS).logits - want).max() < 1e-4
+
+
+def test_mmap_false_copies_and_matches(tmp_path):
+    m = _model()
+    m.save_pretrained(tmp_path, dtype="bfloat16")
+    a = Gemma2ForCausalLM.from_pretrained(tmp_path)
+    b = Gemma2ForCausalLM.from_pretrained(tmp_path, mmap=False)
+    np.testing.assert_array_equal(a(input_ids=IDS).logits, b(input_ids=IDS).logits)
+    from gemma2np.checkpoint import _mapping_of, copy_to_ram
+
+    w = load_state_dict(tmp_path)["model.layers.0.mlp.up_proj.weight"]
+    c = copy_to_ram(w, chunk_bytes=256)
+    assert _mapping_of(w)[0] is not None and _mapping_of(c)[0] is None
+    np.testing.assert_array_equal(c, w)
+
+
+def test_gather_rows_reads_like_indexing(tmp_path):
+    from gemma2np.checkpoint import gather_rows
+
+    w = np.arange(40 * 6, dtype=np.float32).reshape(40, 6)
+    write_safetensors(tmp_path / "e.safetensors", {"a": np.ones(3, np.float32), "emb": w, "z": np.ones(2)})
+    emb = read_safetensors(tmp_path / "e.safetensors")[0]["emb"]
+    idx = np.array([[3, 39, 3], [0, 7, 12]])
+    np.testing.assert_array_equal(gather_rows(emb, idx), w[idx])
+    np.testing.assert_array_equal(gather_rows(w, idx), w[idx])  # plain arrays: ordinary indexing
