@@ -262,7 +262,8 @@ class Gemma2PreTrainedModel:
         gguf_file: a llama.cpp GGUF file (path, or name inside the directory) instead of safetensors.
         mmap:    True (default): weights stay memory-mapped, loading is instant and pages come in on first use.
                  False: weights are copied into process memory as they load (file pages released behind,
-                 so RSS still ends at ~1x the weights); slower to load, ~10% faster prefill (huge pages).
+                 so RSS still ends at ~1x the weights), like llama.cpp's --no-mmap: slower to load, then
+                 independent of the page cache (and backed by huge pages where the OS gives them).
         """
         path = os.fspath(pretrained_model_name_or_path)
         if gguf_file is not None:
