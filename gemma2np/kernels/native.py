@@ -75,11 +75,13 @@ class NumpyBackend:
 
     def prepare_linear(self, w, bias=None, weights="float32"):
         h = _pack(w, bias, weights, self.int8_block)
-        wf = np.ascontiguousarray(ref.weight_as_f32(h.w, h.fmt, h.scales, h.block))
-        if h.fmt == "bfloat16_dp" or bias is not None:
-            return LinearHandle(h.fmt if h.fmt == "bfloat16_dp" else "float32",
-                                h.w if h.fmt == "bfloat16_dp" else wf, bias=h.bias)
-        return wf
+        if h.fmt != "float32":
+            # the packed weights: linear() then goes through reference.linear, which applies the
+            # format's exact semantics (bf16 / int8 storage, activations rounded at DP_MIN_M rows)
+            return h
+        if bias is not None:
+            return h
+        return h.w
 
     def linear(self, x, handle):
         if isinstance(handle, LinearHandle):
