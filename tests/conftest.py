@@ -2,6 +2,11 @@ import numpy as np
 import pytest
 
 from gemma2np import Gemma2Config
+from gemma2np.kernels import native_available
+
+# backends the model can run on: the pure-NumPy reference always, the C/Cython one when it is built
+# (.ci/run checks that it is built, so in CI both always run)
+BACKENDS = ["numpy"] + (["native"] if native_available() else [])
 
 
 def tiny_config(**overrides) -> Gemma2Config:

@@ -19,14 +19,7 @@ import gemma2np
 
 REF = Path(__file__).resolve().parent.parent / "reference_outputs"
 
-BACKENDS = ["numpy"]
-try:
-    from gemma2np import kernels as _kernels
-
-    if _kernels.native_available():
-        BACKENDS.append("native")
-except (ImportError, AttributeError):
-    pass
+from conftest import BACKENDS  # noqa: E402  (numpy, plus native when the extension is built)
 
 
 def _gen_params():

@@ -25,14 +25,7 @@ REF = Path(__file__).resolve().parent.parent / "reference_outputs"
 CASE_DIRS = sorted(p.parent for p in REF.glob("*/case.json"))
 
 # backends the model can run on: the pure-NumPy reference always, the C/Cython one when it is built
-BACKENDS = ["numpy"]
-try:
-    from gemma2np import kernels as _kernels
-
-    if _kernels.native_available():
-        BACKENDS.append("native")
-except (ImportError, AttributeError):
-    pass
+from conftest import BACKENDS  # noqa: E402  (numpy, plus native when the extension is built)
 
 
 def load_case(case_dir: Path):
