@@ -44,7 +44,10 @@ class Gemma2Cache:
 
     def update(self, k: np.ndarray, v: np.ndarray, k_pos: np.ndarray, layer_idx: int):
         """Append new keys/values (B, K, T, D) at positions k_pos (T,); return everything this call attends to:
-        (keys, values, positions) = kept + new. Then trim a sliding layer to its last W - 1 positions."""
+        (keys, values, positions) = kept + new. Then trim a sliding layer to its last W - 1 positions.
+
+        sliding_window == 1 keeps every key: transformers trims with `keys[:, :, -W + 1:]`, which for W = 1
+        is `keys[:, :, 0:]` (see modeling._decoder_layer for what its decode steps then attend to)."""
         if self.keys[layer_idx] is None:
             full_k, full_v, full_pos = k, v, k_pos
         else:
@@ -57,8 +60,8 @@ class Gemma2Cache:
             full_k = np.concatenate([old, k.astype(old.dtype, copy=False)], axis=2)
             full_v = np.concatenate([self.values[layer_idx], v.astype(old.dtype, copy=False)], axis=2)
             full_pos = np.concatenate([self.positions[layer_idx], k_pos])
-        if self.is_sliding(layer_idx) and self.sliding_window is not None:
-            keep = max(self.sliding_window - 1, 0)
+        if self.is_sliding(layer_idx) and self.sliding_window is not None and self.sliding_window > 1:
+            keep = self.sliding_window - 1
             start = max(full_k.shape[2] - keep, 0)
             self.keys[layer_idx] = full_k[:, :, start:]
             self.values[layer_idx] = full_v[:, :, start:]

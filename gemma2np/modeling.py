@@ -612,6 +612,15 @@ class Gemma2Model(Gemma2PreTrainedModel):
             k_all, v_all, k_pos = k, v, cache_position
         key_valid = None if mask is None else mask[:, k_pos]
         window = c.sliding_window if c.layer_types[i] == "sliding_attention" else None
+        if window == 1 and T == 1 and k_all.shape[2] > 1:
+            # transformers 5.23 with sliding_window = 1, one new token after cached ones: its cache kept every
+            # key (cache.py) while its mask covers W - 1 + 1 = 1 key; eager attention *broadcasts* that
+            # (B, 1, 1, 1) mask over all keys, so the token attends to every cached key, padding included,
+            # exactly when it may see itself. Its forward pass over the whole sequence does not do this; we
+            # follow its generate() here so greedy tokens match (tests/test_against_transformers.py).
+            self_visible = np.ones((B, 1), bool) if mask is None else mask[:, cache_position]
+            key_valid = np.repeat(self_visible, k_all.shape[2], axis=1)
+            window = None
         # scaling = query_pre_attn_scalar ** -0.5 (transformers: `config.query_pre_attn_scalar**-0.5`)
         scaling = float(c.query_pre_attn_scalar) ** -0.5
         need_probs = output_attentions or (rec is not None)

@@ -329,6 +329,22 @@ def case_mha_untied_bias():
     return c
 
 
+def case_window_one():
+    """sliding_window = 1: transformers' cache then keeps every key and a decode step's 1 x 1 mask is
+    broadcast over all of them, so generate() departs from the forward pass; both are recorded."""
+    c = Case("window_one", "Gemma2ForCausalLM",
+             tiny_config(num_hidden_layers=3, sliding_window=1, layer_types=["sliding_attention", "full_attention",
+                                                                             "sliding_attention"]),
+             seed=7, note="sliding_window 1 (self only in the forward pass); generate keeps every key in its cache")
+    r = rng(7)
+    x = ids(r, 2, 9)
+    li, lm = left_pad(x, [0, 3])
+    c.call(dict(input_ids=li, attention_mask=lm), note="forward: each sliding layer sees only the query itself")
+    gi, gm = left_pad(ids(r, 2, 6), [0, 2])
+    c.generate(gi, gm, 10, note="greedy 10 tokens: decode steps attend to all cached keys in window-1 layers")
+    return c
+
+
 def case_rope(kind):
     base = dict(num_hidden_layers=2, max_position_embeddings=8, sliding_window=5, head_dim=8,
                 num_attention_heads=2, num_key_value_heads=1, query_pre_attn_scalar=8, hidden_size=32)
@@ -593,6 +609,7 @@ CASES = {
     "seq_cls_multi_label": case_seq_multilabel,
     "token_cls": case_tok_cls,
     "base_model": case_base_model,
+    "window_one": case_window_one,
 }
 
 
