@@ -436,7 +436,7 @@ static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int
     int64_t nblocks = (N + rows - 1) / rows;
     int64_t jb;
     const char *xc = (const char *)x;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nblocks > 1 && nt > 1)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nblocks > 1 && nt > 1)
     for (jb = 0; jb < nblocks; jb++) {
         int64_t n0 = jb * rows, n1 = G2_MIN(N, n0 + rows);
         for (int64_t m = 0; m < M; m++) {
