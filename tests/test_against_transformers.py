@@ -12,10 +12,7 @@ import pytest
 
 import gemma2np
 
-pytestmark = pytest.mark.torch
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.torch  # deselected by default (pyproject addopts); run with -m torch
 
 
 def _random_case(seed):
@@ -38,6 +35,9 @@ def _random_case(seed):
 
 @pytest.mark.parametrize("seed", range(40))
 def test_random_config_matches_transformers(seed, tmp_path):
+    import torch
+    import transformers
+
     kw = _random_case(seed)
     hf_cfg = transformers.Gemma2Config(**copy.deepcopy(kw))
     torch.manual_seed(seed)
