@@ -170,10 +170,19 @@ class Gemma2PreTrainedModel:
         missing, unexpected = check_state_dict(state, expected, optional)
         # transformers drops some non-persistent buffers into old checkpoints; never fatal
         unexpected = [u for u in unexpected if not u.endswith("rotary_emb.inv_freq")]
-        if self.head_kind != "base":
-            # a base-model checkpoint loaded into a head (or vice versa) is normal in transformers:
-            # the head is then freshly initialised; report it like transformers does.
-            pass
+        head_missing = [k for k in missing if not k.startswith(p)] if p else []
+        if head_missing:
+            # a checkpoint without this head (e.g. a causal-LM checkpoint loaded for classification) is
+            # normal in transformers: the head is freshly initialised, with a warning saying so
+            warnings.warn(f"{type(self).__name__}: {head_missing} not in the checkpoint, newly initialised "
+                          "(normal(0, initializer_range), biases 0): train the head before using it", stacklevel=3)
+            rng = np.random.default_rng()
+            state = dict(state)
+            for k in head_missing:
+                shape = expected[k]
+                state[k] = (np.zeros(shape, np.float32) if k.endswith(".bias")
+                            else rng.normal(0.0, c.initializer_range, shape).astype(np.float32))
+            missing = [k for k in missing if k not in head_missing]
         if missing and strict:
             raise CheckpointError(
                 f"checkpoint is missing {len(missing)} tensor(s) the config requires, e.g. {missing[:5]}"
@@ -688,7 +697,7 @@ class _WithBase(Gemma2PreTrainedModel):
     def _base(self):
         return self.model
 
-    def _run_base(self, kw, output_attentions, output_hidden_states, use_cache, past_key_values, input_ids,
+    def _run_base(self, output_attentions, output_hidden_states, use_cache, past_key_values, input_ids,
                   attention_mask, position_ids, inputs_embeds, cache_position):
         return self.model.forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -735,10 +744,10 @@ class Gemma2ForCausalLM(_WithBase):
         return_dict = c.return_dict if return_dict is None else return_dict
         if labels is not None:
             labels = _as_int_array(labels, "labels")
-            shape = (input_ids if input_ids is not None else np.asarray(inputs_embeds)[..., 0]).shape
-            if labels.shape != tuple(np.shape(shape)) and labels.shape != tuple(shape):
+            shape = np.shape(input_ids) if input_ids is not None else np.shape(inputs_embeds)[:2]
+            if labels.shape != tuple(shape):
                 raise InputError(f"labels must have shape {tuple(shape)} like the input, got {labels.shape}")
-        out = self._run_base(kwargs, output_attentions, output_hidden_states, use_cache, past_key_values,
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
                              input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
         h = out.last_hidden_state
         # logits_to_keep: an int keeps the last n positions (0 = all), an array selects positions.
@@ -805,7 +814,7 @@ class Gemma2ForSequenceClassification(_WithBase):
         c = self.config
         _reject_unknown(kwargs, ())
         return_dict = c.return_dict if return_dict is None else return_dict
-        out = self._run_base(kwargs, output_attentions, output_hidden_states, use_cache, past_key_values,
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
                              input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
         logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
         batch = logits.shape[0]
@@ -886,7 +895,7 @@ class Gemma2ForTokenClassification(_WithBase):
         c = self.config
         _reject_unknown(kwargs, ())
         return_dict = c.return_dict if return_dict is None else return_dict
-        out = self._run_base(kwargs, output_attentions, output_hidden_states, use_cache, past_key_values,
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
                              input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
         logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
         loss = None

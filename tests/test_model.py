@@ -148,3 +148,12 @@ def test_base_model_outputs(model):
     np.testing.assert_allclose(out.attentions[0].sum(-1), 1.0, rtol=1e-5)
     # a fully masked (left-pad) query row is uniform over all keys, as transformers' finfo.min mask makes it
     np.testing.assert_allclose(out.attentions[0][1, :, 0], 1 / 10, rtol=1e-6)
+
+
+def test_head_missing_from_checkpoint_is_initialised_with_a_warning(model, tmp_path):
+    model.save_pretrained(tmp_path)  # a causal-LM checkpoint: no score.weight
+    with pytest.warns(UserWarning, match="score.weight"):
+        seq = Gemma2ForSequenceClassification.from_pretrained(tmp_path)
+    assert seq.state_dict()["score.weight"].shape == (seq.config.num_labels, 32)
+    out = seq(input_ids=IDS, attention_mask=MASK)
+    assert out.logits.shape == (2, seq.config.num_labels) and np.isfinite(out.logits).all()
