@@ -50,37 +50,9 @@ ACTIVATIONS = (
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
 
-# The defaults of the seed's documented signature (what `Gemma2Config()` gives).
-SEED_DEFAULTS: dict[str, Any] = dict(
-    vocab_size=256000,
-    hidden_size=3072,
-    intermediate_size=24576,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    head_dim=256,
-    hidden_activation="gelu_pytorch_tanh",
-    max_position_embeddings=8192,
-    initializer_range=0.02,
-    rms_norm_eps=1e-6,
-    use_cache=True,
-    pad_token_id=0,
-    eos_token_id=1,
-    bos_token_id=2,
-    tie_word_embeddings=True,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    attention_bias=False,
-    attention_dropout=0.0,
-    final_logit_softcapping=30.0,
-    attn_logit_softcapping=50.0,
-    query_pre_attn_scalar=224,
-    sliding_window=4096,
-)
-
-# transformers 5.23's Gemma2Config class defaults: what a key missing from a config.json means.
+# transformers 5.23's Gemma2Config class defaults where they differ from the seed's documented signature
+# (the defaults of `Gemma2Config.__init__` below): what a key missing from a config.json means.
 TRANSFORMERS_DEFAULTS: dict[str, Any] = dict(
-    SEED_DEFAULTS,
     hidden_size=2304,
     intermediate_size=9216,
     num_hidden_layers=26,
@@ -88,6 +60,7 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = dict(
     num_key_value_heads=4,
     query_pre_attn_scalar=256,
 )
+
 
 class ConfigError(ValueError):
     """A Gemma2Config field is missing, of the wrong type or inconsistent with another field."""
