@@ -610,7 +610,10 @@ class Gemma2Model(Gemma2PreTrainedModel):
         k = be.linear(x, w.k_proj).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         v = be.linear(x, w.v_proj).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         # RoPE on the two halves of each head (rotate_half), keys cached *after* RoPE.
-        q, k = ops.apply_rotary_pos_emb(q, k, cos, sin)
+        if hasattr(be, "rope"):  # a backend's fused kernel (same op order, bitwise equal in float32)
+            q, k = be.rope(q, cos, sin), be.rope(k, cos, sin)
+        else:
+            q, k = ops.apply_rotary_pos_emb(q, k, cos, sin)
         if rec:
             rec(f"layers.{i}.q", q)
             rec(f"layers.{i}.k", k)
