@@ -18,6 +18,7 @@ cdef extern from "gemma2np_kernels.h" nogil:
     int g2_set_simd(int level)
     int g2_get_simd()
     int g2_have_openmp()
+    int g2_tune_malloc()
     int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
                   const float *scales, int64_t block, int64_t N, const float *bias,
                   float *y, int n_threads)
@@ -65,6 +66,12 @@ def get_simd():
 
 def have_openmp():
     return bool(g2_have_openmp())
+
+
+def tune_malloc():
+    """Keep activation-sized freed blocks in the heap (glibc mallopt; see gemma2np_kernels.h).
+    Returns True when applied (glibc), False elsewhere."""
+    return bool(g2_tune_malloc())
 
 
 def _physical_cores():

@@ -13,6 +13,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__) && !defined(G2_NO_SIMD)
 #define G2_X86 1
@@ -73,6 +76,21 @@ static int use_bf16dp(void) {
 int g2_have_openmp(void) {
 #ifdef _OPENMP
     return 1;
+#else
+    return 0;
+#endif
+}
+
+/* glibc hands every freed block above M_MMAP_THRESHOLD (128 KB until a large mmap'd block is
+ * freed) back to the kernel, so each activation of a forward pass -- (T, 9216) float32 is 4.7 MB
+ * at T = 128 -- was mapped afresh and faulted in page by page: ~97,000 page faults and ~0.3 s of
+ * kernel time per 128-token prefill of gemma-2-2b (the int8 load happened to raise the threshold
+ * itself by freeing its 32 MB chunks, so only bf16/f32 models paid). */
+int g2_tune_malloc(void) {
+#if defined(__GLIBC__) && defined(M_MMAP_THRESHOLD) && defined(M_TRIM_THRESHOLD)
+    int a = mallopt(M_MMAP_THRESHOLD, 32 << 20);
+    int b = mallopt(M_TRIM_THRESHOLD, 64 << 20);
+    return a == 1 && b == 1;
 #else
     return 0;
 #endif
@@ -470,6 +488,14 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
     if (nblk < NR_MAIN) nblk = NR_MAIN;
     while (nblk > NR_MAIN && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
     int64_t nblocks = (N + nblk - 1) / nblk;
+    if (nt > 1 && nblocks % nt) { /* equal shares: 19 blocks on 2 threads left one idle 1/19 */
+        for (int64_t b = nblk - NR_MAIN; b >= nblk / 2 && b >= NR_MAIN; b -= NR_MAIN)
+            if (((N + b - 1) / b) % nt == 0) {
+                nblk = b;
+                nblocks = (N + b - 1) / b;
+                break;
+            }
+    }
     int64_t MC = (512 * 1024) / (xrow_bytes > 0 ? xrow_bytes : 1);
     MC = MC / 4 * 4;
     if (MC < 4) MC = 4;

@@ -52,6 +52,11 @@ int g2_set_simd(int level);
 int g2_get_simd(void);
 int g2_have_openmp(void);
 
+/* Keep freed activation-sized blocks in the process heap (glibc only; elsewhere a no-op that
+ * returns 0): M_MMAP_THRESHOLD = 32 MB, M_TRIM_THRESHOLD = 64 MB -- the values glibc's own
+ * dynamic threshold reaches after the first free of a large block. Returns 1 when applied. */
+int g2_tune_malloc(void);
+
 /* y[M,N] = x[M,K] @ W[N,K]^T (+ bias[N]).  Returns 0, or -1 on allocation failure. */
 /* Symmetric absmax int8 quantisation per (row, block of `block` inputs) of W (N, K) given as float32
  * (src_bf16 = 0) or bf16 bits (src_bf16 = 1): scale = absmax / 127, q = rint(w / scale) clipped to
