@@ -22,6 +22,10 @@ cdef extern from "gemma2np_kernels.h" nogil:
     int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
                   const float *scales, int64_t block, int64_t N, const float *bias,
                   float *y, int n_threads)
+    int G2_MAX_PARTS
+    int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, const void **w,
+                        const float **scales, const int64_t *N, int64_t block, float **y,
+                        int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
@@ -218,6 +222,69 @@ def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threa
     if rc != 0:
         raise MemoryError("g2_linear: out of memory")
     return y
+
+
+MAX_PARTS = G2_MAX_PARTS
+
+
+def linear_multi(x, ws, str fmt="float32", scales=None, int block=0, n_threads=None):
+    """[x @ W^T for W in ws] in one call (the parts share one split of x and one parallel loop);
+    each result equals linear(x, W, fmt, scales[i], block=block) exactly. ws: a sequence of
+    1..G2_MAX_PARTS matrices of the same format with K columns; scales: a matching sequence
+    for fmt="int8", else None. Returns a list of (M, N_i) float32 arrays."""
+    if fmt not in FORMATS:
+        raise ValueError("fmt must be one of %s, got %r" % (sorted(FORMATS), fmt))
+    cdef int f = FORMATS[fmt]
+    _check(x, "x", np.float32, 2)
+    ws = list(ws)
+    cdef int P = len(ws)
+    if P < 1 or P > G2_MAX_PARTS:
+        raise ValueError("linear_multi takes 1..%d matrices, got %d" % (G2_MAX_PARTS, P))
+    cdef int64_t M = x.shape[0], K = x.shape[1]
+    wdt = {G2_W_F32: np.float32, G2_W_BF16: np.uint16, G2_W_BF16DP: np.uint16, G2_W_INT8: np.int8}[f]
+    if f == G2_W_INT8:
+        if block <= 0 or block % 16 != 0:
+            raise ValueError("int8 block must be a positive multiple of 16, got %d" % block)
+        if scales is None or len(scales) != P:
+            raise ValueError("int8 weights need one scales array per matrix")
+        scales = list(scales)
+    elif scales is not None:
+        raise ValueError("scales are only used with fmt='int8'")
+    cdef int64_t nb = (K + block - 1) // block if f == G2_W_INT8 else 0
+    cdef const void *wp[16]
+    cdef const float *sp[16]
+    cdef float *yp[16]
+    cdef int64_t Np[16]
+    cdef cnp.ndarray a
+    ys = []
+    for i in range(P):
+        _check(ws[i], "ws[%d]" % i, wdt, 2)
+        if ws[i].shape[1] != K:
+            raise ValueError("ws[%d] must have shape (N, %d), got %s" % (i, K, ws[i].shape))
+        Np[i] = ws[i].shape[0]
+        a = ws[i]
+        wp[i] = cnp.PyArray_DATA(a)
+        sp[i] = NULL
+        if f == G2_W_INT8:
+            _check(scales[i], "scales[%d]" % i, np.float32, 2)
+            if scales[i].shape[0] != Np[i] or scales[i].shape[1] != nb:
+                raise ValueError("scales[%d] must have shape (%d, %d), got %s"
+                                 % (i, Np[i], nb, scales[i].shape))
+            a = scales[i]
+            sp[i] = <const float *>cnp.PyArray_DATA(a)
+        y = np.empty((M, Np[i]), np.float32)
+        ys.append(y)
+        a = y
+        yp[i] = <float *>cnp.PyArray_DATA(a)
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray xa = x
+    cdef int rc
+    with nogil:
+        rc = g2_linear_multi(<const float *>cnp.PyArray_DATA(xa), M, K, f, P, wp,
+                             sp if f == G2_W_INT8 else NULL, Np, block, yp, nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_multi: out of memory")
+    return ys
 
 
 def attention(q, k, v, q_pos, k_pos, key_valid, double scaling, softcap=None, window=None,

@@ -446,30 +446,60 @@ static G2_TGT void widen_rows(int fmt, int to_bf16, const void *w, const float *
     }
 }
 
+/* One output matrix of a (multi-)linear: y (M, N) = x @ w^T, w (N, K) with int8 scales sc. The
+ * drivers run every part of a call in one parallel loop over their joint list of W blocks, so
+ * q/k/v (or gate/up) share one split of x, one fork/join and one load balance. */
+typedef struct {
+    const char *w;
+    const float *sc;
+    int64_t N;
+    float *y;
+} g2_part;
+
+/* global block jb -> part p and its block index; first[p] = first global block of part p */
+static inline int part_of(const int64_t *first, int np, int64_t jb) {
+    int p = 0;
+    while (p + 1 < np && jb >= first[p + 1]) p++;
+    return p;
+}
+
+static int64_t count_blocks(const g2_part *parts, int np, int64_t rows) {
+    int64_t t = 0;
+    for (int p = 0; p < np; p++) t += (parts[p].N + rows - 1) / rows;
+    return t;
+}
+
 /* Small M (M < G2_DP_MIN_M, or any M for the f32 weights' tiles when MR=1 is used): parallel
- * over blocks of W rows (~gemv_bytes() of weights each, dynamic), every thread streams whole
+ * over blocks of W rows (~gemv_bytes() of weights each, static), every thread streams whole
  * contiguous blocks; inside a block each x row runs over all tiles of NR rows. */
 static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int64_t xrow_bytes, int64_t M,
-                       int64_t K, const char *w, int64_t wrow_bytes, const float *sc, int64_t block,
-                       int64_t nb, int64_t N, float *y, int nt) {
+                       int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
+                       int64_t nb, int nt) {
+    int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
+    for (int p = 0; p < np; p++) Ntot += parts[p].N;
     int64_t rows = gemv_bytes() / (wrow_bytes > 0 ? wrow_bytes : 1);
     rows = rows / NRM * NRM;
     if (rows < NRM) rows = NRM;
-    while (rows > NRM && (N + rows - 1) / rows < 8 * (int64_t)nt) rows -= NRM;
-    int64_t nblocks = (N + rows - 1) / rows;
+    while (rows > NRM && (Ntot + rows - 1) / rows < 8 * (int64_t)nt) rows -= NRM;
+    first[0] = 0;
+    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + rows - 1) / rows;
+    int64_t nblocks = first[np];
     int64_t jb;
     const char *xc = (const char *)x;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nblocks > 1 && nt > 1)
     for (jb = 0; jb < nblocks; jb++) {
-        int64_t n0 = jb * rows, n1 = G2_MIN(N, n0 + rows);
+        const int p = part_of(first, np, jb);
+        const g2_part *pt = &parts[p];
+        const int64_t N = pt->N;
+        int64_t n0 = (jb - first[p]) * rows, n1 = G2_MIN(N, n0 + rows);
         for (int64_t m = 0; m < M; m++) {
             int64_t n = n0;
             for (; n + NRM <= n1; n += NRM)
-                main4(xc + m * xrow_bytes, K, w + n * wrow_bytes, sc ? sc + n * nb : NULL, block, nb,
-                      y + m * N + n, N);
+                main4(xc + m * xrow_bytes, K, pt->w + n * wrow_bytes, pt->sc ? pt->sc + n * nb : NULL, block,
+                      nb, pt->y + m * N + n, N);
             for (; n < n1; n++)
-                tail1(xc + m * xrow_bytes, K, w + n * wrow_bytes, sc ? sc + n * nb : NULL, block, nb,
-                      y + m * N + n, N);
+                tail1(xc + m * xrow_bytes, K, pt->w + n * wrow_bytes, pt->sc ? pt->sc + n * nb : NULL, block,
+                      nb, pt->y + m * N + n, N);
         }
     }
 }
@@ -480,29 +510,27 @@ static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int
  * rows for MR x rows. widen_fmt >= 0: each W block is first converted (per thread scratch, once per
  * x chunk) -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32 tiles. */
 static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
-                      int64_t K, const void *w, int64_t wrow_bytes, const float *sc, int64_t block,
-                      int64_t nb, int64_t N, float *y, int nt, int widen_fmt, int widen_to_bf16,
-                      int64_t trow_bytes) {
+                      int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
+                      int64_t nb, int nt, int widen_fmt, int widen_to_bf16, int64_t trow_bytes) {
+    int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
+    for (int p = 0; p < np; p++) Ntot += parts[p].N;
     int64_t nblk = (256 * 1024) / (trow_bytes > 0 ? trow_bytes : 1);
     nblk = nblk / NR_MAIN * NR_MAIN;
     if (nblk < NR_MAIN) nblk = NR_MAIN;
-    while (nblk > NR_MAIN && (N + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
-    int64_t nblocks = (N + nblk - 1) / nblk;
+    while (nblk > NR_MAIN && (Ntot + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
+    int64_t nblocks = count_blocks(parts, np, nblk);
     if (nt > 1 && nblocks % nt) { /* equal shares: 19 blocks on 2 threads left one idle 1/19 */
         for (int64_t b = nblk - NR_MAIN; b >= nblk / 2 && b >= NR_MAIN; b -= NR_MAIN)
-            if (((N + b - 1) / b) % nt == 0) {
+            if (count_blocks(parts, np, b) % nt == 0) {
                 nblk = b;
-                nblocks = (N + b - 1) / b;
                 break;
             }
     }
-    int64_t MC = (512 * 1024) / (xrow_bytes > 0 ? xrow_bytes : 1);
-    MC = MC / 4 * 4;
-    if (MC < 4) MC = 4;
-    if (MC > 128) MC = 128;
+    first[0] = 0;
+    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + nblk - 1) / nblk;
+    nblocks = first[np];
     int fail = 0;
     const char *xc = (const char *)x;
-    const char *wc = (const char *)w;
 #pragma omp parallel num_threads(nt)
     {
         char *scratch = NULL;
@@ -515,35 +543,33 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
         }
 #pragma omp barrier
         if (!fail) {
-            /* widening: once per W block, all x chunks inside (W block stays in L2);
-             * otherwise x chunk outer (x chunk stays in L2 across W blocks) */
-            int wouter = 1; /* measured faster for every format/shape (W block in L2, x from L3) */
-            int64_t nouter = wouter ? 1 : (M + MC - 1) / MC;
-            for (int64_t mo = 0; mo < nouter; mo++) {
-                int64_t jb;
+            /* W block outer (it stays in L2 while every x row runs over it; x comes from L3):
+             * measured faster for every format/shape than keeping an x chunk in L2 instead */
+            int64_t jb;
 #pragma omp for schedule(dynamic, 1)
-                for (jb = 0; jb < nblocks; jb++) {
-                    int64_t n0 = jb * nblk, n1 = G2_MIN(N, n0 + nblk);
-                    const char *wblk = wc + n0 * wrow_bytes;
-                    const float *sblk = sc ? sc + n0 * nb : NULL;
-                    if (widen_fmt >= 0) {
-                        widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
-                        wblk = scratch;
-                        sblk = NULL;
+            for (jb = 0; jb < nblocks; jb++) {
+                const int p = part_of(first, np, jb);
+                const g2_part *pt = &parts[p];
+                const int64_t N = pt->N;
+                int64_t n0 = (jb - first[p]) * nblk, n1 = G2_MIN(N, n0 + nblk);
+                const char *wblk = pt->w + n0 * wrow_bytes;
+                const float *sblk = pt->sc ? pt->sc + n0 * nb : NULL;
+                if (widen_fmt >= 0) {
+                    widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
+                    wblk = scratch;
+                    sblk = NULL;
+                }
+                int64_t m = 0;
+                while (m < M) {
+                    int mr = (M - m >= 4) ? 1 : 0;
+                    int64_t n = n0;
+                    while (n < n1) {
+                        int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
+                        tiles[mr][nr](xc + m * xrow_bytes, K, wblk + (n - n0) * trow_bytes,
+                                      sblk ? sblk + (n - n0) * nb : NULL, block, nb, pt->y + m * N + n, N);
+                        n += nr ? NR_MAIN : 1;
                     }
-                    int64_t mlo = wouter ? 0 : mo * MC, mhi = wouter ? M : G2_MIN(M, mlo + MC);
-                    int64_t m = mlo;
-                    while (m < mhi) {
-                        int mr = (mhi - m >= 4) ? 1 : 0;
-                        int64_t n = n0;
-                        while (n < n1) {
-                            int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
-                            tiles[mr][nr](xc + m * xrow_bytes, K, wblk + (n - n0) * trow_bytes,
-                                          sblk ? sblk + (n - n0) * nb : NULL, block, nb, y + m * N + n, N);
-                            n += nr ? NR_MAIN : 1;
-                        }
-                        m += mr ? 4 : 1;
-                    }
+                    m += mr ? 4 : 1;
                 }
             }
         }
@@ -557,24 +583,24 @@ static const tile_fn g_tiles_bf16w[2][2] = {{tile_1_1_1, tile_1_1_4}, {tile_1_4_
 static const tile_fn g_tiles_dp[2][2] = {{tile_dp_1_1_1, tile_dp_1_4_1}, {tile_dp_4_1_1, tile_dp_4_4_1}};
 
 /* dp: the rounded semantics (x -> bf16; int8 W -> bf16(q*s)). Returns 0 or -1 (no memory). */
-static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, const void *w,
-                         const float *sc, int64_t block, int64_t N, float *y, int nt) {
+static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, const g2_part *parts,
+                         int np, int64_t block, int nt) {
     int64_t nb = (fmt == G2_W_INT8) ? (K + block - 1) / block : 0;
     int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
     int bf = use_bf16dp();
     int rc = 0;
     if (fmt == G2_W_F32) {
         if (M < 4)
-            gemv_drive(tile_0_1_4, 4, tile_0_1_1, x, K * 4, M, K, (const char *)w, K * 4, NULL, 0, 0, N, y, nt);
+            gemv_drive(tile_0_1_4, 4, tile_0_1_1, x, K * 4, M, K, parts, np, K * 4, 0, 0, nt);
         else
-            rc = gemm_drive(g_tiles_f32, x, K * 4, M, K, w, K * 4, NULL, 0, 0, N, y, nt, -1, 0, K * 4);
+            rc = gemm_drive(g_tiles_f32, x, K * 4, M, K, parts, np, K * 4, 0, 0, nt, -1, 0, K * 4);
         return rc;
     }
     if (!dp) { /* x stays float32 */
         if (fmt == G2_W_INT8) {
             int b32 = block == 32;
             gemv_drive(b32 ? tile_i8_4_32 : tile_i8_4_0, 4, b32 ? tile_i8_1_32 : tile_i8_1_0, x, K * 4, M,
-                       K, (const char *)w, K, sc, block, nb, N, y, nt);
+                       K, parts, np, K, block, nb, nt);
             return 0;
         }
         /* bf16 weights */
@@ -582,11 +608,10 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
             uint16_t *xs = (uint16_t *)malloc((size_t)(M * 3 * K) * sizeof(uint16_t));
             if (!xs) return -1;
             split_bf16(x, M, K, 3, xs);
-            gemv_drive(tile_dp_1_8_3, 8, tile_dp_1_1_3, xs, 3 * K * 2, M, K, (const char *)w, K * 2, NULL,
-                       0, 0, N, y, nt);
+            gemv_drive(tile_dp_1_8_3, 8, tile_dp_1_1_3, xs, 3 * K * 2, M, K, parts, np, K * 2, 0, 0, nt);
             free(xs);
         } else {
-            gemv_drive(tile_1_1_4, 4, tile_1_1_1, x, K * 4, M, K, (const char *)w, K * 2, NULL, 0, 0, N, y, nt);
+            gemv_drive(tile_1_1_4, 4, tile_1_1_1, x, K * 4, M, K, parts, np, K * 2, 0, 0, nt);
         }
         return 0;
     }
@@ -596,9 +621,9 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
         if (!xs) return -1;
         split_bf16(x, M, K, 1, xs);
         if (fmt == G2_W_INT8)
-            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, w, K, sc, block, nb, N, y, nt, G2_W_INT8, 1, K * 2);
+            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, parts, np, K, block, nb, nt, G2_W_INT8, 1, K * 2);
         else
-            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, w, K * 2, NULL, 0, 0, N, y, nt, -1, 0, K * 2);
+            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, parts, np, K * 2, 0, 0, nt, -1, 0, K * 2);
         free(xs);
         return rc;
     }
@@ -606,40 +631,63 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
     float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
     if (!xr) return -1;
     for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
-    if (fmt == G2_W_INT8) {
-        rc = gemm_drive(g_tiles_f32, xr, K * 4, M, K, w, K * wbytes, sc, block, nb, N, y, nt,
-                        G2_W_INT8, 2, K * 4);
-    } else {
-        rc = gemm_drive(g_tiles_bf16w, xr, K * 4, M, K, w, K * 2, NULL, 0, 0, N, y, nt, -1, 0, K * 2);
-    }
+    if (fmt == G2_W_INT8)
+        rc = gemm_drive(g_tiles_f32, xr, K * 4, M, K, parts, np, K * wbytes, block, nb, nt, G2_W_INT8, 2, K * 4);
+    else
+        rc = gemm_drive(g_tiles_bf16w, xr, K * 4, M, K, parts, np, K * 2, 0, 0, nt, -1, 0, K * 2);
     free(xr);
     return rc;
 }
 #endif /* G2_X86 */
 
-int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w, const float *scales,
-              int64_t block, int64_t N, const float *bias, float *y, int n_threads) {
+int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, const void *const *w,
+                    const float *const *scales, const int64_t *N, int64_t block, float *const *y,
+                    int n_threads) {
     int nt = NT(n_threads);
     int rc = 0;
-    if (M <= 0 || N <= 0) return 0;
+    if (M <= 0 || nparts <= 0) return 0;
+    if (nparts > G2_MAX_PARTS) return -2;
     int dp = fmt == G2_W_BF16DP || ((fmt == G2_W_BF16 || fmt == G2_W_INT8) && M >= G2_DP_MIN_M);
     if (K <= 0) {
-        for (int64_t i = 0; i < M * N; i++) y[i] = 0.0f;
+        for (int p = 0; p < nparts; p++)
+            for (int64_t i = 0; i < M * N[p]; i++) y[p][i] = 0.0f;
+        return 0;
     }
 #if G2_X86
-    else if (g2_get_simd()) {
-        rc = linear_avx512(fmt, dp, x, M, K, w, scales, block, N, y, nt);
+    if (g2_get_simd()) {
+        g2_part parts[G2_MAX_PARTS];
+        int np = 0;
+        for (int p = 0; p < nparts; p++)
+            if (N[p] > 0) {
+                parts[np].w = (const char *)w[p];
+                parts[np].sc = scales ? scales[p] : NULL;
+                parts[np].N = N[p];
+                parts[np].y = y[p];
+                np++;
+            }
+        return np ? linear_avx512(fmt, dp, x, M, K, parts, np, block, nt) : 0;
     }
 #endif
-    else if (dp) {
-        float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
+    const float *xs = x;
+    float *xr = NULL;
+    if (dp) {
+        xr = (float *)malloc((size_t)(M * K) * sizeof(float));
         if (!xr) return -1;
         for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
-        linear_scalar(fmt == G2_W_BF16DP ? G2_W_BF16 : fmt, 1, xr, M, K, w, scales, block, N, y, nt);
-        free(xr);
-    } else {
-        linear_scalar(fmt, 0, x, M, K, w, scales, block, N, y, nt);
+        xs = xr;
     }
+    for (int p = 0; p < nparts; p++)
+        if (N[p] > 0)
+            linear_scalar(fmt == G2_W_BF16DP ? G2_W_BF16 : fmt, dp, xs, M, K, w[p], scales ? scales[p] : NULL,
+                          block, N[p], y[p], nt);
+    free(xr);
+    return rc;
+}
+
+int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w, const float *scales,
+              int64_t block, int64_t N, const float *bias, float *y, int n_threads) {
+    if (M <= 0 || N <= 0) return 0;
+    int rc = g2_linear_multi(x, M, K, fmt, 1, &w, &scales, &N, block, &y, n_threads);
     if (rc) return rc;
     if (bias) {
         for (int64_t m = 0; m < M; m++)

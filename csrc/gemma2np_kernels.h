@@ -69,6 +69,16 @@ int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
               const float *scales, int64_t block, int64_t N, const float *bias,
               float *y, int n_threads);
 
+/* Several linears over the same x in one call (q/k/v, gate/up): y[p] (M, N[p]) = x @ w[p]^T for
+ * p < nparts (<= G2_MAX_PARTS), all in format fmt (int8: scales[p], same block). x is split /
+ * rounded once and the W blocks of every part share one parallel loop. Each y[p] is exactly what
+ * g2_linear gives for that part alone. Returns 0, -1 on allocation failure, -2 if nparts is too
+ * large. scales may be NULL for formats without scales. */
+#define G2_MAX_PARTS 8
+int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, const void *const *w,
+                    const float *const *scales, const int64_t *N, int64_t block, float *const *y,
+                    int n_threads);
+
 /* Round float32 to bf16 bits, round-to-nearest-even (NaN -> quiet NaN). */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
 

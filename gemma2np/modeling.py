@@ -606,9 +606,10 @@ class Gemma2Model(Gemma2PreTrainedModel):
         x = self._rms_norm(h, w.input_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.input_norm", x)
-        q = be.linear(x, w.q_proj).reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
-        k = be.linear(x, w.k_proj).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
-        v = be.linear(x, w.v_proj).reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+        q, k, v = _linears(be, x, (w.q_proj, w.k_proj, w.v_proj))
+        q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)  # (B, H, T, D)
+        k = k.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
+        v = v.reshape(B, T, K, D).transpose(0, 2, 1, 3)  # (B, K, T, D)
         # RoPE on the two halves of each head (rotate_half), keys cached *after* RoPE.
         if hasattr(be, "rope"):  # a backend's fused kernel (same op order, bitwise equal in float32)
             q, k = be.rope(q, cos, sin), be.rope(k, cos, sin)
@@ -660,8 +661,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         x = self._rms_norm(h, w.pre_feedforward_layernorm, c.rms_norm_eps)
         if rec:
             rec(f"layers.{i}.pre_ffn_norm", x)
-        gate = be.linear(x, w.gate_proj)
-        up = be.linear(x, w.up_proj)
+        gate, up = _linears(be, x, (w.gate_proj, w.up_proj))
         if rec:
             rec(f"layers.{i}.gate", gate)
             rec(f"layers.{i}.up", up)
@@ -675,6 +675,13 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if rec and i < c.num_hidden_layers - 1:
             rec(f"layers.{i}.output", h)
         return h, (probs if output_attentions else None)
+
+
+def _linears(be, x, handles):
+    """x through several linear layers; one fused call where the backend has one (the native backend
+    runs q/k/v and gate/up in a single parallel loop; each result is what its own call gives)."""
+    many = getattr(be, "linear_many", None)
+    return many(x, handles) if many is not None else [be.linear(x, h) for h in handles]
 
 
 def _reject_unknown(kwargs: dict, allowed) -> None:

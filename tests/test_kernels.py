@@ -92,6 +92,43 @@ def test_linear_thread_and_batch_invariance(simd, M, N, K, fmt, seed):
         np.testing.assert_array_equal(nat.linear(xi, wp, fmt, s, None, blk, n_threads=2)[:1], y1[i:i + 1])
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([1, 2, 5, 8, 13]), Ns=st.lists(st.integers(0, 45), min_size=1, max_size=4),
+       K=st.integers(1, 150), fmt=st.sampled_from(FORMATS), block=st.sampled_from([16, 32]),
+       threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
+def test_linear_multi_equals_separate_calls(simd, M, Ns, K, fmt, block, threads, seed):
+    """Bitwise: the fused call (q/k/v, gate/up) gives each matrix exactly its own linear()."""
+    r = _rng(seed)
+    x = r.standard_normal((M, K), dtype=np.float32)
+    packed = [_pack(r.standard_normal((n, K), dtype=np.float32), fmt, block) for n in Ns]
+    ys = nat.linear_multi(x, [p[0] for p in packed], fmt,
+                          [p[1] for p in packed] if fmt == "int8" else None, packed[0][2],
+                          n_threads=threads)
+    assert len(ys) == len(Ns)
+    for y, (wp, s, blk), n in zip(ys, packed, Ns):
+        assert y.shape == (M, n) and y.dtype == np.float32
+        np.testing.assert_array_equal(y, nat.linear(x, wp, fmt, s, None, blk, n_threads=threads))
+
+
+def test_linear_multi_rejects_bad_input():
+    x = np.ones((2, 32), np.float32)
+    w = np.ones((3, 32), np.float32)
+    with pytest.raises(ValueError, match=r"ws\[1\] must have shape"):
+        nat.linear_multi(x, [w, np.ones((3, 31), np.float32)])
+    with pytest.raises(ValueError, match="1..8 matrices"):
+        nat.linear_multi(x, [])
+    with pytest.raises(ValueError, match="1..8 matrices"):
+        nat.linear_multi(x, [w] * 9)
+    with pytest.raises(ValueError, match="one scales array per matrix"):
+        nat.linear_multi(x, [np.ones((3, 32), np.int8)] * 2, "int8", [np.ones((3, 1), np.float32)], 32)
+    with pytest.raises(ValueError, match=r"scales\[0\] must have shape"):
+        nat.linear_multi(x, [np.ones((3, 32), np.int8)], "int8", [np.ones((3, 2), np.float32)], 32)
+    with pytest.raises(TypeError):
+        nat.linear_multi(x, [w.astype(np.float64)])
+    with pytest.raises(ValueError, match="contiguous"):
+        nat.linear_multi(x, [np.ones((3, 64), np.float32)[:, ::2]])
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_large_shape(fmt):
     """A shape that exercises blocking (several W blocks, x chunks of 64 rows, K tails)."""

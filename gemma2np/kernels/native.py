@@ -91,6 +91,10 @@ class NumpyBackend:
         x = np.asarray(x, np.float32)
         return x @ np.asarray(handle).T
 
+    def linear_many(self, x, handles):
+        """[linear(x, h) for h in handles] (the native backend fuses them into one call)."""
+        return [self.linear(x, h) for h in handles]
+
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window):
         return ref.attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window)
 
@@ -190,6 +194,24 @@ class NativeBackend(NumpyBackend):
         y = self._nat.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block,
                              n_threads=self.n_threads)
         return y.reshape(lead + (handle.out_features,))
+
+    def linear_many(self, x, handles):
+        """Several linears of the same x (q/k/v, gate/up) in one kernel call: x is rounded/split
+        once and every matrix's row blocks share one parallel loop. Each result is exactly what
+        linear(x, h) gives; mixed formats or biases fall back to separate calls."""
+        hs = [h if isinstance(h, LinearHandle) else _pack(h, None, "float32", self.int8_block)
+              for h in handles]
+        h0 = hs[0]
+        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and all(
+            h.fmt == h0.fmt and h.block == h0.block and h.in_features == h0.in_features and h.bias is None
+            for h in hs)
+        if not fusable:
+            return [self.linear(x, h) for h in hs]
+        x2, lead = _as_2d(x, h0.in_features)
+        ys = self._nat.linear_multi(x2, [h.w for h in hs], h0.fmt,
+                                    [h.scales for h in hs] if h0.fmt == "int8" else None, h0.block,
+                                    n_threads=self.n_threads)
+        return [y.reshape(lead + (h.out_features,)) for y, h in zip(ys, hs)]
 
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window):
         c = np.ascontiguousarray
