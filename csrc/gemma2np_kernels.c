@@ -239,8 +239,10 @@ G2_INLINE G2_TGT __m512i rne_bf16_epi32(__m512 v) {
  * part the RNE bf16 rounding of what the previous parts left (residuals are exact in f32).
  * P = 1: x rounded to bf16; P = 3: x represented to ~2^-24 relative (exact for normal floats
  * whose parts stay normal). A non-finite part ends the split (residual 0). */
-static G2_TGT void split_bf16(const float *x, int64_t M, int64_t K, int P, uint16_t *out) {
-    for (int64_t m = 0; m < M; m++) {
+static G2_TGT void split_bf16(const float *x, int64_t M, int64_t K, int P, uint16_t *out, int nt) {
+    int64_t m;
+#pragma omp parallel for schedule(static) num_threads(nt) if (M * K >= 65536 && nt > 1)
+    for (m = 0; m < M; m++) {
         for (int64_t k = 0; k < K; k += 16) {
             __mmask16 msk = (K - k >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (K - k)) - 1u);
             __m512 v = _mm512_maskz_loadu_ps(msk, x + m * K + k);
@@ -607,7 +609,7 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
         if (bf) { /* x split into 3 bf16 parts: vdpbf16ps at f32 accuracy */
             uint16_t *xs = (uint16_t *)malloc((size_t)(M * 3 * K) * sizeof(uint16_t));
             if (!xs) return -1;
-            split_bf16(x, M, K, 3, xs);
+            split_bf16(x, M, K, 3, xs, nt);
             gemv_drive(tile_dp_1_8_3, 8, tile_dp_1_1_3, xs, 3 * K * 2, M, K, parts, np, K * 2, 0, 0, nt);
             free(xs);
         } else {
@@ -619,7 +621,7 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
     if (bf) {
         uint16_t *xs = (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
         if (!xs) return -1;
-        split_bf16(x, M, K, 1, xs);
+        split_bf16(x, M, K, 1, xs, nt);
         if (fmt == G2_W_INT8)
             rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, parts, np, K, block, nb, nt, G2_W_INT8, 1, K * 2);
         else
