@@ -509,8 +509,9 @@ static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int
 /* Larger M: W is cut into blocks of ~256 KB (parallel over blocks, dynamic); each W block stays
  * in L2 while all x rows run over it (the x-chunk-outer order, MC rows of x kept in L2, was
  * measured slower: 152-175 vs 188-191 GFLOP/s/thread for bf16); every MR x NR tile reuses NR W
- * rows for MR x rows. widen_fmt >= 0: each W block is first converted (per thread scratch, once per
- * x chunk) -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32 tiles. */
+ * rows for MR x rows. widen_fmt >= 0: each W block is first converted (per thread scratch, once)
+ * -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32 tiles. The block size is
+ * trimmed so the blocks split evenly over the threads. */
 static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
                       int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
                       int64_t nb, int nt, int widen_fmt, int widen_to_bf16, int64_t trow_bytes) {
