@@ -110,6 +110,26 @@ def test_linear_multi_equals_separate_calls(simd, M, Ns, K, fmt, block, threads,
         np.testing.assert_array_equal(y, nat.linear(x, wp, fmt, s, None, blk, n_threads=threads))
 
 
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([8, 9, 21]), N=st.integers(1, 70), K=st.integers(1, 300),
+       block=st.sampled_from([16, 32, 48, 64]), tiny=st.booleans(), threads=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**31))
+def test_int8_prefill_is_bf16_of_dequantised_weights(simd, M, N, K, block, tiny, threads, seed):
+    """Bitwise: at >= DP_MIN_M rows int8 weights act as bf16(q * scale), whichever way the kernel
+    widens them (vcvtne2ps2bf16, which flushes denormal q*s to zero -- as vdpbf16ps treats denormal
+    inputs -- or the exact rounding helper on the paths without avx512_bf16)."""
+    r = _rng(seed)
+    x = r.standard_normal((M, K), dtype=np.float32)
+    w = r.standard_normal((N, K), dtype=np.float32)
+    if tiny:  # blocks whose q * scale are denormal floats: the converter's flush-to-zero must not show
+        w[: (N + 1) // 2] *= np.float32(1e-39)
+    q, s = ref.quantize_int8(w, block)
+    wb = ref.to_bf16_bits(ref.dequantize_int8(q, s, block))
+    y8 = nat.linear(x, q, "int8", s, None, block, n_threads=threads)
+    yb = nat.linear(x, wb, "bfloat16", None, None, 0, n_threads=threads)
+    np.testing.assert_array_equal(y8, yb)
+
+
 def test_linear_multi_rejects_bad_input():
     x = np.ones((2, 32), np.float32)
     w = np.ones((3, 32), np.float32)
