@@ -968,8 +968,15 @@ void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps,
 #pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R * D > 32768)
     for (r = 0; r < R; r++) {
         const float *xr = x + r * D;
-        double ss = 0.0;
-        for (int64_t d = 0; d < D; d++) ss += (double)xr[d] * (double)xr[d];
+        /* sum of squares in double over 8 independent lanes (one serial chain of double adds
+         * made this kernel latency-bound: 180 us for 128 x 2304); double keeps it exact to
+         * well below float32 rounding, so the lane order does not matter */
+        double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t d = 0;
+        for (; d + 8 <= D; d += 8)
+            for (int j = 0; j < 8; j++) acc[j] += (double)xr[d + j] * (double)xr[d + j];
+        for (; d < D; d++) acc[0] += (double)xr[d] * (double)xr[d];
+        double ss = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
         float ms = (float)(ss / (double)D);
         float inv = 1.0f / sqrtf(ms + eps);
         for (int64_t d = 0; d < D; d++) out[r * D + d] = (xr[d] * inv) * (1.0f + w[d]);
