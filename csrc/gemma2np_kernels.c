@@ -192,6 +192,7 @@ void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t
 #define MR_MAX 4
 #define NR_MAX 8
 #define NR_MAIN 4
+#define G2_OP_NR 14
 
 /* Scheduling knobs (set once from the environment, for experiments; defaults are the tuned
  * values): G2_GEMV_KB = target bytes of W per work item for M < G2_DP_MIN_M (default 64 KB). */
@@ -419,12 +420,101 @@ DEF_TILE_I8(1, 32)
         (void)sc; (void)block; (void)nb;                                                         \
         tile_dp(MR, NR, P, (const uint16_t *)x, K, (const uint16_t *)w, y, ldy, MR == 1 && NR > 1 && g_pf);                 \
     }
-DEF_TILE_DP(4, 4, 1)
-DEF_TILE_DP(4, 1, 1)
-DEF_TILE_DP(1, 4, 1)
-DEF_TILE_DP(1, 1, 1)
 DEF_TILE_DP(1, 1, 3)
 DEF_TILE_DP(1, 8, 3)
+
+/* Prefill with vdpbf16ps, outer-product form (oneDNN's layout): x is packed into panels of 16*MP
+ * rows, xp[k2][16*MP] holding the bf16 pair (x[m, 2k2], x[m, 2k2+1]) of row m as one 32-bit
+ * word; each of NR rows of W broadcasts its pair k2 against the panel, so accumulator (n, j)
+ * holds y[m0 + 16j + lane, n] in lane order and runs over k2 in sequence: every output is
+ * the same chain of vdpbf16ps whatever the tiling, panel, batch size or thread count. Needs only
+ * 2 vector loads + NR broadcasts per 2*NR*MP instructions (the 4x4 dot-product tiles needed 8 loads
+ * per 16 and ran ~8% slower). odd: K is odd, the last pair of each W row is (w[K-1], 0), read
+ * as 16 bits so no byte past the row is touched. The M tail of a panel is masked at the store. */
+G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *xp, int64_t K2, int odd,
+                                   const uint16_t *w, int64_t K, float *y, int64_t ldy, int64_t mvalid) {
+    __m512 acc[G2_OP_NR][2];
+    int n, j;
+    for (n = 0; n < NR; n++)
+        for (j = 0; j < MP; j++) acc[n][j] = _mm512_setzero_ps();
+    const int64_t kf = K2 - odd; /* whole pairs */
+    for (int64_t k2 = 0; k2 < kf; k2++) {
+        __m512i x0 = _mm512_loadu_si512((const void *)(xp + k2 * 16 * MP));
+        __m512i x1 = MP > 1 ? _mm512_loadu_si512((const void *)(xp + k2 * 16 * MP + 16)) : x0;
+        for (n = 0; n < NR; n++) {
+            uint32_t wp;
+            memcpy(&wp, w + n * K + 2 * k2, 4);
+            __m512i b = _mm512_set1_epi32((int)wp);
+            acc[n][0] = _mm512_dpbf16_ps(acc[n][0], (__m512bh)x0, (__m512bh)b);
+            if (MP > 1) acc[n][1] = _mm512_dpbf16_ps(acc[n][1], (__m512bh)x1, (__m512bh)b);
+        }
+    }
+    if (odd) {
+        __m512i x0 = _mm512_loadu_si512((const void *)(xp + kf * 16 * MP));
+        __m512i x1 = MP > 1 ? _mm512_loadu_si512((const void *)(xp + kf * 16 * MP + 16)) : x0;
+        for (n = 0; n < NR; n++) {
+            __m512i b = _mm512_set1_epi32((int)w[n * K + K - 1]);
+            acc[n][0] = _mm512_dpbf16_ps(acc[n][0], (__m512bh)x0, (__m512bh)b);
+            if (MP > 1) acc[n][1] = _mm512_dpbf16_ps(acc[n][1], (__m512bh)x1, (__m512bh)b);
+        }
+    }
+    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32((int)ldy));
+    for (j = 0; j < MP; j++) {
+        int64_t left = mvalid - 16 * j;
+        if (left <= 0) break;
+        __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+        for (n = 0; n < NR; n++) _mm512_mask_i32scatter_ps(y + 16 * j * ldy + n, mk, idx, acc[n][j], 4);
+    }
+}
+
+typedef void (*op_fn)(const uint32_t *, int64_t, int, const uint16_t *, int64_t, float *, int64_t, int64_t);
+#define DEF_TILE_OP(NR, MP)                                                                      \
+    static G2_TGT_BF16 __attribute__((noinline)) void tile_op_##NR##_##MP(                        \
+        const uint32_t *xp, int64_t K2, int odd, const uint16_t *w, int64_t K, float *y, int64_t ldy, \
+        int64_t mvalid) {                                                                          \
+        tile_op(NR, MP, xp, K2, odd, w, K, y, ldy, mvalid);                                        \
+    }
+DEF_TILE_OP(14, 2) DEF_TILE_OP(8, 2) DEF_TILE_OP(4, 2) DEF_TILE_OP(2, 2) DEF_TILE_OP(1, 2)
+DEF_TILE_OP(14, 1) DEF_TILE_OP(8, 1) DEF_TILE_OP(4, 1) DEF_TILE_OP(2, 1) DEF_TILE_OP(1, 1)
+static const int g_op_nr[5] = {14, 8, 4, 2, 1};
+static const op_fn g_op_tiles[2][5] = {
+    {tile_op_14_1, tile_op_8_1, tile_op_4_1, tile_op_2_1, tile_op_1_1},
+    {tile_op_14_2, tile_op_8_2, tile_op_4_2, tile_op_2_2, tile_op_1_2}};
+
+/* x (M, K) float32 -> panels of 32 rows (the last one 16 if 16 rows or fewer remain), each
+ * [K2][rows] of bf16 pairs (RNE, = f32_to_bf16), rows past M and the odd K's missing half 0.
+ * Panel p starts at row 32p, at word offset 32p * K2. 32 inputs of a row at a time: rounded,
+ * paired, and scattered down the panel's column for that row. */
+static G2_TGT void pack_x_op(const float *x, int64_t M, int64_t K, uint32_t *xp, int nt) {
+    const int64_t K2 = (K + 1) / 2, npan = (M + 31) / 32;
+    int64_t p;
+#pragma omp parallel for schedule(static) num_threads(nt) if (M * K >= 65536 && nt > 1)
+    for (p = 0; p < npan; p++) {
+        const int64_t m0 = 32 * p, rows = (M - m0 > 16) ? 32 : 16;
+        uint32_t *dst = xp + m0 * K2;
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)rows));
+        for (int64_t i = 0; i < rows; i++) {
+            const int64_t m = m0 + i;
+            for (int64_t k2 = 0; k2 < K2; k2 += 16) {
+                const int64_t k = 2 * k2;
+                const int64_t nk = G2_MIN(32, K - k), npair = G2_MIN(16, K2 - k2);
+                __m512i v = _mm512_setzero_si512();
+                if (m < M) {
+                    __mmask16 ma = nk >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nk) - 1u);
+                    __mmask16 mb = nk >= 32 ? (__mmask16)0xFFFF : (nk > 16 ? (__mmask16)((1u << (nk - 16)) - 1u) : 0);
+                    __m256i lo = _mm512_cvtepi32_epi16(rne_bf16_epi32(_mm512_maskz_loadu_ps(ma, x + m * K + k)));
+                    __m256i hi = _mm512_cvtepi32_epi16(rne_bf16_epi32(_mm512_maskz_loadu_ps(mb, x + m * K + k + 16)));
+                    v = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+                }
+                __mmask16 ms = npair >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << npair) - 1u);
+                _mm512_mask_i32scatter_epi32(dst + k2 * rows + i, ms, idx, v, 4);
+            }
+        }
+    }
+}
+
 
 /* Widen rows [0, nr) of a bf16/int8 W block: to float32 (exactly load_w16's values), or, with
  * to_bf16 = 1, int8 to bf16(q * scale) (RNE) as uint16 bits, with to_bf16 = 2 as
@@ -607,9 +697,82 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
     return fail ? -1 : 0;
 }
 
+/* The rounded (dp) semantics with vdpbf16ps: W blocks as in gemm_drive (int8 blocks widened to
+ * bf16(q*s) first), each block run against every x panel with tile_op, NR = 14 rows at a time and
+ * 8/4/2/1 for the block's tail. */
+static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *parts, int np,
+                         int widen_int8, int64_t block, int64_t nb, int nt) {
+    const int64_t K2 = (K + 1) / 2, npan = (M + 31) / 32;
+    const int odd = (int)(K & 1);
+    uint32_t *xp = (uint32_t *)malloc((size_t)(npan * 32 * K2) * sizeof(uint32_t));
+    if (!xp) return -1;
+    pack_x_op(x, M, K, xp, nt);
+    int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
+    for (int p = 0; p < np; p++) Ntot += parts[p].N;
+    const int64_t trow = K * 2; /* bf16 row bytes (int8 rows once widened) */
+    int64_t nblk = (256 * 1024) / trow;
+    nblk = nblk / G2_OP_NR * G2_OP_NR;
+    if (nblk < G2_OP_NR) nblk = G2_OP_NR;
+    while (nblk > G2_OP_NR && count_blocks(parts, np, nblk) < 4 * (int64_t)nt) nblk -= G2_OP_NR;
+    int64_t nblocks = count_blocks(parts, np, nblk);
+    if (nt > 1 && nblocks % nt) { /* equal shares */
+        for (int64_t b = nblk - G2_OP_NR; b >= nblk / 2 && b >= G2_OP_NR; b -= G2_OP_NR)
+            if (count_blocks(parts, np, b) % nt == 0) {
+                nblk = b;
+                break;
+            }
+    }
+    first[0] = 0;
+    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + nblk - 1) / nblk;
+    nblocks = first[np];
+    int fail = 0;
+#pragma omp parallel num_threads(nt)
+    {
+        uint16_t *scratch = NULL;
+        if (widen_int8) {
+            scratch = (uint16_t *)malloc((size_t)(nblk * trow));
+            if (!scratch) {
+#pragma omp atomic write
+                fail = 1;
+            }
+        }
+#pragma omp barrier
+        if (!fail) {
+            int64_t jb;
+#pragma omp for schedule(dynamic, 1)
+            for (jb = 0; jb < nblocks; jb++) {
+                const int p = part_of(first, np, jb);
+                const g2_part *pt = &parts[p];
+                const int64_t N = pt->N;
+                int64_t n0 = (jb - first[p]) * nblk, n1 = G2_MIN(N, n0 + nblk);
+                const uint16_t *wblk;
+                if (widen_int8) {
+                    widen_i8_bf16((const int8_t *)pt->w + n0 * K, pt->sc + n0 * nb, n1 - n0, K, block, nb, scratch);
+                    wblk = scratch;
+                } else {
+                    wblk = (const uint16_t *)pt->w + n0 * K;
+                }
+                for (int64_t pn = 0; pn < npan; pn++) {
+                    const int64_t m0 = 32 * pn, left = M - m0;
+                    const int mp = left > 16 ? 1 : 0; /* 32- or 16-row panel */
+                    const uint32_t *xpp = xp + m0 * K2;
+                    int64_t n = n0;
+                    for (int v = 0; v < 5; v++) {
+                        const int nr = g_op_nr[v];
+                        for (; n + nr <= n1; n += nr)
+                            g_op_tiles[mp][v](xpp, K2, odd, wblk + (n - n0) * K, K, pt->y + m0 * N + n, N, left);
+                    }
+                }
+            }
+        }
+        free(scratch);
+    }
+    free(xp);
+    return fail ? -1 : 0;
+}
+
 static const tile_fn g_tiles_f32[2][2] = {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}};
 static const tile_fn g_tiles_bf16w[2][2] = {{tile_1_1_1, tile_1_1_4}, {tile_1_4_1, tile_1_4_4}};
-static const tile_fn g_tiles_dp[2][2] = {{tile_dp_1_1_1, tile_dp_1_4_1}, {tile_dp_4_1_1, tile_dp_4_4_1}};
 
 /* dp: the rounded semantics (x -> bf16; int8 W -> bf16(q*s)). Returns 0 or -1 (no memory). */
 static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, const g2_part *parts,
@@ -645,17 +808,7 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
         return 0;
     }
     /* rounded semantics */
-    if (bf) {
-        uint16_t *xs = (uint16_t *)malloc((size_t)(M * K) * sizeof(uint16_t));
-        if (!xs) return -1;
-        split_bf16(x, M, K, 1, xs, nt);
-        if (fmt == G2_W_INT8)
-            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, parts, np, K, block, nb, nt, G2_W_INT8, 1, K * 2);
-        else
-            rc = gemm_drive(g_tiles_dp, xs, K * 2, M, K, parts, np, K * 2, 0, 0, nt, -1, 0, K * 2);
-        free(xs);
-        return rc;
-    }
+    if (bf) return gemm_op_drive(x, M, K, parts, np, fmt == G2_W_INT8, block, nb, nt);
     /* no avx512_bf16: rounded x in f32, f32 tiles (int8: widened to f32 of bf16(q*s)) */
     float *xr = (float *)malloc((size_t)(M * K) * sizeof(float));
     if (!xr) return -1;
