@@ -458,14 +458,18 @@ G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *x
             if (MP > 1) acc[n][1] = _mm512_dpbf16_ps(acc[n][1], (__m512bh)x1, (__m512bh)b);
         }
     }
-    const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32((int)ldy));
-    for (j = 0; j < MP; j++) {
-        int64_t left = mvalid - 16 * j;
-        if (left <= 0) break;
-        __mmask16 mk = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-        for (n = 0; n < NR; n++) _mm512_mask_i32scatter_ps(y + 16 * j * ldy + n, mk, idx, acc[n][j], 4);
-    }
+    /* out: the tile goes through an L1 buffer t[n][m] and leaves row by row, one masked store
+     * of NR outputs per row (scattering each accumulator down a column of y cost ~25% of the
+     * matmul: 16 stores to 16 distant lines per vector) */
+    float t[G2_OP_NR * 32];
+    for (n = 0; n < NR; n++)
+        for (j = 0; j < MP; j++) _mm512_storeu_ps(t + n * 32 + 16 * j, acc[n][j]);
+    const __m512i col = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(32));
+    const __mmask16 nm = (__mmask16)((1u << NR) - 1u);
+    const int64_t mrows = G2_MIN(mvalid, 16 * MP);
+    for (int64_t m = 0; m < mrows; m++)
+        _mm512_mask_storeu_ps(y + m * ldy, nm, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), nm, col, t + m, 4));
 }
 
 typedef void (*op_fn)(const uint32_t *, int64_t, int, const uint16_t *, int64_t, float *, int64_t, int64_t);
