@@ -429,10 +429,11 @@ DEF_TILE_DP(1, 8, 3)
  * holds y[m0 + 16j + lane, n] in lane order and runs over k2 in sequence: every output is
  * the same chain of vdpbf16ps whatever the tiling, panel, batch size or thread count. Needs only
  * 2 vector loads + NR broadcasts per 2*NR*MP instructions (the 4x4 dot-product tiles needed 8 loads
- * per 16 and ran ~8% slower). odd: K is odd, the last pair of each W row is (w[K-1], 0), read
- * as 16 bits so no byte past the row is touched. The M tail of a panel is masked at the store. */
+ * per 16 and ran ~8% slower). W rows are ldw apart. odd: K is odd, the last pair of each W row is
+ * (w[K-1], 0), read as 16 bits so no byte past the row is touched. The M tail of a panel is masked
+ * at the store. */
 G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *xp, int64_t K2, int odd,
-                                   const uint16_t *w, int64_t K, float *y, int64_t ldy, int64_t mvalid) {
+                                   const uint16_t *w, int64_t ldw, float *y, int64_t ldy, int64_t mvalid) {
     __m512 acc[G2_OP_NR][2];
     int n, j;
     for (n = 0; n < NR; n++)
@@ -443,7 +444,7 @@ G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *x
         __m512i x1 = MP > 1 ? _mm512_loadu_si512((const void *)(xp + k2 * 16 * MP + 16)) : x0;
         for (n = 0; n < NR; n++) {
             uint32_t wp;
-            memcpy(&wp, w + n * K + 2 * k2, 4);
+            memcpy(&wp, w + n * ldw + 2 * k2, 4);
             __m512i b = _mm512_set1_epi32((int)wp);
             acc[n][0] = _mm512_dpbf16_ps(acc[n][0], (__m512bh)x0, (__m512bh)b);
             if (MP > 1) acc[n][1] = _mm512_dpbf16_ps(acc[n][1], (__m512bh)x1, (__m512bh)b);
@@ -453,7 +454,7 @@ G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *x
         __m512i x0 = _mm512_loadu_si512((const void *)(xp + kf * 16 * MP));
         __m512i x1 = MP > 1 ? _mm512_loadu_si512((const void *)(xp + kf * 16 * MP + 16)) : x0;
         for (n = 0; n < NR; n++) {
-            __m512i b = _mm512_set1_epi32((int)w[n * K + K - 1]);
+            __m512i b = _mm512_set1_epi32((int)w[n * ldw + 2 * kf]); /* w[K - 1] */
             acc[n][0] = _mm512_dpbf16_ps(acc[n][0], (__m512bh)x0, (__m512bh)b);
             if (MP > 1) acc[n][1] = _mm512_dpbf16_ps(acc[n][1], (__m512bh)x1, (__m512bh)b);
         }
@@ -475,9 +476,9 @@ G2_INLINE G2_TGT_BF16 void tile_op(const int NR, const int MP, const uint32_t *x
 typedef void (*op_fn)(const uint32_t *, int64_t, int, const uint16_t *, int64_t, float *, int64_t, int64_t);
 #define DEF_TILE_OP(NR, MP)                                                                      \
     static G2_TGT_BF16 __attribute__((noinline)) void tile_op_##NR##_##MP(                        \
-        const uint32_t *xp, int64_t K2, int odd, const uint16_t *w, int64_t K, float *y, int64_t ldy, \
+        const uint32_t *xp, int64_t K2, int odd, const uint16_t *w, int64_t ldw, float *y, int64_t ldy, \
         int64_t mvalid) {                                                                          \
-        tile_op(NR, MP, xp, K2, odd, w, K, y, ldy, mvalid);                                        \
+        tile_op(NR, MP, xp, K2, odd, w, ldw, y, ldy, mvalid);                                      \
     }
 DEF_TILE_OP(14, 2) DEF_TILE_OP(8, 2) DEF_TILE_OP(4, 2) DEF_TILE_OP(2, 2) DEF_TILE_OP(1, 2)
 DEF_TILE_OP(14, 1) DEF_TILE_OP(8, 1) DEF_TILE_OP(4, 1) DEF_TILE_OP(2, 1) DEF_TILE_OP(1, 1)
@@ -566,7 +567,7 @@ static inline int part_of(const int64_t *first, int np, int64_t jb) {
  * test_int8_prefill_is_bf16_of_dequantised_weights, plants such blocks). Halves the cost of
  * widening, ~5% of an int8 prefill matmul. */
 static G2_TGT_BF16 void widen_i8_bf16(const int8_t *w, const float *sc, int64_t nr, int64_t K,
-                                      int64_t block, int64_t nb, uint16_t *dst) {
+                                      int64_t block, int64_t nb, uint16_t *dst, int64_t ldd) {
     for (int64_t n = 0; n < nr; n++) {
         int64_t k = 0;
         const int64_t kv = block % 32 == 0 ? K / block * block : 0; /* whole blocks: the tail starts on one */
@@ -576,9 +577,9 @@ static G2_TGT_BF16 void widen_i8_bf16(const int8_t *w, const float *sc, int64_t 
                 _mm_loadu_si128((const __m128i *)(w + n * K + k)))), s);
             __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
                 _mm_loadu_si128((const __m128i *)(w + n * K + k + 16)))), s);
-            _mm512_storeu_si512((void *)(dst + n * K + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+            _mm512_storeu_si512((void *)(dst + n * ldd + k), (__m512i)_mm512_cvtne2ps_pbh(b, a));
         }
-        if (k < K) widen_rows(G2_W_INT8, 1, w + n * K + k, sc + n * nb + k / block, 1, K - k, block, nb, dst + n * K + k);
+        if (k < K) widen_rows(G2_W_INT8, 1, w + n * K + k, sc + n * nb + k / block, 1, K - k, block, nb, dst + n * ldd + k);
     }
 }
 
@@ -676,7 +677,7 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
                 const float *sblk = pt->sc ? pt->sc + n0 * nb : NULL;
                 if (widen_fmt >= 0) {
                     if (widen_fmt == G2_W_INT8 && widen_to_bf16 == 1 && use_bf16dp())
-                        widen_i8_bf16((const int8_t *)wblk, sblk, n1 - n0, K, block, nb, (uint16_t *)scratch);
+                        widen_i8_bf16((const int8_t *)wblk, sblk, n1 - n0, K, block, nb, (uint16_t *)scratch, K);
                     else
                         widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
                     wblk = scratch;
@@ -714,6 +715,11 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
     int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
     for (int p = 0; p < np; p++) Ntot += parts[p].N;
     const int64_t trow = K * 2; /* bf16 row bytes (int8 rows once widened) */
+    /* rows 2 KB-multiples apart (K = 1024, 2048, ...) fall into the same few L1 sets and 14 of them
+     * thrash its 8 ways (o_proj, K = 2048: 230 instead of 400 GFLOP/s): such blocks are copied
+     * with one spare cache line per row first */
+    const int pad = (trow % 2048) == 0;
+    const int64_t ldw = pad ? K + 32 : K;
     int64_t nblk = (256 * 1024) / trow;
     nblk = nblk / G2_OP_NR * G2_OP_NR;
     if (nblk < G2_OP_NR) nblk = G2_OP_NR;
@@ -733,8 +739,8 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
 #pragma omp parallel num_threads(nt)
     {
         uint16_t *scratch = NULL;
-        if (widen_int8) {
-            scratch = (uint16_t *)malloc((size_t)(nblk * trow));
+        if (widen_int8 || pad) {
+            scratch = (uint16_t *)malloc((size_t)(nblk * ldw) * sizeof(uint16_t));
             if (!scratch) {
 #pragma omp atomic write
                 fail = 1;
@@ -751,7 +757,11 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
                 int64_t n0 = (jb - first[p]) * nblk, n1 = G2_MIN(N, n0 + nblk);
                 const uint16_t *wblk;
                 if (widen_int8) {
-                    widen_i8_bf16((const int8_t *)pt->w + n0 * K, pt->sc + n0 * nb, n1 - n0, K, block, nb, scratch);
+                    widen_i8_bf16((const int8_t *)pt->w + n0 * K, pt->sc + n0 * nb, n1 - n0, K, block, nb, scratch, ldw);
+                    wblk = scratch;
+                } else if (pad) {
+                    for (int64_t r = 0; r < n1 - n0; r++)
+                        memcpy(scratch + r * ldw, (const uint16_t *)pt->w + (n0 + r) * K, (size_t)trow);
                     wblk = scratch;
                 } else {
                     wblk = (const uint16_t *)pt->w + n0 * K;
@@ -764,7 +774,7 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
                     for (int v = 0; v < 5; v++) {
                         const int nr = g_op_nr[v];
                         for (; n + nr <= n1; n += nr)
-                            g_op_tiles[mp][v](xpp, K2, odd, wblk + (n - n0) * K, K, pt->y + m0 * N + n, N, left);
+                            g_op_tiles[mp][v](xpp, K2, odd, wblk + (n - n0) * ldw, ldw, pt->y + m0 * N + n, N, left);
                     }
                 }
             }

@@ -149,6 +149,23 @@ def test_linear_multi_rejects_bad_input():
         nat.linear_multi(x, [np.ones((3, 64), np.float32)[:, ::2]])
 
 
+@pytest.mark.parametrize("K", [1024, 2048, 1023])
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8", "bfloat16_dp"])
+def test_linear_prefill_power_of_two_rows(fmt, K):
+    """Prefill with rows a multiple of 2 KB apart (copied to a padded stride first, against L1
+    set conflicts) and beside it an odd K: the twin's result, the same for 1 and 2 threads."""
+    r = _rng(K)
+    M, N = 40, 45
+    x = r.standard_normal((M, K), dtype=np.float32)
+    wp, s, blk = _pack(r.standard_normal((N, K), dtype=np.float32), fmt)
+    y = nat.linear(x, wp, fmt, s, None, blk, n_threads=2)
+    np.testing.assert_array_equal(nat.linear(x, wp, fmt, s, None, blk, n_threads=1), y)
+    yr = ref.linear(x, wp, fmt, s, None, blk)
+    xq, wq = ref.linear_operands(x, wp, fmt, s, blk)
+    bound = 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ np.abs(wq).T)
+    assert np.all(np.abs(y - yr) <= bound + 1e-30)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_linear_large_shape(fmt):
     """A shape that exercises blocking (several W blocks, x chunks of 64 rows, K tails)."""
