@@ -589,6 +589,27 @@ static int64_t count_blocks(const g2_part *parts, int np, int64_t rows) {
     return t;
 }
 
+/* Row blocks of the prefill drivers: ~256 KB of W rows (row_bytes each) per block, a multiple of
+ * `unit` rows, at least 4 blocks per thread, and if possible a block count that splits evenly over
+ * the threads (19 blocks on 2 threads left one idle for 1/19). Fills first[] (first global block
+ * of each part, first[np] = the total) and returns the rows per block. */
+static int64_t plan_blocks(const g2_part *parts, int np, int64_t row_bytes, int64_t unit, int nt,
+                           int64_t *first) {
+    int64_t nblk = (256 * 1024) / (row_bytes > 0 ? row_bytes : 1);
+    nblk = nblk / unit * unit;
+    if (nblk < unit) nblk = unit;
+    while (nblk > unit && count_blocks(parts, np, nblk) < 4 * (int64_t)nt) nblk -= unit;
+    if (nt > 1 && count_blocks(parts, np, nblk) % nt)
+        for (int64_t b = nblk - unit; b >= nblk / 2 && b >= unit; b -= unit)
+            if (count_blocks(parts, np, b) % nt == 0) {
+                nblk = b;
+                break;
+            }
+    first[0] = 0;
+    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + nblk - 1) / nblk;
+    return nblk;
+}
+
 /* Small M (M < G2_DP_MIN_M, or any M for the f32 weights' tiles when MR=1 is used): parallel
  * over blocks of W rows (~gemv_bytes() of weights each, static), every thread streams whole
  * contiguous blocks; inside a block each x row runs over all tiles of NR rows. */
@@ -633,23 +654,9 @@ static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int
 static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
                       int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
                       int64_t nb, int nt, int widen_fmt, int widen_to_bf16, int64_t trow_bytes) {
-    int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
-    for (int p = 0; p < np; p++) Ntot += parts[p].N;
-    int64_t nblk = (256 * 1024) / (trow_bytes > 0 ? trow_bytes : 1);
-    nblk = nblk / NR_MAIN * NR_MAIN;
-    if (nblk < NR_MAIN) nblk = NR_MAIN;
-    while (nblk > NR_MAIN && (Ntot + nblk - 1) / nblk < 4 * (int64_t)nt) nblk -= NR_MAIN;
-    int64_t nblocks = count_blocks(parts, np, nblk);
-    if (nt > 1 && nblocks % nt) { /* equal shares: 19 blocks on 2 threads left one idle 1/19 */
-        for (int64_t b = nblk - NR_MAIN; b >= nblk / 2 && b >= NR_MAIN; b -= NR_MAIN)
-            if (count_blocks(parts, np, b) % nt == 0) {
-                nblk = b;
-                break;
-            }
-    }
-    first[0] = 0;
-    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + nblk - 1) / nblk;
-    nblocks = first[np];
+    int64_t first[G2_MAX_PARTS + 1];
+    const int64_t nblk = plan_blocks(parts, np, trow_bytes, NR_MAIN, nt, first);
+    const int64_t nblocks = first[np];
     int fail = 0;
     const char *xc = (const char *)x;
 #pragma omp parallel num_threads(nt)
@@ -676,10 +683,7 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
                 const char *wblk = pt->w + n0 * wrow_bytes;
                 const float *sblk = pt->sc ? pt->sc + n0 * nb : NULL;
                 if (widen_fmt >= 0) {
-                    if (widen_fmt == G2_W_INT8 && widen_to_bf16 == 1 && use_bf16dp())
-                        widen_i8_bf16((const int8_t *)wblk, sblk, n1 - n0, K, block, nb, (uint16_t *)scratch, K);
-                    else
-                        widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
+                    widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
                     wblk = scratch;
                     sblk = NULL;
                 }
@@ -712,29 +716,15 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
     uint32_t *xp = (uint32_t *)malloc((size_t)(npan * 32 * K2) * sizeof(uint32_t));
     if (!xp) return -1;
     pack_x_op(x, M, K, xp, nt);
-    int64_t Ntot = 0, first[G2_MAX_PARTS + 1];
-    for (int p = 0; p < np; p++) Ntot += parts[p].N;
     const int64_t trow = K * 2; /* bf16 row bytes (int8 rows once widened) */
     /* rows 2 KB-multiples apart (K = 1024, 2048, ...) fall into the same few L1 sets and 14 of them
      * thrash its 8 ways (o_proj, K = 2048: 230 instead of 400 GFLOP/s): such blocks are copied
      * with one spare cache line per row first */
     const int pad = (trow % 2048) == 0;
     const int64_t ldw = pad ? K + 32 : K;
-    int64_t nblk = (256 * 1024) / trow;
-    nblk = nblk / G2_OP_NR * G2_OP_NR;
-    if (nblk < G2_OP_NR) nblk = G2_OP_NR;
-    while (nblk > G2_OP_NR && count_blocks(parts, np, nblk) < 4 * (int64_t)nt) nblk -= G2_OP_NR;
-    int64_t nblocks = count_blocks(parts, np, nblk);
-    if (nt > 1 && nblocks % nt) { /* equal shares */
-        for (int64_t b = nblk - G2_OP_NR; b >= nblk / 2 && b >= G2_OP_NR; b -= G2_OP_NR)
-            if (count_blocks(parts, np, b) % nt == 0) {
-                nblk = b;
-                break;
-            }
-    }
-    first[0] = 0;
-    for (int p = 0; p < np; p++) first[p + 1] = first[p] + (parts[p].N + nblk - 1) / nblk;
-    nblocks = first[np];
+    int64_t first[G2_MAX_PARTS + 1];
+    const int64_t nblk = plan_blocks(parts, np, trow, G2_OP_NR, nt, first);
+    const int64_t nblocks = first[np];
     int fail = 0;
 #pragma omp parallel num_threads(nt)
     {
