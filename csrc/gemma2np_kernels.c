@@ -560,6 +560,26 @@ static inline int part_of(const int64_t *first, int np, int64_t jb) {
     return p;
 }
 
+/* global block jb of `rows` rows -> its part and the part's rows [*n0, *n1) */
+static inline const g2_part *block_rows(const g2_part *parts, const int64_t *first, int np, int64_t jb,
+                                        int64_t rows, int64_t *n0, int64_t *n1) {
+    const int p = part_of(first, np, jb);
+    *n0 = (jb - first[p]) * rows;
+    *n1 = G2_MIN(parts[p].N, *n0 + rows);
+    return &parts[p];
+}
+
+/* Per-thread scratch of the prefill drivers: one allocation for all threads, made before the
+ * parallel region (so a failure is reported without any thread having started), sliced by
+ * thread number. */
+static inline int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
 /* widen_rows(G2_W_INT8, 1, ...) for the vdpbf16ps tiles, with the avx512_bf16 converter:
  * vcvtne2ps2bf16 rounds 32 values at once (RNE, quiet NaN: rne_bf16_epi32's bits) but flushes a
  * denormal q*s (a block with absmax < ~1e-36) to zero -- which vdpbf16ps does with a denormal
@@ -629,10 +649,9 @@ static void gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *x, int
     const char *xc = (const char *)x;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nblocks > 1 && nt > 1)
     for (jb = 0; jb < nblocks; jb++) {
-        const int p = part_of(first, np, jb);
-        const g2_part *pt = &parts[p];
+        int64_t n0, n1;
+        const g2_part *pt = block_rows(parts, first, np, jb, rows, &n0, &n1);
         const int64_t N = pt->N;
-        int64_t n0 = (jb - first[p]) * rows, n1 = G2_MIN(N, n0 + rows);
         for (int64_t m = 0; m < M; m++) {
             int64_t n = n0;
             for (; n + NRM <= n1; n += NRM)
@@ -657,53 +676,43 @@ static int gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_byt
     int64_t first[G2_MAX_PARTS + 1];
     const int64_t nblk = plan_blocks(parts, np, trow_bytes, NR_MAIN, nt, first);
     const int64_t nblocks = first[np];
-    int fail = 0;
     const char *xc = (const char *)x;
+    char *scratch_all = NULL;
+    if (widen_fmt >= 0 && !(scratch_all = (char *)malloc((size_t)(nt * nblk * trow_bytes)))) return -1;
 #pragma omp parallel num_threads(nt)
     {
-        char *scratch = NULL;
-        if (widen_fmt >= 0) {
-            scratch = (char *)malloc((size_t)(nblk * trow_bytes));
-            if (!scratch) {
-#pragma omp atomic write
-                fail = 1;
-            }
-        }
-#pragma omp barrier
-        if (!fail) {
-            /* W block outer (it stays in L2 while every x row runs over it; x comes from L3):
-             * measured faster for every format/shape than keeping an x chunk in L2 instead */
-            int64_t jb;
+        char *scratch = scratch_all ? scratch_all + (size_t)thread_id() * (size_t)(nblk * trow_bytes) : NULL;
+        /* W block outer (it stays in L2 while every x row runs over it; x comes from L3):
+         * measured faster for every format/shape than keeping an x chunk in L2 instead */
+        int64_t jb;
 #pragma omp for schedule(dynamic, 1)
-            for (jb = 0; jb < nblocks; jb++) {
-                const int p = part_of(first, np, jb);
-                const g2_part *pt = &parts[p];
-                const int64_t N = pt->N;
-                int64_t n0 = (jb - first[p]) * nblk, n1 = G2_MIN(N, n0 + nblk);
-                const char *wblk = pt->w + n0 * wrow_bytes;
-                const float *sblk = pt->sc ? pt->sc + n0 * nb : NULL;
-                if (widen_fmt >= 0) {
-                    widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
-                    wblk = scratch;
-                    sblk = NULL;
+        for (jb = 0; jb < nblocks; jb++) {
+            int64_t n0, n1;
+            const g2_part *pt = block_rows(parts, first, np, jb, nblk, &n0, &n1);
+            const int64_t N = pt->N;
+            const char *wblk = pt->w + n0 * wrow_bytes;
+            const float *sblk = pt->sc ? pt->sc + n0 * nb : NULL;
+            if (widen_fmt >= 0) {
+                widen_rows(widen_fmt, widen_to_bf16, wblk, sblk, n1 - n0, K, block, nb, scratch);
+                wblk = scratch;
+                sblk = NULL;
+            }
+            int64_t m = 0;
+            while (m < M) {
+                int mr = (M - m >= 4) ? 1 : 0;
+                int64_t n = n0;
+                while (n < n1) {
+                    int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
+                    tiles[mr][nr](xc + m * xrow_bytes, K, wblk + (n - n0) * trow_bytes,
+                                  sblk ? sblk + (n - n0) * nb : NULL, block, nb, pt->y + m * N + n, N);
+                    n += nr ? NR_MAIN : 1;
                 }
-                int64_t m = 0;
-                while (m < M) {
-                    int mr = (M - m >= 4) ? 1 : 0;
-                    int64_t n = n0;
-                    while (n < n1) {
-                        int nr = (n1 - n >= NR_MAIN) ? 1 : 0;
-                        tiles[mr][nr](xc + m * xrow_bytes, K, wblk + (n - n0) * trow_bytes,
-                                      sblk ? sblk + (n - n0) * nb : NULL, block, nb, pt->y + m * N + n, N);
-                        n += nr ? NR_MAIN : 1;
-                    }
-                    m += mr ? 4 : 1;
-                }
+                m += mr ? 4 : 1;
             }
         }
-        free(scratch);
     }
-    return fail ? -1 : 0;
+    free(scratch_all);
+    return 0;
 }
 
 /* The rounded (dp) semantics with vdpbf16ps: W blocks as in gemm_drive (int8 blocks widened to
@@ -725,54 +734,48 @@ static int gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *pa
     int64_t first[G2_MAX_PARTS + 1];
     const int64_t nblk = plan_blocks(parts, np, trow, G2_OP_NR, nt, first);
     const int64_t nblocks = first[np];
-    int fail = 0;
+    const size_t sbytes = (size_t)(nblk * ldw) * sizeof(uint16_t);
+    uint16_t *scratch_all = NULL;
+    if ((widen_int8 || pad) && !(scratch_all = (uint16_t *)malloc((size_t)nt * sbytes))) {
+        free(xp);
+        return -1;
+    }
 #pragma omp parallel num_threads(nt)
     {
-        uint16_t *scratch = NULL;
-        if (widen_int8 || pad) {
-            scratch = (uint16_t *)malloc((size_t)(nblk * ldw) * sizeof(uint16_t));
-            if (!scratch) {
-#pragma omp atomic write
-                fail = 1;
-            }
-        }
-#pragma omp barrier
-        if (!fail) {
-            int64_t jb;
+        uint16_t *scratch = scratch_all ? (uint16_t *)((char *)scratch_all + (size_t)thread_id() * sbytes) : NULL;
+        int64_t jb;
 #pragma omp for schedule(dynamic, 1)
-            for (jb = 0; jb < nblocks; jb++) {
-                const int p = part_of(first, np, jb);
-                const g2_part *pt = &parts[p];
-                const int64_t N = pt->N;
-                int64_t n0 = (jb - first[p]) * nblk, n1 = G2_MIN(N, n0 + nblk);
-                const uint16_t *wblk;
-                if (widen_int8) {
-                    widen_i8_bf16((const int8_t *)pt->w + n0 * K, pt->sc + n0 * nb, n1 - n0, K, block, nb, scratch, ldw);
-                    wblk = scratch;
-                } else if (pad) {
-                    for (int64_t r = 0; r < n1 - n0; r++)
-                        memcpy(scratch + r * ldw, (const uint16_t *)pt->w + (n0 + r) * K, (size_t)trow);
-                    wblk = scratch;
-                } else {
-                    wblk = (const uint16_t *)pt->w + n0 * K;
-                }
-                for (int64_t pn = 0; pn < npan; pn++) {
-                    const int64_t m0 = 32 * pn, left = M - m0;
-                    const int mp = left > 16 ? 1 : 0; /* 32- or 16-row panel */
-                    const uint32_t *xpp = xp + m0 * K2;
-                    int64_t n = n0;
-                    for (int v = 0; v < 5; v++) {
-                        const int nr = g_op_nr[v];
-                        for (; n + nr <= n1; n += nr)
-                            g_op_tiles[mp][v](xpp, K2, odd, wblk + (n - n0) * ldw, ldw, pt->y + m0 * N + n, N, left);
-                    }
+        for (jb = 0; jb < nblocks; jb++) {
+            int64_t n0, n1;
+            const g2_part *pt = block_rows(parts, first, np, jb, nblk, &n0, &n1);
+            const int64_t N = pt->N;
+            const uint16_t *wblk;
+            if (widen_int8) {
+                widen_i8_bf16((const int8_t *)pt->w + n0 * K, pt->sc + n0 * nb, n1 - n0, K, block, nb, scratch, ldw);
+                wblk = scratch;
+            } else if (pad) {
+                for (int64_t r = 0; r < n1 - n0; r++)
+                    memcpy(scratch + r * ldw, (const uint16_t *)pt->w + (n0 + r) * K, (size_t)trow);
+                wblk = scratch;
+            } else {
+                wblk = (const uint16_t *)pt->w + n0 * K;
+            }
+            for (int64_t pn = 0; pn < npan; pn++) {
+                const int64_t m0 = 32 * pn, left = M - m0;
+                const int mp = left > 16 ? 1 : 0; /* 32- or 16-row panel */
+                const uint32_t *xpp = xp + m0 * K2;
+                int64_t n = n0;
+                for (int v = 0; v < 5; v++) {
+                    const int nr = g_op_nr[v];
+                    for (; n + nr <= n1; n += nr)
+                        g_op_tiles[mp][v](xpp, K2, odd, wblk + (n - n0) * ldw, ldw, pt->y + m0 * N + n, N, left);
                 }
             }
         }
-        free(scratch);
     }
+    free(scratch_all);
     free(xp);
-    return fail ? -1 : 0;
+    return 0;
 }
 
 static const tile_fn g_tiles_f32[2][2] = {{tile_0_1_1, tile_0_1_4}, {tile_0_4_1, tile_0_4_4}};
