@@ -25,6 +25,7 @@ from .cache import CacheError, Gemma2Cache
 from .checkpoint import (CheckpointError, bfloat16, check_state_dict, copy_to_ram, gather_rows, load_state_dict,
                          release_pages, save_state_dict)
 from .config import CONFIG_NAME, Gemma2Config
+from .parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from .outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -107,6 +108,7 @@ class Gemma2PreTrainedModel:
         strict: bool = True,
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
+        tensor_parallel: bool = False,
     ):
         if not isinstance(config, Gemma2Config):
             raise TypeError(f"config must be a Gemma2Config, got {type(config).__name__}")
@@ -119,7 +121,13 @@ class Gemma2PreTrainedModel:
         if state_dict is None:
             state_dict = self._random_state_dict(seed)
         self._mmap = mmap
+        # this rank's shard under mpiexec (gemma2np.parallel), else every hook is the identity
+        self.tp = make_tensor_parallel(config, tensor_parallel)
         self._load(state_dict, backend=backend, weights=weights, n_threads=n_threads, strict=strict, progress=progress)
+        if self.tp.parallel:  # every rank runs rank 0's calls (errors from checking them are raised by all)
+            self.forward = self.tp.follow_root(self.forward, (InputError, CacheError, TypeError))
+            if hasattr(self, "generate"):
+                self.generate = self.tp.follow_root_generate(self.generate, (InputError, CacheError, TypeError))
 
     # ------------------------------------------------------------------ names and shapes
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -205,11 +213,13 @@ class Gemma2PreTrainedModel:
         if self.backend.name != "numpy" and dt != np.float32:
             raise ValueError(f"backend {self.backend.name!r} computes in float32; dtype={dt.name} needs backend='numpy'")
 
+        tp = self.tp
+
         def lin(name, bias_name=None):
-            w = state[name]
+            w = tp.shard(name, state[name])  # tensor-parallel: this rank's rows / columns
             if not getattr(self, "_mmap", True):
                 w = copy_to_ram(w)  # mmap=False: private copy (huge pages), file pages released as it goes
-            b = state.get(bias_name) if bias_name else None
+            b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
             kw = {"weights": weights}
             if self.backend.name == "numpy":
                 kw["dtype"] = dt
@@ -260,6 +270,7 @@ class Gemma2PreTrainedModel:
         config: Gemma2Config | None = None,
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
+        tensor_parallel: bool = False,
         **config_overrides,
     ):
         """Load an HF-format directory: config.json + model.safetensors (or shards + index), f32/f16/bf16.
@@ -273,7 +284,18 @@ class Gemma2PreTrainedModel:
                  False: weights are copied into process memory as they load (file pages released behind,
                  so RSS still ends at ~1x the weights), like llama.cpp's --no-mmap: slower to load, then
                  independent of the page cache (and backed by huge pages where the OS gives them).
+        tensor_parallel: under `mpiexec -n N` (N > 1), each rank holds its slice of every layer and the LM
+                 head (gemma2np.parallel); every rank follows rank 0's forward / generate calls. A rank
+                 that fails to load makes every rank raise (rank 0 reports it). One process: no effect.
         """
+        return load_collectively(lambda: cls._from_pretrained(
+            pretrained_model_name_or_path, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads,
+            gguf_file=gguf_file, config=config, progress=progress, mmap=mmap, tensor_parallel=tensor_parallel,
+            **config_overrides), tensor_parallel)
+
+    @classmethod
+    def _from_pretrained(cls, pretrained_model_name_or_path, *, backend, dtype, weights, n_threads, gguf_file,
+                         config, progress, mmap, tensor_parallel, **config_overrides):
         path = os.fspath(pretrained_model_name_or_path)
         if gguf_file is not None:
             from .gguf_io import load_gguf
@@ -290,7 +312,7 @@ class Gemma2PreTrainedModel:
             cfg = config or Gemma2Config.from_pretrained(path, **config_overrides)
             state = _adapt_prefix(load_state_dict(path), cls.head_kind)
         model = cls(cfg, state, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads, progress=progress,
-                    mmap=mmap)
+                    mmap=mmap, tensor_parallel=tensor_parallel)
         model.name_or_path = path
         return model
 
@@ -599,7 +621,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         rec = self._recorder
         be = self.backend
         B, T, _ = h.shape
-        H, K, D = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        H, K, D = self.tp.n_heads, self.tp.n_kv_heads, c.head_dim  # this rank's heads (all of them unsplit)
 
         # --- attention block ---------------------------------------------------------------
         residual = h
@@ -646,7 +668,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if rec:
             rec(f"layers.{i}.attn_probs", probs)
         attn = attn.transpose(0, 2, 1, 3).reshape(B, T, H * D)
-        attn = be.linear(attn, w.o_proj)
+        attn = self.tp.allreduce(be.linear(attn, w.o_proj))  # tensor-parallel: sum of the ranks' partials
         if rec:
             rec(f"layers.{i}.attn_out", attn)
         attn = self._rms_norm(attn, w.post_attention_layernorm, c.rms_norm_eps)
@@ -665,7 +687,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         if rec:
             rec(f"layers.{i}.gate", gate)
             rec(f"layers.{i}.up", up)
-        y = be.linear(self._geglu(gate, up, c.hidden_activation), w.down_proj)
+        y = self.tp.allreduce(be.linear(self._geglu(gate, up, c.hidden_activation), w.down_proj))
         if rec:
             rec(f"layers.{i}.ffn_out", y)
         y = self._rms_norm(y, w.post_feedforward_layernorm, c.rms_norm_eps)
@@ -674,7 +696,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         h = residual + y
         if rec and i < c.num_hidden_layers - 1:
             rec(f"layers.{i}.output", h)
-        return h, (probs if output_attentions else None)
+        return h, (self.tp.gather_heads(probs) if output_attentions else None)
 
 
 def _linears(be, x, handles):
@@ -767,7 +789,8 @@ class Gemma2ForCausalLM(_WithBase):
             h = h[:, -logits_to_keep:] if logits_to_keep else h
         else:
             h = h[:, np.asarray(logits_to_keep)]
-        logits = self.backend.linear(h, self.lm_head)  # (B, T', V)
+        # (B, T', V); tensor-parallel: each rank's vocabulary rows, gathered into the full logits
+        logits = self.tp.gather_vocab(self.backend.linear(h, self.lm_head))
         rec = self.model._recorder
         if rec:
             rec("logits_raw", logits)

@@ -22,8 +22,10 @@ vocabulary rows, i.e. more ranks than intermediate_size or vocab_size):
   * N > num_key_value_heads (e.g. 3 ranks, 2 KV heads): the ranks are split into K contiguous blocks,
     block g serves KV head g, and the r = H / K query heads of that group are split over the block's
     ranks. That KV head (its k/v rows and its cache) is then replicated on the ranks of the block, as
-    vLLM does. A rank left with no query head (N > H) holds no attention weights and contributes a
-    zero partial sum.
+    vLLM does. A rank left with no query head (N > H, e.g. 3 ranks for 2 heads) computes one
+    placeholder head (a copy of its group's first head) whose o_proj columns are zeros, so its
+    partial sum is exactly zero and the decoder needs no special case; its probabilities are left
+    out of output_attentions.
   Either way every rank's query heads use their KV heads in repeat_interleave order with one
   uniform local ratio, so the attention code runs unchanged on the local head counts.
 
@@ -63,8 +65,9 @@ class ShardPlan:
     rank: int
     size: int
     head_dim: int
-    q_heads: range
-    kv_heads: range
+    q_heads: range      # the query heads this rank contributes (empty: a placeholder rank, see above)
+    kv_heads: range     # the KV heads it holds (and caches)
+    compute_heads: range  # the query heads it computes: q_heads, or one placeholder head
     ffn: range
     vocab: range
     num_attention_heads: int
@@ -86,7 +89,7 @@ class ShardPlan:
             g = next(i for i, b in enumerate(blocks) if rank in b)
             part = even_split(r, len(blocks[g]))[rank - blocks[g].start]
             q = range(g * r + part.start, g * r + part.stop)
-            kv = range(g, g + 1) if len(q) else range(g, g)
+            kv = range(g, g + 1)
         I, V = config.intermediate_size, config.vocab_size
         if I < size:
             raise ParallelError(f"cannot split intermediate_size {I} over {size} ranks (one unit per rank at least)")
@@ -96,12 +99,13 @@ class ShardPlan:
         units = even_split(I // g, size)[rank]
         ffn = range(units.start * g, units.stop * g)
         vocab = even_split(V, size)[rank]
-        return cls(rank, size, D, q, kv, ffn, vocab, H, K, I, V)
+        compute = q if len(q) else range(kv.start * r, kv.start * r + 1)
+        return cls(rank, size, D, q, kv, compute, ffn, vocab, H, K, I, V)
 
     # ------------------------------------------------------------------ local sizes
     @property
-    def n_heads(self) -> int:
-        return len(self.q_heads)
+    def n_heads(self) -> int:  # query heads the layer computes on this rank (>= 1)
+        return len(self.compute_heads)
 
     @property
     def n_kv_heads(self) -> int:
@@ -113,8 +117,8 @@ class ShardPlan:
 
     # ------------------------------------------------------------------ slices of the weight matrices
     @property
-    def q_rows(self) -> slice:  # rows of q_proj, columns of o_proj
-        return slice(self.q_heads.start * self.head_dim, self.q_heads.stop * self.head_dim)
+    def q_rows(self) -> slice:  # rows of q_proj (and, unless a placeholder, columns of o_proj)
+        return slice(self.compute_heads.start * self.head_dim, self.compute_heads.stop * self.head_dim)
 
     @property
     def kv_rows(self) -> slice:
@@ -161,6 +165,9 @@ class ShardPlan:
             return a[sl]
         if a.ndim != 2:
             raise ParallelError(f"{name}: expected a 2-D weight to split by columns, got shape {a.shape}")
+        if not self.has_attention and self.rule(name) == ("cols", self.q_rows) and ".o_proj." in name:
+            # placeholder head: zero columns, an exactly zero partial sum (x * 0 = +-0 adds nothing)
+            return np.zeros((a.shape[0], sl.stop - sl.start), a.dtype)
         from ..checkpoint import release_pages
 
         out = np.empty((a.shape[0], sl.stop - sl.start), a.dtype)
@@ -171,7 +178,8 @@ class ShardPlan:
         return out
 
     def describe(self) -> str:
-        return (f"rank {self.rank}/{self.size}: query heads {_fmt(self.q_heads)}, KV heads {_fmt(self.kv_heads)}, "
+        return (f"rank {self.rank}/{self.size}: query heads {_fmt(self.q_heads)}"
+                f"{'' if self.has_attention else ' (one placeholder head)'}, KV heads {_fmt(self.kv_heads)}, "
                 f"intermediate {_fmt(self.ffn)}, vocab {_fmt(self.vocab)}")
 
 
