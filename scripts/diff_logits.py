@@ -163,7 +163,7 @@ def compare(pa: str, pb: str, allow: str | None) -> int:
         prefixes = sorted({"/".join(k.split("/")[:2]) for k in only_b})
         print(f"only in {pb}: {len(only_b)} arrays, from {prefixes}")
     # inside B: recording / output_attentions never change the outputs of a variant
-    selfbad = []
+    selfbad, checked = [], 0
     for k in sorted(kb):
         if k.endswith("/plain/logits"):
             base = k[: -len("/plain/logits")]
@@ -171,8 +171,19 @@ def compare(pa: str, pb: str, allow: str | None) -> int:
                 other = f"{base}/{case}/logits"
                 if other in kb and not _same(B[k], B[other]):
                     selfbad.append(other)
+            # recorded tensors are the ones the unrecorded pass returns: hidden states and attentions
+            n = sum(1 for x in kb if x.startswith(f"{base}/plain/hidden."))
+            pairs = [(f"{base}/plain/hidden.0", f"{base}/rec/rec.embeddings"),
+                     (f"{base}/plain/hidden.{n - 1}", f"{base}/rec/rec.final_norm")]
+            pairs += [(f"{base}/plain/hidden.{i + 1}", f"{base}/rec/rec.layers.{i}.output") for i in range(n - 2)]
+            pairs += [(f"{base}/attn/attentions.{i}", f"{base}/rec/rec.layers.{i}.attn_probs") for i in range(n - 1)]
+            for x, y in pairs:
+                checked += 1
+                if x not in kb or y not in kb or not _same(B[x], B[y]):
+                    selfbad.append(y)
     print(f"self-check of {pb}: {'every' if not selfbad else 'NOT every'} variant's attn/rec logits equal its "
-          f"plain logits bitwise" + (f": {selfbad}" if selfbad else ""))
+          f"plain logits bitwise, and {checked - len(selfbad)}/{checked} recorded hidden states / attention probs "
+          f"equal the returned ones" + (f"; differing: {selfbad[:8]}" if selfbad else ""))
     return 1 if bad or selfbad else 0
 
 
