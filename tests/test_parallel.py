@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gemma2np import Gemma2Config
-from gemma2np.kernels import reference as twins
+from gemma2np.kernels import twins
 from gemma2np.parallel import (ParallelError, RankError, ShardPlan, SingleProcessComm, even_split, map_windows,
                                merge_argmax, merge_topk)
 from gemma2np.parallel.merge import local_argmax, local_topk

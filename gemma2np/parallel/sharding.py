@@ -43,7 +43,7 @@ from .comm import ParallelError
 
 __all__ = ["ShardPlan", "even_split", "GRANULE"]
 
-GRANULE = 32  # = the default int8 block (kernels.reference.DEFAULT_INT8_BLOCK), see the module doc
+GRANULE = 32  # = the default int8 block (kernels.twins.DEFAULT_INT8_BLOCK), see the module doc
 
 
 def even_split(n: int, parts: int) -> list[range]:

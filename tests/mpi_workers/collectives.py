@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from gemma2np.kernels import reference as twins
+from gemma2np.kernels import twins
 from gemma2np.parallel import RankError, even_split, get_comm, install_abort_on_error, map_windows
 from gemma2np.parallel.merge import gather_logits, global_argmax, global_topk
 
