@@ -101,6 +101,7 @@ def _load_model(args, path: str):
             warnings.simplefilter("ignore")
             model = Gemma2ForCausalLM.from_pretrained(
                 path, backend=args.backend, weights=args.weights, n_threads=args.threads, progress=bar,
+                tensor_parallel=True,  # under mpiexec -n N > 1 (parallel/launch.py); one process: no effect
             )
     except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError/ConfigError are ValueErrors
         raise UserError(f"cannot load the model from {path}: {_one_line(e)}") from None
@@ -528,8 +529,11 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
+    from .parallel.launch import cli_session
+
     try:
-        return int(args.func(args) or 0)
+        with cli_session(args):  # under mpiexec: tensor-parallel, only rank 0 prints (one process: nothing)
+            return int(args.func(args) or 0)
     except UserError as e:
         print(f"gemma2np {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -33,14 +33,17 @@ def _mpiexec():
     return exe
 
 
-def run_mpi(n: int, script: str, *args, timeout: float = 120.0, threads: int = 1):
-    """Run a worker on n ranks; returns the CompletedProcess (stdout/stderr text, returncode)."""
+def run_mpi(n: int, script: str, *args, timeout: float = 120.0, threads: int = 1, input=None):
+    """Run a worker (or, script="-m", a module) on n ranks (n = 0: one process without mpiexec);
+    returns the CompletedProcess (stdout/stderr text, returncode)."""
     exe = _mpiexec()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
-    cmd = [exe, "-n", str(n), sys.executable, str(WORKERS / script), *map(str, args)]
+    target = ["-m"] if script == "-m" else [str(WORKERS / script)]
+    cmd = ([exe, "-n", str(n)] if n else []) + [sys.executable, *target, *map(str, args)]
     try:
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              input=input, stdin=None if input is not None else subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"{' '.join(cmd)} did not finish within {timeout} s (a hang):\n{e.stderr}")
 
@@ -109,3 +112,34 @@ def test_goldens_through_tensor_parallel(n, tmp_path):
     assert sum(rank["sharded"] for rank in w["ranks"]) >= whole
     if n == 2:  # 2 ranks, 2 KV heads: an exact split
         assert all(rank["sharded"] * 2 == whole for rank in w["ranks"])
+
+
+GEN = ["gemma2np", "generate", "--prompt", "ROMEO:", "--max-new-tokens", "24", "--do-sample", "--temperature", "0.9",
+       "--top-k", "40", "--seed", "3"]
+
+
+@pytest.mark.parametrize("n,backend", [(2, "numpy"), (3, "native")])
+def test_cli_generate_under_mpiexec(n, backend):
+    """`mpiexec -n N gemma2np generate ...` is tensor-parallel, prints once (rank 0), and samples the
+    same text as one process with the same seed (the bundled model: bf16 weights on native)."""
+    from gemma2np.kernels import native_available
+
+    if backend == "native" and not native_available():
+        pytest.skip("native extension not built")
+    one = run_mpi(0, "-m", *GEN, "--backend", backend)
+    tp = run_mpi(n, "-m", *GEN, "--backend", backend)
+    assert one.returncode == 0 and tp.returncode == 0, tp.stderr
+    assert tp.stdout == one.stdout and len(tp.stdout.strip()) > 10
+    assert tp.stderr.count("prompt tokens") == 1, tp.stderr  # the timing line: rank 0 only
+
+
+def test_cli_errors_under_mpiexec_are_reported_once():
+    # every rank finds the same bad argument: one line, exit 2, no abort
+    p = run_mpi(2, "-m", "gemma2np", "generate", "--prompt", "x", "--model", "/nonexistent/model", timeout=60)
+    assert p.returncode == 2 and p.stderr.count("error:") == 1 and "MPI_Abort" not in p.stderr, p.stderr
+    # rank 0 alone has the error (only it reads the prompt): it says so, and the job ends (bounded)
+    p = run_mpi(2, "-m", "gemma2np", "generate", "--prompt", "   ", timeout=60)
+    assert p.returncode != 0 and "the prompt is empty" in p.stderr and "rank 0 failed alone" in p.stderr
+    # a command that does not run tensor-parallel
+    p = run_mpi(2, "-m", "gemma2np", "chat", timeout=60)
+    assert p.returncode == 2 and p.stderr.count("only generate runs") == 1

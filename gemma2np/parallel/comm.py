@@ -126,6 +126,9 @@ class MPIComm(Communicator):
         self.size = self.comm.Get_size()
         self.bytes_sent = 0
         self.n_allreduce = 0
+        # a communicator of its own for failure agreement (all_failed), so that it can never match a
+        # collective the healthy ranks are in on the main one
+        self._failures = self.comm.Dup()
 
     def allreduce_sum(self, x):
         x = np.ascontiguousarray(x)
@@ -167,9 +170,22 @@ class MPIComm(Communicator):
         self.comm.Barrier()
 
     def abort(self, message, code=1):
-        sys.stderr.write(f"gemma2np [rank {self.rank}/{self.size}]: {message}\n")
-        sys.stderr.flush()
+        err = sys.__stderr__ or sys.stderr  # the real stderr (the CLI silences ranks > 0's sys.stderr)
+        err.write(f"gemma2np [rank {self.rank}/{self.size}]: {message}\n")
+        err.flush()
         self.comm.Abort(code)
+
+    def all_failed(self, timeout: float = 3.0) -> bool:
+        """Called by a rank that hit an error outside any collective check: True when every rank calls it
+        within `timeout` s (they all failed the same way, e.g. the same bad argument), so they can leave
+        together and rank 0 report it once; False when some rank is elsewhere (then the job must abort)."""
+        req = self._failures.Ibarrier()
+        deadline = time.monotonic() + timeout
+        while not req.Test():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.001)
+        return True
 
     def wait_all(self, timeout: float, what: str) -> None:
         """A barrier with a deadline: if some rank does not arrive within `timeout` seconds (stuck,

@@ -142,13 +142,19 @@ class TensorParallel:
                         gen = np.random.Generator(getattr(np.random, state["bit_generator"])())
                     gen.bit_generator.state = state
                 kwargs["generator"] = gen
-            if comm.rank != 0:
-                local.pop("streamer", None)  # only rank 0 prints
+            if comm.rank != 0 and not _output_silenced():
+                local.pop("streamer", None)  # only rank 0 prints (the CLI silences the others' output instead)
             kwargs.update(local)
             return _run_collectively(comm, generate, args, kwargs, collective_errors)
 
         call._g2_follows_root = True
         return call
+
+
+def _output_silenced() -> bool:
+    from . import launch
+
+    return launch.SILENCED
 
 
 def _run_collectively(comm, fn, args, kwargs, collective_errors):
