@@ -143,3 +143,35 @@ def test_cli_errors_under_mpiexec_are_reported_once():
     # a command that does not run tensor-parallel
     p = run_mpi(2, "-m", "gemma2np", "chat", timeout=60)
     assert p.returncode == 2 and p.stderr.count("only generate runs") == 1
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_weight_formats_and_float64_tensor_parallel(n, tmp_path):
+    out = tmp_path / "formats.json"
+    p = run_mpi(n, "formats.py", out, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    print(json.dumps(res, indent=1))
+    assert all(r["greedy_equal"] for r in res.values()), res
+    assert res["numpy/float64/None"]["max_diff"] <= 1e-12  # the float64 ground truth across ranks
+    if "native/float32/float32" in res:
+        assert res["native/float32/float32"]["max_diff"] <= 1e-5
+        for fmt in ("bfloat16", "int8"):
+            r = res[f"native/float32/{fmt}"]
+            assert r["max_diff"] <= 0.5 * r["format_error"], (fmt, r)
+
+
+def test_a_rank_that_cannot_load_the_model_is_reported_once():
+    p = run_mpi(3, "failures.py", "loadfail", timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.count("Traceback") == 1, p.stderr
+    assert "1 of 3 rank(s) failed to load the model: rank 1: CheckpointError: model directory not found" in p.stderr
+    assert "unreachable" not in p.stdout
+
+
+def test_bad_input_is_checked_on_rank_0_and_reported_once():
+    p = run_mpi(2, "failures.py", "badinput", timeout=120)
+    assert p.returncode == 1, p.stderr
+    assert p.stderr.count("Traceback") == 1, p.stderr
+    assert "InputError: token id 99999 is out of range" in p.stderr
+    assert "unreachable" not in p.stdout

@@ -4,6 +4,10 @@
              -> MPI_Abort: the job ends, rank 1's traceback and a line naming the rank on stderr
   exit       rank 1 exits (os._exit(3)) while rank 0 waits -> the launcher ends the job
   check      rank 1 fails to "load": comm.check raises RankError on every rank, printed once by rank 0
+  loadfail   from_pretrained(tensor_parallel=True) where rank 1's directory does not exist: every rank
+             raises, rank 0 prints one traceback naming rank 1's CheckpointError
+  badinput   rank 0 calls the model with a token id past the vocabulary (the others with good ids): every
+             rank raises rank 0's InputError (they all check rank 0's arguments), printed once
 """
 import os
 import sys
@@ -29,4 +33,13 @@ elif mode == "exit":
 elif mode == "check":
     ok = comm.rank != 1
     comm.check(ok, "cannot read model.safetensors (simulated)", what="failed to load")
+elif mode in ("loadfail", "badinput"):
+    from gemma2np import Gemma2ForCausalLM
+
+    d = "gemma2np/data/gemma2-shakespeare"
+    if mode == "loadfail" and comm.rank == 1:
+        d = "/nonexistent/model/dir"
+    model = Gemma2ForCausalLM.from_pretrained(d, tensor_parallel=True)
+    ids = np.array([[5, 99999 if comm.rank == 0 else 6]])
+    model(input_ids=ids)
 print("unreachable: rank", comm.rank, flush=True)
