@@ -154,8 +154,12 @@ def test_weight_formats_and_float64_tensor_parallel(n, tmp_path):
     print(json.dumps(res, indent=1))
     assert all(r["greedy_equal"] for r in res.values()), res
     assert res["numpy/float64/None"]["max_diff"] <= 1e-12  # the float64 ground truth across ranks
+    # float32: logits up to |18| here (softcap 30, not the goldens' 3), so the goldens' 1e-5 bound is taken
+    # relative to the largest logit (a few float32 ulps of it); GGUF Q8_0 is dequantised to float32 at load
+    for key in ("numpy/float32/None", "gguf-q8_0/numpy", "native/float32/float32"):
+        if key in res:
+            assert res[key]["max_diff"] <= 1e-6 * res[key]["max_abs_logit"], (key, res[key])
     if "native/float32/float32" in res:
-        assert res["native/float32/float32"]["max_diff"] <= 1e-5
         for fmt in ("bfloat16", "int8"):
             r = res[f"native/float32/{fmt}"]
             assert r["max_diff"] <= 0.5 * r["format_error"], (fmt, r)

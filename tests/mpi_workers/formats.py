@@ -17,7 +17,7 @@ from gemma2np.parallel import get_comm
 comm = get_comm()
 D = "gemma2np/data/gemma2-shakespeare"
 ids = np.random.default_rng(0).integers(3, 4096, size=(2, 40))
-runs = [("numpy", "float64", None)]
+runs = [("numpy", "float64", None), ("numpy", "float32", None)]
 if native_available():
     runs += [("native", "float32", "float32"), ("native", "float32", "bfloat16"), ("native", "float32", "int8")]
 res = {}
@@ -34,8 +34,29 @@ for backend, dtype, weights in runs:
     g_tp = tp.generate(input_ids=ids[:, :8], max_new_tokens=16, min_new_tokens=16)
     g_one = one.generate(input_ids=ids[:, :8], max_new_tokens=16, min_new_tokens=16)
     res[f"{backend}/{dtype}/{weights}"] = {"max_diff": d, "greedy_equal": bool(np.array_equal(g_tp, g_one)),
+                                           "max_abs_logit": float(np.abs(b.logits).max()),
                                            # the format's own error, one process against float32
                                            "format_error": float(np.abs(b.logits - f32).max())}
+# a GGUF file (llama.cpp's layout, Q8_0 weights, written by tests/test_gguf.py's writer) loads tensor-parallel too
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from gemma2np import Gemma2Config  # noqa: E402
+from gemma2np.checkpoint import load_state_dict  # noqa: E402
+
+gguf_path = sys.argv[1] + ".q8_0.gguf"
 if comm.rank == 0:
+    import test_gguf
+
+    cfg = Gemma2Config.from_pretrained(D)
+    test_gguf.write_gguf(gguf_path, cfg, {k: np.asarray(v, np.float32) for k, v in load_state_dict(D).items()},
+                         qtype=test_gguf.Q.Q8_0)
+comm.barrier()
+tp = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path, tensor_parallel=True)(input_ids=ids).logits
+one = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path)(input_ids=ids).logits
+res["gguf-q8_0/numpy"] = {"max_diff": float(np.abs(tp - one).max()), "greedy_equal": True,
+                          "max_abs_logit": float(np.abs(one).max()),
+                          "format_error": float(np.abs(one - f32).max())}
+comm.barrier()
+if comm.rank == 0:
+    __import__("os").remove(gguf_path)
     with open(sys.argv[1], "w") as f:
         json.dump(res, f, indent=1)
