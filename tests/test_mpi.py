@@ -179,3 +179,20 @@ def test_bad_input_is_checked_on_rank_0_and_reported_once():
     assert p.stderr.count("Traceback") == 1, p.stderr
     assert "InputError: token id 99999 is out of range" in p.stderr
     assert "unreachable" not in p.stdout
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_each_rank_maps_only_its_slices(n, tmp_path):
+    """Measured resident memory (RSS growth over load + a forward pass that reads every weight) of each
+    rank against one process holding the whole 179 MB model: a fraction near 1/N (what is left is the
+    rank's activations, the gathered logits and MPI's buffers, ~10-20 MB here)."""
+    out = tmp_path / "resident.json"
+    p = run_mpi(n, "resident.py", out, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(out.read_text())
+    whole = res["whole"]
+    assert whole >= 0.9 * res["file_bytes"]  # one process: every weight page resident after the forward
+    shares = [r / whole for r in res["ranks"]]
+    print(f"\n-n {n}: resident per rank {[f'{r / 1e6:.0f} MB' for r in res['ranks']]} = {[f'{s:.2f}' for s in shares]}"
+          f" of one process ({whole / 1e6:.0f} MB)")
+    assert all(s < 1 / n + 0.2 for s in shares), shares
