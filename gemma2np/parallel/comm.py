@@ -175,7 +175,7 @@ class MPIComm(Communicator):
         err.flush()
         self.comm.Abort(code)
 
-    def all_failed(self, timeout: float = 3.0) -> bool:
+    def all_failed(self, timeout: float = 10.0) -> bool:
         """Called by a rank that hit an error outside any collective check: True when every rank calls it
         within `timeout` s (they all failed the same way, e.g. the same bad argument), so they can leave
         together and rank 0 report it once; False when some rank is elsewhere (then the job must abort)."""
@@ -253,12 +253,16 @@ def install_abort_on_error(comm: Communicator) -> None:
     def hook(etype, value, tb):
         collective = isinstance(value, RankError) or getattr(value, "_g2_reported_on_root", False)
         if collective:
-            # every rank raised the same error at the same point: nobody is stuck in a collective
+            # every rank raised the same error at the same point: nobody is stuck in a collective. Rank 0
+            # prints it; then all meet (so no rank's exit makes the launcher kill rank 0 mid-print) and
+            # leave normally, exit status 1; a rank that never arrives makes it an abort after all.
             if comm.rank == 0:
                 previous(etype, value, tb)
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(1)
+            if getattr(comm, "all_failed", lambda timeout: True)(timeout=60.0):
+                return
+            comm.abort(f"{etype.__name__}: {value} (some rank did not leave with the others)")
         sys.stderr.write(f"gemma2np [rank {comm.rank}/{comm.size}]: uncaught exception, aborting the MPI job\n")
         previous(etype, value, tb)
         sys.stderr.flush()

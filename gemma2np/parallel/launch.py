@@ -7,7 +7,7 @@
     0's inside generate), so --prompt-file / stdin need to exist on rank 0's host only;
   * only the commands in TP_COMMANDS run; any other exits with one error line (code 2) on rank 0;
   * an error raised on every rank together (a collective load check, bad input checked the same way
-    on every rank, or every rank failing within 3 s: comm.all_failed) is left to the CLI's own handler,
+    on every rank, or every rank failing within 10 s: comm.all_failed) is left to the CLI's own handler,
     which rank 0 alone prints; any other exception (say, an error on rank 0 alone) would leave the other
     ranks waiting in a collective, so it is printed on the real stderr of its rank and ends the job with
     MPI_Abort.
