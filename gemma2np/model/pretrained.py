@@ -83,11 +83,11 @@ class Gemma2PreTrainedModel:
         self.dtype = np.dtype(_DTYPES[dtype])
         self.training = False
         self._tap = no_tap  # the one recording hook: record_intermediates() swaps in a recorder
-        if state_dict is None:
-            state_dict = self._random_state_dict(seed)
-        self._mmap = mmap
         # this rank's shard under mpiexec (gemma2np.parallel); one process: every tp hook is the identity
         self.tp = make_tensor_parallel(config, tensor_parallel)
+        if state_dict is None:
+            state_dict = self._random_state_dict(self.tp.same_seed(seed))  # tensor-parallel: rank 0's seed
+        self._mmap = mmap
         self._load(state_dict, backend=backend, weights=weights, n_threads=n_threads, strict=strict, progress=progress)
         if self.tp.parallel:  # every rank runs rank 0's calls; errors from checking them are raised by all
             self.forward = self.tp.follow_root(self.forward, _CHECK_ERRORS)

@@ -53,6 +53,9 @@ class Unsplit:
     def shard(self, name, a):
         return a
 
+    def same_seed(self, seed):
+        return seed
+
     def allreduce(self, x):
         return x
 
@@ -86,6 +89,12 @@ class TensorParallel:
             # only reached through the tied LM head (the embedding lookup reads whole rows itself)
             name = "lm_head.weight"
         return self.plan.shard(name, a)
+
+    def same_seed(self, seed):
+        """A random init must be the same model on every rank: rank 0's seed (fresh entropy if None)."""
+        if self.rank == 0 and seed is None:
+            seed = _fresh_seed()
+        return self.comm.bcast_obj(seed)
 
     def allreduce(self, x):
         return self.comm.allreduce_sum(x)
@@ -130,7 +139,7 @@ class TensorParallel:
             if comm.rank == 0:
                 if gen is None and kwargs.get("seed") is None:
                     # fresh OS entropy, drawn once and shared (one process would draw it in generate)
-                    kwargs["seed"] = int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
+                    kwargs["seed"] = _fresh_seed()
                 state = gen.bit_generator.state if isinstance(gen, np.random.Generator) else None
                 payload = (args, kwargs, state, gen is not None)
             else:
@@ -149,6 +158,10 @@ class TensorParallel:
 
         call._g2_follows_root = True
         return call
+
+
+def _fresh_seed() -> int:
+    return int(np.random.SeedSequence().generate_state(1, np.uint64)[0] >> 1)
 
 
 def _output_silenced() -> bool:

@@ -55,6 +55,15 @@ one = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path)(input_ids=ids).l
 res["gguf-q8_0/numpy"] = {"max_diff": float(np.abs(tp - one).max()), "greedy_equal": True,
                           "max_abs_logit": float(np.abs(one).max()),
                           "format_error": float(np.abs(one - f32).max())}
+# random init (from_config) tensor-parallel: one model across the ranks, seeded or not
+small = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, vocab_size=256, sliding_window=8)
+x = ids[:, :10] % 256
+a = Gemma2ForCausalLM.from_config(small, seed=5, tensor_parallel=True)(input_ids=x).logits
+b = Gemma2ForCausalLM.from_config(small, seed=5)(input_ids=x).logits
+u = Gemma2ForCausalLM.from_config(small, seed=None, tensor_parallel=True)(input_ids=x).logits
+res["from_config"] = {"max_diff": float(np.abs(a - b).max()), "greedy_equal": True, "max_abs_logit": 1.0,
+                      "unseeded_ranks_agree": all(np.array_equal(v, u) for v in comm.allgather_obj(u))}
 comm.barrier()
 if comm.rank == 0:
     __import__("os").remove(gguf_path)
