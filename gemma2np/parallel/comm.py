@@ -146,11 +146,12 @@ class MPIComm(Communicator):
         x = np.ascontiguousarray(x)
         axis = axis % x.ndim
         moved = np.ascontiguousarray(np.moveaxis(x, axis, 0))
-        counts = self.comm.allgather(moved.size)
+        lengths = self.comm.allgather(moved.shape[0])  # one small exchange: every rank's length along axis
+        row = int(np.prod(moved.shape[1:]))  # the other axes are the same on every rank
+        counts = [n * row for n in lengths]
         buf = np.empty(sum(counts), x.dtype)
         self.comm.Allgatherv(moved, (buf, counts))
         self.bytes_sent += x.nbytes
-        lengths = self.comm.allgather(moved.shape[0])
         parts, start = [], 0
         for n, c in zip(lengths, counts):
             parts.append(buf[start:start + c].reshape((n,) + moved.shape[1:]))

@@ -119,8 +119,12 @@ class TensorParallel:
         @functools.wraps(forward)
         def call(*args, **kwargs):
             own_cache = kwargs.pop("past_key_values", None)
-            args, kwargs = comm.bcast_obj((args, kwargs) if comm.rank == 0 else None)
-            if own_cache is not None or "past_key_values" in kwargs:
+            args, kwargs, root_has_cache = comm.bcast_obj((args, kwargs, own_cache is not None) if comm.rank == 0
+                                                          else None)
+            if root_has_cache != (own_cache is not None):
+                comm.abort(f"rank 0 {'passed' if root_has_cache else 'did not pass'} past_key_values and rank "
+                           f"{comm.rank} {'did not' if root_has_cache else 'did'}: every rank must pass its own cache")
+            if own_cache is not None:
                 kwargs["past_key_values"] = own_cache
             return _run_collectively(comm, forward, args, kwargs, collective_errors)
 
