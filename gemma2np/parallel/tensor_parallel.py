@@ -35,9 +35,11 @@ from .sharding import ShardPlan
 
 __all__ = ["Unsplit", "TensorParallel", "make_tensor_parallel", "weight_bytes", "load_collectively"]
 
-# objects of generate() that stay rank-local (not broadcast): followers stream nothing, and keep their own
-# callables (the same script makes the same ones); the generator is synchronised separately
-_LOCAL_GENERATE_ARGS = ("streamer", "logits_processor", "stopping_criteria", "tokenizer", "generator")
+# objects of generate() that stay rank-local (not broadcast): followers stream nothing, keep their own
+# callables (the same script makes the same ones) and their own KV cache (it holds their heads); the
+# generator is synchronised separately
+_LOCAL_GENERATE_ARGS = ("streamer", "logits_processor", "stopping_criteria", "tokenizer", "generator",
+                        "past_key_values")
 
 
 class Unsplit:
