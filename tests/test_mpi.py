@@ -157,6 +157,7 @@ def test_weight_formats_and_float64_tensor_parallel(n, tmp_path):
     # float32: logits up to |18| here (softcap 30, not the goldens' 3), so the goldens' 1e-5 bound is taken
     # relative to the largest logit (a few float32 ulps of it); GGUF Q8_0 is dequantised to float32 at load
     assert res["from_config"]["unseeded_ranks_agree"]  # seed=None: rank 0's fresh seed on every rank
+    assert res["save_pretrained"]["max_diff"] == 0.0  # the whole model written once, by rank 0
     for key in ("numpy/float32/None", "gguf-q8_0/numpy", "native/float32/float32", "from_config"):
         if key in res:
             assert res[key]["max_diff"] <= 1e-6 * res[key]["max_abs_logit"], (key, res[key])

@@ -93,6 +93,7 @@ class Gemma2PreTrainedModel:
             self.forward = self.tp.follow_root(self.forward, _CHECK_ERRORS)
             if hasattr(self, "generate"):
                 self.generate = self.tp.follow_root_generate(self.generate, _CHECK_ERRORS)
+            self.save_pretrained = self.tp.root_only(self.save_pretrained)  # one writer of the (whole) files
 
     # ------------------------------------------------------------------ names and shapes
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:

@@ -110,6 +110,11 @@ class TensorParallel:
         mine = probs[:, :len(self.plan.q_heads)]  # a placeholder rank contributes no head
         return self.comm.allgather(mine, axis=1)
 
+    def root_only(self, fn):
+        """fn run by rank 0 alone (save_pretrained writes the whole checkpoint, from the memory-mapped
+        files every rank loaded); the others wait, and an error there is raised on every rank."""
+        return _root_only(self.comm, fn)
+
     # ------------------------------------------------------------------ every rank follows rank 0
     def follow_root(self, forward, collective_errors=(ValueError, TypeError)):
         """forward(*args, **kwargs) on every rank with rank 0's arguments; past_key_values stays each rank's
@@ -164,6 +169,20 @@ class TensorParallel:
 
         call._g2_follows_root = True
         return call
+
+
+def _root_only(comm, fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        error = None
+        if comm.rank == 0:
+            try:
+                fn(*args, **kwargs)
+            except Exception as e:  # reported collectively: every rank raises
+                error = e
+        comm.check(error is None, f"{type(error).__name__}: {error}", what=f"failed in {fn.__name__}")
+
+    return call
 
 
 def _fresh_seed() -> int:

@@ -64,8 +64,14 @@ b = Gemma2ForCausalLM.from_config(small, seed=5)(input_ids=x).logits
 u = Gemma2ForCausalLM.from_config(small, seed=None, tensor_parallel=True)(input_ids=x).logits
 res["from_config"] = {"max_diff": float(np.abs(a - b).max()), "greedy_equal": True, "max_abs_logit": 1.0,
                       "unseeded_ranks_agree": all(np.array_equal(v, u) for v in comm.allgather_obj(u))}
+# save_pretrained: rank 0 writes the whole checkpoint (the others wait), and it reloads as the same model
+saved = comm.bcast_obj(__import__("tempfile").mkdtemp(prefix="g2-tp-save-") if comm.rank == 0 else None)
+Gemma2ForCausalLM.from_config(small, seed=5, tensor_parallel=True).save_pretrained(saved)
+c = Gemma2ForCausalLM.from_pretrained(saved)(input_ids=x).logits
+res["save_pretrained"] = {"max_diff": float(np.abs(c - b).max()), "greedy_equal": True, "max_abs_logit": 1e-6}
 comm.barrier()
 if comm.rank == 0:
+    __import__("shutil").rmtree(saved)
     __import__("os").remove(gguf_path)
     with open(sys.argv[1], "w") as f:
         json.dump(res, f, indent=1)
