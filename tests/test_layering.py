@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = {
     "config": 1, "rope": 1,
     "checkpoint": 2, "gguf_io": 2, "original": 2,
-    "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3,
+    "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3, "parallel": 3,
     "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
     "generation": 4.1,
     "model.heads": 4.2, "modeling": 4.2, "model": 4.2,

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..checkpoint import release_pages
 from .comm import ParallelError
 
 __all__ = ["ShardPlan", "even_split", "GRANULE"]
@@ -168,8 +169,6 @@ class ShardPlan:
         if not self.has_attention and self.rule(name) == ("cols", self.q_rows) and ".o_proj." in name:
             # placeholder head: zero columns, an exactly zero partial sum (x * 0 = +-0 adds nothing)
             return np.zeros((a.shape[0], sl.stop - sl.start), a.dtype)
-        from ..checkpoint import release_pages
-
         out = np.empty((a.shape[0], sl.stop - sl.start), a.dtype)
         step = max(1, (16 << 20) // max(1, a.shape[1] * a.dtype.itemsize))  # 16 MB of rows at a time
         for r0 in range(0, a.shape[0], step):

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 
+from . import launch
 from .comm import Communicator, RankError, get_comm, install_abort_on_error
 from .sharding import ShardPlan
 
@@ -190,8 +191,6 @@ def _fresh_seed() -> int:
 
 
 def _output_silenced() -> bool:
-    from . import launch
-
     return launch.SILENCED
 
 
