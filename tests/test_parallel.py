@@ -162,3 +162,18 @@ def test_map_windows_single_process():
     assert map_windows(lambda w: sum(w), [[1, 2], [3], []], c) == [3, 3, 0]
     with pytest.raises(RankError, match="ZeroDivisionError"):
         map_windows(lambda w: 1 / w, [1, 0], c)
+
+
+def test_tensor_parallel_in_one_process_is_the_plain_model():
+    """tensor_parallel=True without mpiexec: the Unsplit hooks, bitwise the plain model (forward and generate)."""
+    from gemma2np import Gemma2ForCausalLM
+    from gemma2np.parallel.tensor_parallel import Unsplit
+
+    d = "gemma2np/data/gemma2-shakespeare"
+    a = Gemma2ForCausalLM.from_pretrained(d, tensor_parallel=True)
+    b = Gemma2ForCausalLM.from_pretrained(d)
+    assert isinstance(a.tp, Unsplit) and not a.tp.parallel
+    ids = np.array([[2, 50, 60, 70, 80]])
+    np.testing.assert_array_equal(a(input_ids=ids).logits, b(input_ids=ids).logits)
+    np.testing.assert_array_equal(a.generate(input_ids=ids, max_new_tokens=5, do_sample=True, seed=1),
+                                  b.generate(input_ids=ids, max_new_tokens=5, do_sample=True, seed=1))
