@@ -231,8 +231,8 @@ examples:
   gemma2np generate --chat --prompt "Who art thou?"           # wrap in the chat template
   gemma2np generate --model ~/gemma-2-2b --backend native --weights int8 --prompt "Hello"
 
-The continuation is streamed to stdout as it is produced; timing (time to first token,
-tokens/s) goes to stderr.
+The prompt and its continuation are streamed to stdout as the text is produced (--no-echo: the
+continuation only); timing (time to first token, tokens/s) goes to stderr.
 """
 
 
@@ -247,6 +247,9 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the chat template (a user turn, then the model's turn)")
+    p.add_argument("--no-echo", dest="echo", action="store_false",
+                   help="print only the continuation, not the prompt before it (with --chat the "
+                        "template is never echoed: only the reply is printed)")
     _add_model_args(p)
     _add_sampling_args(p, default_new=100)
     p.set_defaults(func=run_generate)
@@ -295,7 +298,11 @@ def run_generate(args) -> int:
         raise UserError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                         f"{model.config.vocab_size} tokens: tokenizer and model do not match")
     kw["max_new_tokens"] = _fit_context(ids.shape[1], kw["max_new_tokens"], model.config.max_position_embeddings)
-    streamer = _TimedStreamer(TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+    # Echo: the streamer decodes prompt + continuation together (transformers' TextStreamer with
+    # skip_prompt=False), so stdout is exactly tok.decode(prompt + new tokens) and a continuation that
+    # starts with a space or mid-word joins the prompt as the model sees it.
+    echo = args.echo and not args.chat
+    streamer = _TimedStreamer(TextStreamer(tok, skip_prompt=not echo, skip_special_tokens=True))
     model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=_eos_ids(model, tok, args.chat) or [],
                    streamer=streamer, **kw)
     print(streamer.report(ids.shape[1]), file=sys.stderr)

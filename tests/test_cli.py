@@ -70,13 +70,13 @@ def assert_user_error(r: subprocess.CompletedProcess, match: str):
     assert lines[0].startswith("gemma2np ")
 
 
-def _expected_text(model_dir: Path, prompt_ids, n: int) -> str:
+def _expected_text(model_dir: Path, prompt_ids, n: int, echo: bool = False) -> str:
     model = Gemma2ForCausalLM.from_pretrained(model_dir)
     tok = GemmaTokenizer.from_pretrained(model_dir)
     ids = np.asarray([prompt_ids])
     eos = get_generation_config(model).eos_token_id
     out = model.generate(ids, max_new_tokens=n, eos_token_id=eos if eos is not None else [])
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return tok.decode(out[0, 0 if echo else ids.shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -86,10 +86,20 @@ def test_generate_prompt_streams_greedy_text(model_dir):
     r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 8)
     assert r.returncode == 0, r.stderr
     tok = GemmaTokenizer.from_pretrained(model_dir)
-    # stdout holds exactly the greedy continuation that the Python API produces, then a newline
-    assert r.stdout == _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8) + "\n"
+    # stdout holds exactly the prompt and the greedy continuation the Python API produces, decoded
+    # together, then a newline
+    full = _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8, echo=True)
+    assert full.startswith("ROMEO:")
+    assert r.stdout == full + "\n"
     assert "time to first token" in r.stderr and "tokens/s" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_generate_no_echo_prints_the_continuation_only(model_dir):
+    r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 8, "--no-echo")
+    assert r.returncode == 0, r.stderr
+    tok = GemmaTokenizer.from_pretrained(model_dir)
+    assert r.stdout == _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8) + "\n"
 
 
 def test_generate_from_stdin_and_file(model_dir, tmp_path):
@@ -110,6 +120,7 @@ def test_generate_chat_template(model_dir):
     ids = tok.apply_chat_template([{"role": "user", "content": "Who art thou?"}], add_generation_prompt=True,
                                   return_dict=False)
     assert f"[{len(ids)} prompt tokens" in r.stderr  # the template was applied (bos + turn markers)
+    assert "Who art thou?" not in r.stdout and "model\n" not in r.stdout  # the template is not echoed
 
 
 def test_generate_sampling_reproducible(model_dir):
