@@ -22,7 +22,8 @@ import sys
 import time
 import warnings
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gemma2-shakespeare")
+from .cli_models import DEFAULT_MODEL_DIR, ModelSource, UserError, add_model_args, load_config, load_model
+from .cli_models import load_tokenizer, one_line as _one_line, resolve_model, runtime_kwargs, system_info
 
 # (module, function) pairs that register further subcommands when the module is present
 _OPTIONAL_COMMANDS = [
@@ -32,26 +33,15 @@ _OPTIONAL_COMMANDS = [
 ]
 
 
-class UserError(Exception):
-    """A mistake of the user's (bad path, bad value, prompt too long): reported in one line, exit status 2."""
-
-
 # ============================================================================ shared helpers
+# (the model options live in cli_models.py, shared with compare and perplexity)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True) -> None:
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face-format model directory: config.json + model.safetensors (+ tokenizer.model). "
-                        "Default: the bundled Shakespeare model")
-    if not runtime:
-        return
-    p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="directory holding tokenizer.model (default: the model directory)")
-    p.add_argument("--backend", choices=("numpy", "native"), default="numpy",
-                   help="numpy: the readable reference (default); native: the C/OpenMP kernels (faster)")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
-                   help="in-memory weight format of the native backend (default: as the checkpoint)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the native backend")
+    add_model_args(p, runtime=runtime)
+    if runtime:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="print what runs (backend, weight format, SIMD path, OpenMP, threads) and the load time")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, default_new: int) -> None:
@@ -70,58 +60,33 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_new: int) -> None:
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same sample")
 
 
-def _model_dir(args) -> str:
-    path = args.model or DEFAULT_MODEL_DIR
-    if not os.path.isdir(path):
-        if args.model is None:
-            raise UserError(f"the bundled model is not installed at {path}; pass --model DIR")
-        raise UserError(f"model directory not found: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        if args.model is None:
-            raise UserError(f"the bundled model at {path} is incomplete (no config.json); pass --model DIR")
-        raise UserError(f"{path} is not a model directory (no config.json)")
-    return path
+def _model_source(args) -> ModelSource:
+    """The model named by --model / --gguf-file (default: the bundled one), checked to exist."""
+    return resolve_model(args)
 
 
-def _load_config(path: str):
-    from .config import Gemma2Config
-
-    try:
-        return Gemma2Config.from_pretrained(path)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError
-        raise UserError(f"cannot read the config of {path}: {_one_line(e)}") from None
+_model_dir = _model_source  # older name: its result is passed on to _load_tokenizer / _load_model
 
 
-def _load_model(args, path: str):
-    from .modeling import Gemma2ForCausalLM
+def _load_config(src: ModelSource):
+    return load_config(src)
 
+
+def _load_model(args, src: ModelSource):
     bar = _ProgressBar("loading") if sys.stderr.isatty() else None
+    t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = Gemma2ForCausalLM.from_pretrained(
-                path, backend=args.backend, weights=args.weights, n_threads=args.threads, progress=bar,
-            )
-    except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError/ConfigError are ValueErrors
-        raise UserError(f"cannot load the model from {path}: {_one_line(e)}") from None
+        model = load_model(args, src, progress=bar)
     finally:
         if bar is not None:
             bar.close()
+    if getattr(args, "verbose", False):
+        print(f"[loaded {src.label} in {time.perf_counter() - t0:.2f} s; {system_info(model)}]", file=sys.stderr)
     return model
 
 
-def _load_tokenizer(args, model_dir: str):
-    from .tokenizer import GemmaTokenizer
-
-    path = args.tokenizer or model_dir
-    try:
-        return GemmaTokenizer.from_pretrained(path)
-    except (ValueError, OSError) as e:  # TokenizerError is a ValueError
-        raise UserError(f"cannot load the tokenizer from {path}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def _load_tokenizer(args, src: ModelSource):
+    return load_tokenizer(args, src)
 
 
 class _ProgressBar:
@@ -279,6 +244,7 @@ def run_generate(args) -> int:
     from .generation import TextStreamer
 
     kw = _sampling_kwargs(args)
+    runtime_kwargs(args)  # --threads / --weights mistakes before reading a prompt from stdin
     text = _read_prompt(args)
     if not text.strip() and not args.chat:
         raise UserError("the prompt is empty: pass --prompt TEXT, --prompt-file FILE or text on stdin")
@@ -399,8 +365,11 @@ def run_chat(args) -> int:
 def add_info_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "info", help="config summary, layer types, parameter count, memory per weight format",
-        description="Describe a model directory without loading its weights.",
-        epilog="examples:\n  gemma2np info\n  gemma2np info --model ~/gemma-2-2b --json",
+        description="Describe a model (directory or GGUF file) without loading its weights: the checkpoint's "
+                    "headers are checked (a truncated or incomplete checkpoint is an error, exit status 2), and "
+                    "the last line says what the native backend runs here (SIMD path, OpenMP, threads).",
+        epilog="examples:\n  gemma2np info\n  gemma2np info --model ~/gemma-2-2b --json\n"
+               "  gemma2np info --model ~/models/gemma-2-2b-it-Q8_0.gguf",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p, runtime=False)
@@ -440,16 +409,61 @@ def _runs(types: list[str]) -> str:
     return ", ".join(short)
 
 
+def _checkpoint_summary(src: ModelSource, cfg) -> tuple[list[str], int, dict[str, int]]:
+    """(weight files, bytes on disk, {tensor dtype/type: count}) of the checkpoint, after checking that it is
+    whole: every file's tensors lie inside it (a truncated download is refused) and every tensor the config
+    needs is there with its shape. Only headers are read (safetensors are memory-mapped, not paged in)."""
+    from collections import Counter
+
+    from .checkpoint import CheckpointError, check_state_dict, checkpoint_files, load_state_dict
+
+    expected = dict(cfg.parameter_shapes())
+    if not cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    if src.gguf_file is not None:
+        return [os.path.basename(src.gguf_file)], os.path.getsize(src.gguf_file), _gguf_types(src.gguf_file)
+    try:
+        files = checkpoint_files(src.directory)
+        state = load_state_dict(src.directory, mmap=True)
+        if state and not any(k.startswith("model.") for k in state):  # a base-model checkpoint
+            state = {"model." + k: v for k, v in state.items()}
+        missing, _ = check_state_dict(state, expected)
+    except CheckpointError as e:
+        raise UserError(f"the checkpoint in {src.directory} is damaged or incomplete: {_one_line(e)}") from None
+    if missing:
+        raise UserError(f"the checkpoint in {src.directory} is incomplete: {len(missing)} tensor(s) the config "
+                        f"needs are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    types = Counter(str(v.dtype) for v in state.values())
+    return [os.path.relpath(f, src.directory) for f in files], sum(os.path.getsize(f) for f in files), dict(types)
+
+
+def _gguf_types(path: str) -> dict[str, int]:
+    """{GGML tensor type: count} of a GGUF file, refusing one whose tensors run past its end."""
+    from collections import Counter
+
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path, "r")
+        size = os.path.getsize(path)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file (truncated)")
+        return dict(Counter(t.tensor_type.name for t in reader.tensors))
+    except Exception as e:  # the gguf reader raises ValueError / IndexError / struct errors on bad input
+        raise UserError(f"{path} is damaged or incomplete: {_one_line(e)}") from None
+
+
 def run_info(args) -> int:
-    path = _model_dir(args)
-    cfg = _load_config(path)
+    src = _model_source(args)
+    path = src.directory
+    cfg = _load_config(src)
     n = cfg.num_parameters("causal_lm")
-    files = [f for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".gguf"))]
-    on_disk = sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    files, on_disk, types = _checkpoint_summary(src, cfg)
     wb = _weight_bytes(cfg)
     gen_path = os.path.join(path, "generation_config.json")
     info = {
-        "model": path,
+        "model": src.label,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
@@ -458,9 +472,10 @@ def run_info(args) -> int:
         "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "hidden_activation": cfg.hidden_activation,
         "rope_parameters": cfg.rope_parameters, "tie_word_embeddings": cfg.tie_word_embeddings,
         "layer_types": list(cfg.layer_types), "parameters": n, "weight_bytes": wb,
-        "checkpoint_files": files, "checkpoint_bytes": on_disk,
+        "checkpoint_files": files, "checkpoint_bytes": on_disk, "checkpoint_tensor_types": types,
         "tokenizer": os.path.isfile(os.path.join(path, "tokenizer.model")),
         "eos_token_id": cfg.eos_token_id,
+        "system": system_info(),
     }
     if os.path.isfile(gen_path):
         try:
@@ -483,10 +498,12 @@ def run_info(args) -> int:
     print(f"softcaps         attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping}")
     print(f"activation       {cfg.hidden_activation}; tied embeddings {cfg.tie_word_embeddings}")
     print("weights need     " + ", ".join(f"{k} {_human(v)}" for k, v in wb.items()))
-    print(f"checkpoint       {', '.join(files) or '(no weight files)'} ({_human(on_disk)} on disk)")
+    print(f"checkpoint       {', '.join(files)} ({_human(on_disk)} on disk; "
+          + ", ".join(f"{k} x {v}" for k, v in sorted(types.items())) + " tensors)")
     print(f"tokenizer        {'tokenizer.model present' if info['tokenizer'] else 'none in this directory'}")
     eos = info.get("generation_config", {}).get("eos_token_id", cfg.eos_token_id)
     print(f"stops on         eos_token_id {eos}")
+    print(f"runs on          {info['system']}")
     return 0
 
 
