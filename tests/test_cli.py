@@ -61,6 +61,24 @@ def run(*args, stdin: str | None = None, timeout: float = 240) -> subprocess.Com
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.fixture
+def cli(capsys):
+    """`gemma2np ARGS` run in this process (gemma2np.cli.main), as a CompletedProcess: the same exit status
+    and output as the subprocess, without a new interpreter each time (for the many user-mistake checks)."""
+    from gemma2np.cli import main
+
+    def call(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return call
+
+
 def assert_user_error(r: subprocess.CompletedProcess, match: str):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
@@ -200,18 +218,18 @@ def test_help_has_examples(cmd):
 # ---------------------------------------------------------------------------- runtime options
 
 
-def test_weights_int8_implies_native_backend(model_dir):
+def test_weights_int8_implies_native_backend(cli, model_dir):
     pytest.importorskip("gemma2np._native")
-    r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 3, "--weights", "int8", "-v")
+    r = cli("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 3, "--weights", "int8", "-v")
     assert r.returncode == 0, r.stderr
     assert "backend native, weights int8" in r.stderr
-    assert_user_error(run("generate", "--model", model_dir, "--prompt", "x", "--weights", "int8", "--backend", "numpy"),
+    assert_user_error(cli("generate", "--model", model_dir, "--prompt", "x", "--weights", "int8", "--backend", "numpy"),
                       "--weights int8 runs on the native backend")
 
 
 @pytest.mark.parametrize("n", ["0", "-2"])
-def test_threads_must_be_positive(model_dir, n):
-    assert_user_error(run("generate", "--model", model_dir, "--prompt", "x", "--threads", n),
+def test_threads_must_be_positive(cli, model_dir, n):
+    assert_user_error(cli("generate", "--model", model_dir, "--prompt", "x", "--threads", n),
                       f"--threads must be at least 1, got {n}")
 
 
@@ -305,8 +323,8 @@ def test_generate_from_a_gguf_file(gguf_dir):
     assert a.stdout == b.stdout == want
 
 
-def test_info_and_compare_on_a_gguf_file(gguf_dir, model_dir, tmp_path):
-    r = run("info", "--model", gguf_dir / "model.gguf", "--json")
+def test_info_and_compare_on_a_gguf_file(cli, gguf_dir, model_dir, tmp_path):
+    r = cli("info", "--model", gguf_dir / "model.gguf", "--json")
     assert r.returncode == 0, r.stderr
     j = json.loads(r.stdout)
     cfg = Gemma2Config.from_pretrained(model_dir)
@@ -319,40 +337,40 @@ def test_info_and_compare_on_a_gguf_file(gguf_dir, model_dir, tmp_path):
     model = Gemma2ForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")
     ids = np.asarray([[2, 17, 5, 60, 33, 9]])
     save_intermediates(tmp_path / "ref.npz", {"input_ids": ids, **run_with_intermediates(model, ids)})
-    r = run("compare", "--model", gguf_dir / "model.gguf", "--reference", tmp_path / "ref.npz")
+    r = cli("compare", "--model", gguf_dir / "model.gguf", "--reference", tmp_path / "ref.npz")
     assert r.returncode == 0, r.stdout + r.stderr
     assert str(gguf_dir / "model.gguf") in r.stdout
 
 
-def test_gguf_mistakes(gguf_dir, model_dir, tmp_path):
-    assert_user_error(run("generate", "--model", gguf_dir / "model.gguf", "--gguf-file", "x.gguf", "--prompt", "x"),
+def test_gguf_mistakes(cli, gguf_dir, model_dir, tmp_path):
+    assert_user_error(cli("generate", "--model", gguf_dir / "model.gguf", "--gguf-file", "x.gguf", "--prompt", "x"),
                       "give one of them")
-    assert_user_error(run("info", "--model", gguf_dir, "--gguf-file", "nope.gguf"), "GGUF file not found")
+    assert_user_error(cli("info", "--model", gguf_dir, "--gguf-file", "nope.gguf"), "GGUF file not found")
     fake = tmp_path / "fake.gguf"
     fake.write_text("not gguf")
-    assert_user_error(run("info", "--model", fake), "does not start with the GGUF magic")
+    assert_user_error(cli("info", "--model", fake), "does not start with the GGUF magic")
     # a directory with a .gguf but no config.json: the hint says how to load it
-    assert_user_error(run("info", "--model", gguf_dir), f"--model {gguf_dir / 'model.gguf'}")
+    assert_user_error(cli("info", "--model", gguf_dir), f"--model {gguf_dir / 'model.gguf'}")
     # a safetensors file instead of its directory
-    assert_user_error(run("info", "--model", Path(model_dir) / "model.safetensors"), "pass its directory")
+    assert_user_error(cli("info", "--model", Path(model_dir) / "model.safetensors"), "pass its directory")
     # no tokenizer beside the GGUF
     lone = tmp_path / "lone"
     lone.mkdir()
     shutil.copy(gguf_dir / "model.gguf", lone / "model.gguf")
-    assert_user_error(run("generate", "--model", lone / "model.gguf", "--prompt", "x"), "pass --tokenizer DIR")
-    r = run("generate", "--model", lone / "model.gguf", "--tokenizer", gguf_dir, "--prompt", "ROMEO:",
+    assert_user_error(cli("generate", "--model", lone / "model.gguf", "--prompt", "x"), "pass --tokenizer DIR")
+    r = cli("generate", "--model", lone / "model.gguf", "--tokenizer", gguf_dir, "--prompt", "ROMEO:",
             "--max-new-tokens", 2)
     assert r.returncode == 0, r.stderr
     # truncated GGUF
     cut = tmp_path / "cut.gguf"
     cut.write_bytes((gguf_dir / "model.gguf").read_bytes()[:-1000])
-    r = run("info", "--model", cut)
+    r = cli("info", "--model", cut)
     assert r.returncode == 2 and "Traceback" not in r.stderr and "cut.gguf" in r.stderr
 
 
-def test_convert_gguf_to_hf_directory(gguf_dir, tmp_path):
+def test_convert_gguf_to_hf_directory(cli, gguf_dir, tmp_path):
     out = tmp_path / "hf"
-    r = run("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", out, "--tokenizer", gguf_dir)
+    r = cli("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", out, "--tokenizer", gguf_dir)
     assert r.returncode == 0, r.stderr
     ids = np.asarray([[2, 17, 5, 60, 33, 9, 71]])
     want = Gemma2ForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")(input_ids=ids).logits
@@ -361,7 +379,7 @@ def test_convert_gguf_to_hf_directory(gguf_dir, tmp_path):
     assert GemmaTokenizer.from_pretrained(out)("ROMEO:")["input_ids"] == GemmaTokenizer.from_pretrained(gguf_dir)(
         "ROMEO:")["input_ids"]
     # a GGUF carries its config
-    r = run("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", tmp_path / "o2",
+    r = cli("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", tmp_path / "o2",
             "--model-size", "2B")
     assert_user_error(r, "carries its own config")
 
@@ -369,11 +387,11 @@ def test_convert_gguf_to_hf_directory(gguf_dir, tmp_path):
 # ---------------------------------------------------------------------------- convert, compare: user mistakes
 
 
-def test_convert_mistakes_name_the_problem(model_dir, tmp_path):
+def test_convert_mistakes_name_the_problem(cli, model_dir, tmp_path):
     st = Path(model_dir) / "model.safetensors"
-    assert_user_error(run("convert", "--input-checkpoint", st, "--model-size", "2B", "--output-dir", tmp_path / "o"),
+    assert_user_error(cli("convert", "--input-checkpoint", st, "--model-size", "2B", "--output-dir", tmp_path / "o"),
                       "is a safetensors file")
-    assert_user_error(run("convert", "--input-checkpoint", model_dir, "--model-size", "2B", "--output-dir",
+    assert_user_error(cli("convert", "--input-checkpoint", model_dir, "--model-size", "2B", "--output-dir",
                           tmp_path / "o"), "already a Hugging Face model directory")
     assert not (tmp_path / "o").exists()
     full = tmp_path / "full"
@@ -381,23 +399,23 @@ def test_convert_mistakes_name_the_problem(model_dir, tmp_path):
     (full / "keep.txt").write_text("mine")
     ckpt = ROOT / "tests" / "data" / "original" / "model_f32.ckpt"
     config = ROOT / "tests" / "data" / "original" / "config.json"
-    r = run("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full)
+    r = cli("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full)
     assert_user_error(r, "exists and is not empty")
     assert sorted(os.listdir(full)) == ["keep.txt"]
-    r = run("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full, "--overwrite")
+    r = cli("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full, "--overwrite")
     assert r.returncode == 0, r.stderr
     assert (full / "model.safetensors").is_file()
-    assert_user_error(run("convert", "--input-checkpoint", ckpt, "--output-dir", tmp_path / "o3"),
+    assert_user_error(cli("convert", "--input-checkpoint", ckpt, "--output-dir", tmp_path / "o3"),
                       "one of --model-size or --config is required")
 
 
-def test_compare_defaults_to_the_bundled_model_and_explains_references(tmp_path):
-    r = run("compare", "--help")
+def test_compare_defaults_to_the_bundled_model_and_explains_references(cli, tmp_path):
+    r = cli("compare", "--help")
     assert r.returncode == 0
     assert "examples:" in r.stdout and "np.savez(" in r.stdout and "making a reference file" in r.stdout
     text = tmp_path / "notes.txt"
     text.write_text("these are not tensors\n")
-    assert_user_error(run("compare", "--reference", text), "is not a reference file")
+    assert_user_error(cli("compare", "--reference", text), "is not a reference file")
     if not _bundled_ready():
         pytest.skip("the bundled model is not installed")
     from gemma2np.intermediates import run_with_intermediates, save_intermediates
@@ -405,7 +423,7 @@ def test_compare_defaults_to_the_bundled_model_and_explains_references(tmp_path)
     model = Gemma2ForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
     ids = np.asarray([[2, 40, 41, 42]])
     save_intermediates(tmp_path / "ref.npz", {"input_ids": ids, "logits": run_with_intermediates(model, ids)["logits"]})
-    r = run("compare", "--reference", tmp_path / "ref.npz")
+    r = cli("compare", "--reference", tmp_path / "ref.npz")
     assert r.returncode == 0, r.stdout + r.stderr
     assert DEFAULT_MODEL_DIR in r.stdout
 
@@ -443,25 +461,25 @@ def test_chat_exit_command_and_ctrl_c(model_dir):
 # ---------------------------------------------------------------------------- info
 
 
-def test_info_refuses_a_damaged_checkpoint(small_dir, tmp_path):
+def test_info_refuses_a_damaged_checkpoint(cli, small_dir, tmp_path):
     bad = tmp_path / "trunc"
     shutil.copytree(small_dir, bad)
     data = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
-    assert_user_error(run("info", "--model", bad), "damaged or incomplete")
+    assert_user_error(cli("info", "--model", bad), "damaged or incomplete")
     # a whole file that lacks a tensor the config needs
     from gemma2np.checkpoint import read_safetensors, write_safetensors
 
     tensors, _ = read_safetensors(small_dir / "model.safetensors", mmap=False)
     tensors.pop("model.layers.1.mlp.up_proj.weight")
     write_safetensors(bad / "model.safetensors", tensors)
-    assert_user_error(run("info", "--model", bad), "model.layers.1.mlp.up_proj.weight")
+    assert_user_error(cli("info", "--model", bad), "model.layers.1.mlp.up_proj.weight")
 
 
-def test_info_says_what_runs(model_dir):
+def test_info_says_what_runs(cli, model_dir):
     from gemma2np.cli_models import system_info
 
-    r = run("info", "--model", model_dir)
+    r = cli("info", "--model", model_dir)
     assert r.returncode == 0, r.stderr
     assert f"runs on          {system_info()}" in r.stdout
 
