@@ -208,7 +208,7 @@ def test_no_command_and_unknown_option():
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", [(), ("generate",), ("chat",), ("info",)])
+@pytest.mark.parametrize("cmd", [(), ("generate",), ("chat",), ("info",), ("compare",), ("convert",)])
 def test_help_has_examples(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0
