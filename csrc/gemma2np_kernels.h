@@ -6,6 +6,8 @@
  * (<= 0 means 1) and produces bitwise-identical results for any thread count
  * (each output element is computed by exactly one thread in a fixed order).
  *
+ * Implemented in csrc/g2_*.c (the file map is at the top of csrc/g2_internal.h).
+ *
  * Runtime CPU dispatch: on x86_64 the AVX-512 paths are compiled with
  * __attribute__((target)) / #pragma GCC target and chosen at run time with
  * __builtin_cpu_supports; elsewhere (or when disabled with g2_set_simd(0))
