@@ -1,0 +1,176 @@
+"""Generation settings: `GenerationConfig`, where its values come from, and their checks.
+
+Precedence, as in transformers 5.23: explicit generate() arguments > the `generation_config` argument >
+the checkpoint's generation_config.json > the model's config.json (eos/pad/bos) > transformers' global
+defaults (`DEFAULTS`: max_length 20, top_k 50, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+
+GENERATION_CONFIG_NAME = "generation_config.json"
+
+
+class GenerationError(ValueError):
+    """A generate() argument or generation setting gemma2np refuses; the message names the argument."""
+
+
+# transformers' GenerationConfig._get_default_generation_params(): used when neither the caller nor the
+# checkpoint's generation_config.json sets a value.
+DEFAULTS = {
+    "max_length": 20,
+    "min_length": 0,
+    "do_sample": False,
+    "use_cache": True,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+}
+
+
+@dataclass
+class GenerationConfig:
+    """The generation settings gemma2np understands (a subset of transformers' GenerationConfig).
+
+    None means "unset": the value then comes from the next source (see the module docstring).
+    """
+
+    max_length: int | None = None
+    max_new_tokens: int | None = None
+    min_length: int | None = None
+    min_new_tokens: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    use_cache: bool | None = None
+    extra: dict = field(default_factory=dict, repr=False)  # other keys of generation_config.json (ignored)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationConfig":
+        names = setting_names()
+        known = {k: v for k, v in d.items() if k in names}
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "GenerationConfig | None":
+        """Read `directory/generation_config.json`; None when the file is absent."""
+        path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
+        if not os.path.isfile(path):
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path!r}: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path!r} must hold a JSON object")
+        return cls.from_dict(d)
+
+    @classmethod
+    def from_model_config(cls, config) -> "GenerationConfig":
+        return cls(eos_token_id=getattr(config, "eos_token_id", None),
+                   pad_token_id=getattr(config, "pad_token_id", None),
+                   bos_token_id=getattr(config, "bos_token_id", None))
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {k: v for k, v in d.items() if v is not None}
+
+
+def setting_names() -> set[str]:
+    """The settings generate() accepts as keyword arguments (every GenerationConfig field but `extra`)."""
+    return {f.name for f in fields(GenerationConfig)} - {"extra"}
+
+
+def get_generation_config(model) -> GenerationConfig:
+    """The model's generation defaults, as transformers builds `model.generation_config`: the checkpoint's
+    generation_config.json when there is one, else the token ids of config.json. Cached on the model."""
+    gc = getattr(model, "generation_config", None)
+    if isinstance(gc, GenerationConfig):
+        return gc
+    gc = None
+    path = getattr(model, "name_or_path", None)
+    if path and os.path.isdir(path):
+        gc = GenerationConfig.from_pretrained(path)
+    if gc is None:
+        gc = GenerationConfig.from_model_config(model.config)
+    else:
+        # a generation_config.json without token ids inherits them from config.json (transformers does the same
+        # when it creates the file from the model config; a hand-written file may omit them)
+        base = GenerationConfig.from_model_config(model.config)
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if name not in gc.extra and getattr(gc, name) is None:
+                setattr(gc, name, getattr(base, name))
+    try:
+        model.generation_config = gc
+    except AttributeError:  # pragma: no cover - objects with __slots__
+        pass
+    return gc
+
+
+def eos_list(eos) -> list[int]:
+    """eos_token_id (None, an int or a list) as a list of ints."""
+    if eos is None:
+        return []
+    if isinstance(eos, (int, np.integer)):
+        return [int(eos)]
+    return [int(e) for e in eos]
+
+
+# ============================================================================ checks
+
+
+def _check_int(name, v, minimum):
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
+        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
+
+
+def validate(gc: GenerationConfig) -> None:
+    """Clear errors for nonsense values (transformers raises for the same ones, at generate or processor time)."""
+    _check_int("max_new_tokens", gc.max_new_tokens, 1)
+    _check_int("max_length", gc.max_length, 1)
+    _check_int("min_new_tokens", gc.min_new_tokens, 0)
+    _check_int("min_length", gc.min_length, 0)
+    t = gc.temperature
+    if t is not None:
+        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) or t < 0:
+            raise ValueError(f"`temperature` must be a finite number >= 0, got {t!r}")
+        if gc.do_sample and t == 0:
+            raise ValueError("`temperature` must be strictly positive when do_sample=True "
+                             "(temperature 0 means greedy: use do_sample=False)")
+    k = gc.top_k
+    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
+        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {k!r}")
+    p = gc.top_p
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p <= 1):
+        raise ValueError(f"`top_p` must be in (0, 1], got {p!r}")
+    r = gc.repetition_penalty
+    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not np.isfinite(r)
+                          or r <= 0):
+        raise ValueError(f"`repetition_penalty` must be a finite number > 0 (1.0 = no penalty), got {r!r}")
+    for name in ("pad_token_id", "bos_token_id"):
+        v = getattr(gc, name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
+            raise ValueError(f"`{name}` must be an integer or None, got {v!r}")
+    eos = gc.eos_token_id
+    if eos is not None:
+        items = [eos] if isinstance(eos, (int, np.integer)) else eos
+        try:
+            ok = all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in items)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"`eos_token_id` must be an integer or a list of integers, got {eos!r}")

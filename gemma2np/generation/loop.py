@@ -1,0 +1,332 @@
+"""generate(): transformers' greedy / multinomial-sampling loop, as a sequence of named steps.
+
+What one call does, in transformers 5.23's order (generation/utils.py `generate` -> `_sample`):
+
+    resolve_settings        explicit arguments > generation_config > generation_config.json > config.json > defaults
+    prepare_inputs          input_ids / attention_mask checked, the mask inferred when absent
+    prepare_lengths         max_length / min_length from max_new_tokens, max_length, min_new_tokens ...
+    build_logits_processors repetition penalty, min lengths, the caller's processors, then (sampling only)
+                            temperature, top-k, top-p
+    build_stopping_criteria max_length, eos, the caller's criteria
+    prefill                 the whole prompt in ONE forward pass (logits of the last position only)
+    loop:  last_logits -> processors -> pick_next_tokens -> pad finished rows -> append
+           -> stopping criteria -> stream -> decode_step (one token with the KV cache)
+
+Returns (batch, prompt + new) token ids; stops as soon as every row has finished.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from ..cache import Gemma2Cache
+from ..outputs import ModelOutput
+from .configuration import DEFAULTS, GenerationConfig, eos_list, get_generation_config, setting_names, validate
+from .logits_process import (
+    LogitsProcessorList,
+    MinLengthLogitsProcessor,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+from .picking import pick_next_tokens
+from .stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from .streamers import as_streamer
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """return_dict_in_generate=True: sequences plus, on request, per-step processed scores / raw logits."""
+
+    sequences: np.ndarray | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    past_key_values: Any = None
+
+
+# transformers applies generate()'s keyword arguments last, None included, and then treats None as "off" for
+# these (measured on transformers 5.23): eos_token_id=None disables eos stopping, top_k=None disables top-k,
+# temperature/top_p/repetition_penalty=None are no-ops. Length arguments and pad/bos/do_sample/use_cache given
+# as None stay unset (their defaults apply).
+_NONE_MEANS_OFF = {"eos_token_id": [], "top_k": 0, "temperature": 1.0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
+def _setting(gc: GenerationConfig, name: str):
+    """A resolved setting: its value, or transformers' default when unset."""
+    v = getattr(gc, name)
+    return DEFAULTS[name] if v is None else v
+
+
+# ============================================================================ steps before the loop
+
+
+def resolve_settings(model, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    """kwargs > generation_config argument > the model's generation config (generation_config.json) > defaults."""
+    base = generation_config if generation_config is not None else get_generation_config(model)
+    gc = GenerationConfig(**{f: getattr(base, f) for f in setting_names()})
+    for k, v in kwargs.items():
+        if v is not None:
+            setattr(gc, k, v)
+        elif k in _NONE_MEANS_OFF:
+            setattr(gc, k, _NONE_MEANS_OFF[k])
+    validate(gc)
+    return gc
+
+
+def prepare_inputs(gc: GenerationConfig, input_ids, attention_mask, pad: int | None, eos: list[int]):
+    """-> (ids, mask): (B, T0) int64 each. No input_ids: start from bos. No mask: inferred like transformers
+    (ids != pad_token_id if the pad token occurs and differs from eos, else all ones)."""
+    if input_ids is None:
+        if gc.bos_token_id is None:
+            raise ValueError("input_ids is None and there is no bos_token_id to start from")
+        input_ids = np.full((1, 1), gc.bos_token_id, dtype=np.int64)
+    ids = np.asarray(input_ids)
+    if ids.dtype == object or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be an integer array, got dtype {ids.dtype}")
+    if ids.ndim == 1:
+        ids = ids[None, :]
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must have shape (batch, prompt_len) with prompt_len >= 1, got {ids.shape}")
+    ids = ids.astype(np.int64)
+    B, T0 = ids.shape
+    if attention_mask is None:
+        mask = np.ones((B, T0), dtype=np.int64)
+        if pad is not None and (ids == pad).any() and pad not in eos:
+            mask = (ids != pad).astype(np.int64)
+    else:
+        mask = np.asarray(attention_mask)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}, expected {ids.shape} like input_ids")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask values must be 0 or 1")
+        mask = mask.astype(np.int64)
+    return ids, mask
+
+
+def prepare_lengths(gc: GenerationConfig, prompt_len: int, config, max_length_passed: bool) -> tuple[int, int]:
+    """-> (max_length, min_length), both counting the prompt (transformers' _prepare_generated_length)."""
+    if gc.max_new_tokens is not None:
+        if gc.max_length is not None and max_length_passed:
+            warnings.warn(f"both max_new_tokens (={gc.max_new_tokens}) and max_length (={gc.max_length}) are set: "
+                          "max_new_tokens takes precedence", stacklevel=4)
+        max_length = gc.max_new_tokens + prompt_len
+    elif gc.max_length is not None:
+        max_length = gc.max_length
+    else:
+        max_length = DEFAULTS["max_length"] + prompt_len
+        if getattr(config, "max_position_embeddings", None):
+            max_length = min(max_length, config.max_position_embeddings)
+    if prompt_len >= max_length:
+        raise ValueError(f"input length is {prompt_len} tokens but max_length is {max_length}: nothing to generate "
+                         "(increase max_length or, better, set max_new_tokens)")
+    min_length = _setting(gc, "min_length")
+    if gc.min_new_tokens is not None:
+        min_length = gc.min_new_tokens + prompt_len
+    return max_length, min_length
+
+
+def build_logits_processors(gc: GenerationConfig, prompt_len: int, mask: np.ndarray, min_length: int,
+                            eos: list[int], do_sample: bool, extra: Iterable[Callable] | None) -> LogitsProcessorList:
+    """The processors, in transformers' order (_get_logits_processor)."""
+    procs = LogitsProcessorList()
+    rp = _setting(gc, "repetition_penalty")
+    if rp != 1.0:
+        # left pads are not penalised: transformers passes (mask != 0).argmax(1) as prompt_ignore_length
+        procs.append(RepetitionPenaltyLogitsProcessor(float(rp), prompt_ignore_length=(mask != 0).argmax(axis=1)))
+    if eos and min_length > 0:
+        procs.append(MinLengthLogitsProcessor(int(min_length), eos))
+    if eos and gc.min_new_tokens is not None and gc.min_new_tokens > 0:
+        procs.append(MinNewTokensLengthLogitsProcessor(prompt_len, int(gc.min_new_tokens), eos))
+    if extra is not None:
+        procs.extend(extra)
+    if do_sample:  # the former "logits warpers": only when sampling
+        t, k, p = _setting(gc, "temperature"), _setting(gc, "top_k"), _setting(gc, "top_p")
+        if t != 1.0:
+            procs.append(TemperatureLogitsWarper(float(t)))
+        if k != 0:
+            procs.append(TopKLogitsWarper(int(k)))
+        if p < 1.0:
+            procs.append(TopPLogitsWarper(float(p)))
+    return procs
+
+
+def build_stopping_criteria(max_length: int, eos: list[int], extra: Iterable[Callable] | None) -> StoppingCriteriaList:
+    """max_length for everyone, eos per row, then the caller's criteria (transformers' _get_stopping_criteria)."""
+    criteria = StoppingCriteriaList([MaxLengthCriteria(max_length)])
+    if eos:
+        criteria.append(EosTokenCriteria(eos))
+    if extra is not None:
+        criteria.extend(extra)
+    return criteria
+
+
+# ============================================================================ forward passes
+
+
+@dataclass
+class DecodeState:
+    """What the forward passes need between steps: the sequences so far, their mask and positions, the cache."""
+
+    ids: np.ndarray  # (B, T) int64, prompt + tokens chosen so far
+    mask: np.ndarray  # (B, T') int64 attention mask of the tokens fed so far (T' = T after prefill)
+    pos: np.ndarray  # (B, T') int64 position ids
+    cache: Gemma2Cache | None
+
+
+def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool):
+    """The whole prompt in ONE forward pass -> (state, output with the last position's logits).
+
+    position ids from the mask: a row's first real token is position 0 whatever its left padding
+    (transformers 5.23: cumsum(mask) - 1, pads filled with 0). Only real tokens' logits matter, and
+    pad keys are masked out, so the pads' own positions have no effect on the result.
+    `logits_to_keep=1`: the LM head (the largest matmul of a small model) runs for the last position only.
+    """
+    cfg = model.config
+    pos = np.cumsum(mask, axis=-1) - 1
+    pos[mask == 0] = 0
+    cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window) if use_cache else None
+    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                use_cache=use_cache, logits_to_keep=1, return_dict=True)
+    return DecodeState(ids, mask, pos, cache), out
+
+
+def decode_step(model, state: DecodeState, new_tokens: np.ndarray):
+    """One new token per row: the mask grows by a column of ones, positions advance by one; with the cache only
+    the new token is fed (cache_position = its index), without it the whole sequence is recomputed."""
+    B = state.ids.shape[0]
+    state.mask = np.concatenate([state.mask, np.ones((B, 1), dtype=state.mask.dtype)], axis=1)
+    state.pos = np.concatenate([state.pos, state.pos[:, -1:] + 1], axis=1)
+    if state.cache is not None:
+        return model(input_ids=new_tokens[:, None], attention_mask=state.mask, position_ids=state.pos[:, -1:],
+                     past_key_values=state.cache, use_cache=True,
+                     cache_position=np.array([state.ids.shape[1] - 1], dtype=np.int64),
+                     logits_to_keep=1, return_dict=True)
+    return model(input_ids=state.ids, attention_mask=state.mask, position_ids=state.pos, use_cache=False,
+                 logits_to_keep=1, return_dict=True)
+
+
+def last_logits(out) -> np.ndarray:
+    """float32 copy of the last position's (softcapped) logits, as transformers' `.to(torch.float32)`."""
+    return np.array(out.logits[:, -1], dtype=np.float32)
+
+
+# ============================================================================ generate
+
+
+def generate(
+    model,
+    input_ids=None,
+    attention_mask=None,
+    generation_config: GenerationConfig | None = None,
+    logits_processor: Iterable[Callable] | None = None,
+    stopping_criteria: Iterable[Callable] | None = None,
+    streamer=None,
+    seed: int | None = None,
+    generator: np.random.Generator | None = None,
+    return_dict_in_generate: bool = False,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    **kwargs,
+):
+    """Generate token ids with transformers' `generate` semantics (greedy or multinomial sampling).
+
+    Arguments (transformers' names; "unset" values come from the checkpoint's generation_config.json,
+    then config.json, then the defaults shown):
+      input_ids        (batch, prompt_len) int array; None -> a (1, 1) array holding bos_token_id.
+      attention_mask   (batch, prompt_len) 0/1, left padding for batches of unequal prompts; when absent it is
+                       inferred like transformers: ids != pad_token_id if the pad token occurs (and differs from
+                       eos), else all ones.
+      max_new_tokens   tokens to generate at most (takes precedence over max_length).
+      max_length       prompt + new tokens at most (default 20 + prompt length, capped at max_position_embeddings).
+      min_new_tokens / min_length   eos is blocked (score -inf) until this many new / total tokens.
+      do_sample        False (default): greedy argmax. True: draw from softmax of the processed scores.
+      temperature (1.0), top_k (50; 0 disables), top_p (1.0), repetition_penalty (1.0): used as transformers does;
+                       temperature, top_k and top_p only when do_sample=True.
+      eos_token_id     int or list (instruction-tuned Gemma 2 stops on [1, 107]); a row stops at its first eos.
+                       Passing None explicitly disables eos stopping, as in transformers (so does []).
+      pad_token_id     fills rows that finished while others continue (default: the first eos id).
+      use_cache        True (default): prefill once then one token per step with the KV cache; False recomputes
+                       the whole sequence each step (slow; for checking the cache).
+      seed / generator reproducible sampling: an int seed or a numpy Generator (default: fresh OS entropy).
+      streamer         an object with put(ids)/end() (put first receives the prompt, then each step's (batch,)
+                       tokens, as in transformers -- e.g. TextStreamer), or a plain callable called with each
+                       step's (batch,) new tokens.
+      logits_processor extra processors (callables (input_ids, scores) -> scores) run after the built-in
+                       non-sampling ones and before temperature/top-k/top-p, as in transformers.
+      stopping_criteria extra callables (input_ids, scores) -> bool or (batch,) bool; True finishes a row.
+      return_dict_in_generate / output_scores / output_logits: return a GenerateDecoderOnlyOutput.
+
+    Returns (batch, prompt_len + new) int64 ids (or GenerateDecoderOnlyOutput). Rows that finished early
+    are padded with pad_token_id; generation stops when every row has finished.
+    """
+    unknown = [k for k in kwargs if k not in setting_names()]
+    if unknown:
+        raise TypeError(f"generate() got unsupported argument(s): {', '.join(sorted(unknown))} "
+                        f"(supported: {', '.join(sorted(setting_names()))}, generation_config, logits_processor, "
+                        "stopping_criteria, streamer, seed, generator, return_dict_in_generate, output_scores, "
+                        "output_logits)")
+    if generation_config is not None and not isinstance(generation_config, GenerationConfig):
+        raise TypeError(f"generation_config must be a gemma2np GenerationConfig, got {type(generation_config).__name__}")
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if generator is not None and not isinstance(generator, np.random.Generator):
+        raise TypeError(f"generator must be a numpy.random.Generator, got {type(generator).__name__}")
+
+    gc = resolve_settings(model, generation_config, kwargs)
+    do_sample = bool(_setting(gc, "do_sample"))
+    use_cache = bool(_setting(gc, "use_cache"))
+    eos = eos_list(gc.eos_token_id)
+    pad = gc.pad_token_id
+    if pad is None and eos:
+        pad = eos[0]  # transformers: "Setting pad_token_id to eos_token_id"
+    ids, mask = prepare_inputs(gc, input_ids, attention_mask, pad, eos)
+    B, T0 = ids.shape
+    max_length, min_length = prepare_lengths(gc, T0, model.config, kwargs.get("max_length") is not None)
+    procs = build_logits_processors(gc, T0, mask, min_length, eos, do_sample, logits_processor)
+    criteria = build_stopping_criteria(max_length, eos, stopping_criteria)
+    rng = (generator if generator is not None else np.random.default_rng(seed)) if do_sample else None
+    streamer = as_streamer(streamer)
+    if streamer is not None:
+        streamer.put(ids.copy())
+
+    state, out = prefill(model, ids, mask, use_cache)
+    unfinished = np.ones(B, dtype=bool)
+    all_scores, all_logits = [], []
+    try:
+        while True:
+            logits = last_logits(out)
+            scores = procs(state.ids, logits)
+            if output_scores:
+                all_scores.append(scores)
+            if output_logits:
+                all_logits.append(logits)
+            nxt = pick_next_tokens(scores, do_sample, rng)
+            if eos:  # rows that already finished get pad_token_id (transformers: only with an eos criterion)
+                nxt = np.where(unfinished, nxt, pad)
+            state.ids = np.concatenate([state.ids, nxt[:, None]], axis=1)
+            unfinished &= ~criteria(state.ids, scores)
+            if streamer is not None:
+                streamer.put(nxt.copy())
+            if not unfinished.any():
+                break
+            out = decode_step(model, state, nxt)
+    finally:
+        if streamer is not None:
+            streamer.end()
+
+    if return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(
+            sequences=state.ids,
+            scores=tuple(all_scores) if output_scores else None,
+            logits=tuple(all_logits) if output_logits else None,
+            past_key_values=state.cache,
+        )
+    return state.ids
