@@ -1,4 +1,4 @@
-"""Native kernels (gemma2np._native) vs their NumPy twins (gemma2np.kernels.reference).
+"""Native kernels (gemma2np._native) vs their NumPy twins (gemma2np.kernels.twins).
 
 Every kernel is swept with hypothesis over awkward sizes (odd / prime K and N, M = 1 and M > 1,
 GQA ratios, windows, masks with fully masked rows), thread counts 1/2/3, and both the AVX-512
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gemma2np import kernels
-from gemma2np.kernels import reference as ref
+from gemma2np.kernels import twins as ref
 
 nat = pytest.importorskip("gemma2np._native")
 
@@ -469,7 +469,7 @@ def test_backends_linear_agree(fmt):
     w = r.standard_normal((33, 70)).astype(ml_dtypes.bfloat16)  # a bf16 checkpoint tensor
     b = r.standard_normal(33).astype(np.float32)
     x = r.standard_normal((2, 3, 70)).astype(np.float32)
-    nb, cb = kernels.get_backend("numpy"), kernels.get_backend("native", n_threads=2)
+    nb, cb = kernels.get_backend("twins"), kernels.get_backend("native", n_threads=2)
     for bias in (None, b):
         yn = nb.linear(x, nb.prepare_linear(w, bias, weights=fmt))
         yc = cb.linear(x, cb.prepare_linear(w, bias, weights=fmt))
@@ -479,7 +479,7 @@ def test_backends_linear_agree(fmt):
 
 def test_backends_other_ops_agree():
     r = _rng(9)
-    nb, cb = kernels.get_backend("numpy"), kernels.get_backend("native")
+    nb, cb = kernels.get_backend("twins"), kernels.get_backend("native")
     x = r.standard_normal((2, 5, 24), dtype=np.float32)
     w = r.standard_normal(24, dtype=np.float32)
     np.testing.assert_allclose(cb.rmsnorm(x, w, 1e-6), nb.rmsnorm(x, w, 1e-6), rtol=3e-6, atol=1e-6)
@@ -495,13 +495,17 @@ def test_get_backend_when_native_missing(monkeypatch):
     monkeypatch.setattr(kernels, "_import_error", ImportError("simulated"))
     monkeypatch.setattr(kernels, "_warned", False)
     assert not kernels.native_available()
-    with pytest.warns(RuntimeWarning, match="native extension"):
-        with pytest.raises(ImportError, match="simulated"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # asked for explicitly: an error, no warning besides
+        with pytest.raises(kernels.NativeUnavailableError, match="simulated") as e:
             kernels.get_backend("native")
+    assert isinstance(e.value, ImportError) and isinstance(e.value, ValueError) and "\n" not in str(e.value)
+    with pytest.warns(RuntimeWarning, match="native extension"):
+        assert kernels.get_backend("auto").name == "numpy"  # the reference
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert kernels.get_backend("auto").name == "numpy"  # warned once already
-    with pytest.raises(ValueError):
+    with pytest.raises(kernels.BackendError):
         kernels.get_backend("cuda")
 
 
