@@ -30,6 +30,8 @@ from typing import Callable, Mapping
 import ml_dtypes
 import numpy as np
 
+from .checkpoint import read_safetensors, write_safetensors
+
 __all__ = [
     "PER_LAYER",
     "LayerNames",
@@ -377,8 +379,6 @@ def save_intermediates(path: str | os.PathLike, tensors: Mapping[str, np.ndarray
     if path.endswith(".npz"):
         np.savez(path, **{k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v) for k, v in arrays.items()})
     elif path.endswith(".safetensors"):
-        from .checkpoint import write_safetensors
-
         write_safetensors(path, arrays)
     else:
         raise IntermediatesError(f"{path}: use a .npz or .safetensors file name")
@@ -397,8 +397,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
 
     def read_st():
-        from .checkpoint import read_safetensors
-
         tensors, _ = read_safetensors(path, mmap=False)
         return {k: np.array(v) for k, v in tensors.items()}
 

@@ -1,6 +1,7 @@
 """The Gemma 2 reference ops: small pure functions over NumPy arrays.
 
-Read this file top to bottom to learn the architecture. Every function works in float32 (the
+Read this file top to bottom to learn the architecture, then gemma2np/model/decoder.py for how a
+layer wires these ops (through a backend: kernels/protocol.py). Every function works in float32 (the
 default) or float64 (a ground truth: pass float64 arrays); shapes are in the comments, with
 B = batch, T = new tokens, S = keys (cache + new), H = query heads, K = key/value heads,
 D = head_dim, E = hidden_size, F = intermediate_size, V = vocab_size.

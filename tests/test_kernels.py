@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gemma2np import kernels
+from gemma2np import kernels, ops
 from gemma2np.kernels import twins as ref
 
 nat = pytest.importorskip("gemma2np._native")
@@ -311,7 +311,6 @@ def test_attention_fully_masked_row_is_uniform_average():
 
 def test_attention_matches_ops():
     """The twin and the native kernel agree with gemma2np.ops.attention (the readable reference)."""
-    ops = pytest.importorskip("gemma2np.ops")
     r = _rng(6)
     q = r.standard_normal((2, 4, 3, 16), dtype=np.float32) * 3
     k = r.standard_normal((2, 2, 10, 16), dtype=np.float32) * 3
@@ -351,21 +350,20 @@ def test_attention_rejects_bad_input():
 @SETTINGS
 @given(R=st.integers(1, 9), D=st.integers(1, 300), threads=st.sampled_from([1, 2, 3]),
        scale=st.sampled_from([1e-3, 1.0, 300.0]), seed=st.integers(0, 2**31))
-def test_rmsnorm(R, D, threads, scale, seed):
+def test_rmsnorm(simd, R, D, threads, scale, seed):
     r = _rng(seed)
     x = r.standard_normal((R, D), dtype=np.float32) * np.float32(scale)
     w = r.standard_normal(D, dtype=np.float32)
     out = nat.rmsnorm(x, w, 1e-6, n_threads=threads)
     np.testing.assert_allclose(out, ref.rmsnorm(x, w, 1e-6), rtol=3e-6, atol=1e-6)
     np.testing.assert_array_equal(out, nat.rmsnorm(x, w, 1e-6, n_threads=1))
-    ops = pytest.importorskip("gemma2np.ops")
     np.testing.assert_allclose(out, ops.rms_norm(x, w, 1e-6), rtol=3e-6, atol=1e-6)
 
 
 @SETTINGS
 @given(n=st.integers(0, 5000), approx=st.sampled_from(["tanh", "none"]), threads=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**31))
-def test_geglu(n, approx, threads, seed):
+def test_geglu(simd, n, approx, threads, seed):
     r = _rng(seed)
     g = r.standard_normal(n, dtype=np.float32) * 4
     u = r.standard_normal(n, dtype=np.float32)
@@ -374,7 +372,6 @@ def test_geglu(n, approx, threads, seed):
 
 
 def test_geglu_large_matches_ops_and_threads():
-    ops = pytest.importorskip("gemma2np.ops")
     r = _rng(7)
     g = r.standard_normal((3, 30000), dtype=np.float32) * 5
     u = r.standard_normal((3, 30000), dtype=np.float32)
@@ -386,7 +383,7 @@ def test_geglu_large_matches_ops_and_threads():
 @SETTINGS
 @given(B=st.integers(1, 3), H=st.integers(1, 4), T=st.integers(1, 7), half=st.integers(1, 20),
        per_batch=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
-def test_rope_bitwise(B, H, T, half, per_batch, threads, seed):
+def test_rope_bitwise(simd, B, H, T, half, per_batch, threads, seed):
     r = _rng(seed)
     D = 2 * half
     x = r.standard_normal((B, H, T, D), dtype=np.float32)
@@ -394,9 +391,8 @@ def test_rope_bitwise(B, H, T, half, per_batch, threads, seed):
     cos, sin = np.cos(ang), np.sin(ang)
     out = nat.rope(x, cos, sin, n_threads=threads)
     np.testing.assert_array_equal(out, ref.rope(x, cos, sin))
-    rope_mod = pytest.importorskip("gemma2np.rope")
     if per_batch:
-        np.testing.assert_array_equal(out, rope_mod.apply_rotary_pos_emb(x, x, cos, sin)[0])
+        np.testing.assert_array_equal(out, ops.apply_rotary_pos_emb(x, x, cos, sin)[0])
     # in place
     y = x.copy()
     nat.rope(y, cos, sin, out=y)
@@ -418,7 +414,7 @@ def test_rope_rejects_bad_input():
 @SETTINGS
 @given(n=st.integers(0, 3000), cap=st.sampled_from([0.5, 30.0, 50.0]), threads=st.sampled_from([1, 2, 3]),
        seed=st.integers(0, 2**31))
-def test_softcap(n, cap, threads, seed):
+def test_softcap(simd, n, cap, threads, seed):
     r = _rng(seed)
     x = r.standard_normal(n, dtype=np.float32) * 60
     out = nat.softcap(x, cap, n_threads=threads)
@@ -431,7 +427,7 @@ def test_softcap(n, cap, threads, seed):
 @SETTINGS
 @given(R=st.integers(1, 5), V=st.integers(1, 3000), k=st.integers(1, 60), ties=st.booleans(),
        threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
-def test_argmax_topk(R, V, k, ties, threads, seed):
+def test_argmax_topk(simd, R, V, k, ties, threads, seed):
     r = _rng(seed)
     x = r.standard_normal((R, V), dtype=np.float32)
     if ties:
@@ -568,7 +564,7 @@ def test_quantize_int8_native_matches_twin(N, K, block, bf16, threads, seed):
 
 def test_native_backend_int8_from_memmap_bf16(tmp_path):
     """prepare_linear(weights="int8") on a bf16 memory map (the checkpoint path) == quantising the array."""
-    from gemma2np import kernels
+    from gemma2np import kernels, ops
     from gemma2np.checkpoint import bfloat16, read_safetensors, write_safetensors
 
     w = _rng(5).standard_normal((300, 96), dtype=np.float32).astype(bfloat16)

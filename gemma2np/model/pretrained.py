@@ -47,7 +47,7 @@ def _to_compute(a: np.ndarray, dtype) -> np.ndarray:
 
 
 class Gemma2PreTrainedModel:
-    """Shared loading, saving, initialisation and input checking."""
+    """What every model class shares: loading, saving, random initialisation and the recording hook."""
 
     config_class = Gemma2Config
     base_model_prefix = "model"
