@@ -268,11 +268,53 @@ void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values, int
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* float32 -> bf16 bits (RNE; the same rounding as f32_to_bf16 and g2_rne_bf16_epi32)          */
+/* float32 -> bf16 bits, exactly ml_dtypes.bfloat16's conversion (weight packing)              */
 /* ------------------------------------------------------------------------------------------ */
 
+/* RNE like f32_to_bf16, but a NaN becomes the canonical quiet NaN 0x7FC0 / 0xFFC0 (sign kept), as
+ * ml_dtypes (Eigen's bfloat16) does, so bits packed here equal bits packed with
+ * x.astype(ml_dtypes.bfloat16) for every input. (The internal f32_to_bf16 keeps the NaN's top
+ * payload bits instead; it only ever rounds activations, where any NaN stays a NaN.) */
+static inline uint16_t f32_to_bf16_ml(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)(((u >> 16) & 0x8000u) | 0x7fc0u);
+    return f32_to_bf16(f);
+}
+
+static void f32_to_bf16_scalar(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16_ml(x[i]);
+}
+
+#if G2_X86
+static G2_TGT void f32_to_bf16_avx512(const float *x, uint16_t *out, int64_t n) {
+    for (int64_t i = 0; i < n; i += 16) {
+        __mmask16 m = (n - i >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1u);
+        __m512 v = _mm512_maskz_loadu_ps(m, x + i);
+        __m512i h = g2_rne_bf16_epi32(v);
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __m512i qnan = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16),
+                                                        _mm512_set1_epi32(0x8000)),
+                                       _mm512_set1_epi32(0x7fc0));
+        h = _mm512_mask_mov_epi32(h, nan, qnan);
+        _mm256_mask_storeu_epi16(out + i, m, _mm512_cvtepi32_epi16(h));
+    }
+}
+#endif
+
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads) {
-    int64_t i;
+    int64_t ch, nch = (n + G2_EW_CHUNK - 1) / G2_EW_CHUNK;
+    int simd = g2_get_simd() != 0;
 #pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
-    for (i = 0; i < n; i++) out[i] = f32_to_bf16(x[i]);
+    for (ch = 0; ch < nch; ch++) {
+        const int64_t i0 = ch * G2_EW_CHUNK, cnt = G2_MIN(G2_EW_CHUNK, n - i0);
+#if G2_X86
+        if (simd) {
+            f32_to_bf16_avx512(x + i0, out + i0, cnt);
+            continue;
+        }
+#endif
+        (void)simd;
+        f32_to_bf16_scalar(x + i0, out + i0, cnt);
+    }
 }

@@ -81,7 +81,8 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
                     const float *const *scales, const int64_t *N, int64_t block, float *const *y,
                     int n_threads);
 
-/* Round float32 to bf16 bits, round-to-nearest-even (NaN -> quiet NaN). */
+/* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
+ * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
 
 /* Fused attention (online softmax, no T x S matrix).
