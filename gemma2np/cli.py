@@ -54,19 +54,33 @@ def _add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True) -> None
     p.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the native backend")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, default_new: int) -> None:
-    g = p.add_argument_group("decoding (greedy unless --do-sample or a sampling option is given)")
+def _add_sampling_args(p: argparse.ArgumentParser, default_new: int | None, from_checkpoint: bool = False) -> None:
+    title = ("decoding (default: the checkpoint's generation_config.json; --greedy or a sampling option overrides it)"
+             if from_checkpoint else "decoding (greedy unless --do-sample or a sampling option is given)")
+    g = p.add_argument_group(title)
     g.add_argument("--max-new-tokens", type=int, default=default_new, metavar="N",
-                   help=f"generate at most N tokens (default {default_new})")
+                   help=f"generate at most N tokens (default {default_new})" if default_new is not None else
+                   "generate at most N tokens (default: generation_config.json's max_new_tokens, else 200)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
+    if from_checkpoint:
+        g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--temperature", type=float, default=None,
                    help="> 0; lower is more conservative (implies --do-sample; 0 means greedy)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (implies --do-sample; "
                    "default 50, 0 disables)")
     g.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling, in (0, 1] (implies --do-sample; default 1.0 = off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than P times the most likely one, in [0, 1] (implies --do-sample)")
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 0; above 1 discourages repeating tokens (default 1.0 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an N-gram of tokens (prompt included; default 0 = off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop once the text ends with TEXT (repeatable; a newline: --stop $'\\n' in bash)")
+    if not from_checkpoint:
+        g.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
+                       help="N sampled continuations of the prompt, printed one after another (needs sampling)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same sample")
 
 
@@ -142,21 +156,34 @@ class _ProgressBar:
             sys.stderr.flush()
 
 
-def _sampling_kwargs(args) -> dict:
-    """generate() keyword arguments from the decoding options, checked before anything runs."""
-    from .generation import GenerationConfig, _validate
+def _sampling_kwargs(args, from_checkpoint: bool = False) -> dict:
+    """generate() keyword arguments from the decoding options, checked before anything runs.
 
-    if args.max_new_tokens is None or args.max_new_tokens < 1:
+    from_checkpoint (chat): only the options given are passed, so the rest come from the checkpoint's
+    generation_config.json, as transformers does; otherwise (generate) decoding is greedy unless asked."""
+    from .generation import GenerationConfig, GenerationError, check_seed, validate
+
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or (args.max_new_tokens is None and not from_checkpoint):
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    if args.temperature == 0:  # the common convention: temperature 0 = greedy
+    sampling_opts = (args.temperature, args.top_k, args.top_p, args.min_p)
+    do_sample = args.do_sample or any(v is not None for v in sampling_opts)
+    if args.temperature == 0 or getattr(args, "greedy", False):  # the common convention: temperature 0 = greedy
         do_sample = False
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, repetition_penalty=args.repetition_penalty)
+    if getattr(args, "greedy", False) and (args.do_sample or any(v not in (None, 0) for v in sampling_opts)):
+        raise UserError("--greedy contradicts --do-sample / --temperature / --top-k / --top-p / --min-p")
+    explicit = getattr(args, "greedy", False) or args.do_sample or any(v is not None for v in sampling_opts)
+    kw = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+              no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop,
+              num_return_sequences=getattr(args, "num_return_sequences", None))
+    if explicit or not from_checkpoint:
+        kw["do_sample"] = do_sample
     if do_sample:
-        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    kw = {k: v for k, v in kw.items() if v is not None}
     try:
-        _validate(GenerationConfig(**{k: v for k, v in kw.items() if v is not None}))
-    except ValueError as e:
+        validate(GenerationConfig(**kw))
+        check_seed(args.seed)
+    except GenerationError as e:
         raise UserError(_one_line(e).replace("`", "").replace("_", "-")) from None
     if args.seed is not None:
         kw["seed"] = args.seed
@@ -295,9 +322,18 @@ def run_generate(args) -> int:
         raise UserError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                         f"{model.config.vocab_size} tokens: tokenizer and model do not match")
     kw["max_new_tokens"] = _fit_context(ids.shape[1], kw["max_new_tokens"], model.config.max_position_embeddings)
+    eos = _eos_ids(model, tok, args.chat) or []
+    if kw.get("num_return_sequences", 1) > 1:  # several rows: printed when done, one after another
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos, tokenizer=tok, **kw)
+        for i, row in enumerate(out):
+            print(f"--- sequence {i + 1} of {len(out)} ---")
+            print(tok.decode(row[ids.shape[1]:], skip_special_tokens=True))
+        print(f"[{ids.shape[1]} prompt tokens, {len(out)} sequences in {time.perf_counter() - t0:.3f} s]",
+              file=sys.stderr)
+        return 0
     streamer = _TimedStreamer(TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
-    model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=_eos_ids(model, tok, args.chat) or [],
-                   streamer=streamer, **kw)
+    model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos, streamer=streamer, tokenizer=tok, **kw)
     print(streamer.report(ids.shape[1]), file=sys.stderr)
     return 0
 
