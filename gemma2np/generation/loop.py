@@ -282,7 +282,7 @@ def _check_call(kwargs: dict, generation_config, seed, generator, streamer, logi
         if isinstance(fns, (str, bytes)) or not hasattr(fns, "__iter__") or not all(callable(f) for f in fns):
             raise GenerationTypeError(f"{name} must be a list of callables (input_ids, scores) -> ..., got {fns!r}")
     for name, v in flags.items():
-        if not isinstance(v, (bool, np.bool_)):
+        if v is not None and not isinstance(v, (bool, np.bool_)):  # None: unset, i.e. False
             raise GenerationTypeError(f"`{name}` must be True or False, got {v!r}")
 
 
