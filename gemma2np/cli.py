@@ -344,82 +344,102 @@ def run_generate(args) -> int:
 CHAT_EPILOG = """\
 In the session: type a message and press Enter. Commands:
   /reset   forget the conversation so far
-  /exit    leave (Ctrl-D and Ctrl-C leave too)
+  /exit    leave (Ctrl-D or Ctrl-C at the prompt leave too)
+Ctrl-C while the model replies stops the reply and returns to the prompt.
+
+The conversation stays in the KV cache: each turn only the new message is read.
+Decoding follows the checkpoint's generation_config.json (the bundled model samples with
+temperature 0.8, top-p 0.9, top-k 50, at most 80 tokens) unless options override it.
 
 examples:
   gemma2np chat
-  gemma2np chat --do-sample --temperature 0.7 --max-new-tokens 200
+  gemma2np chat --greedy --max-new-tokens 60
+  gemma2np chat --temperature 0.7 --seed 1 --stop $'\\n\\n'      # end each reply at a blank line
 """
 
 
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "chat", help="interactive multi-turn chat with the chat template",
-        description="Talk to the model. The whole conversation is kept and re-sent each turn with Gemma 2's "
-                    "chat template; the oldest turns are dropped when it outgrows the context.",
+        description="Talk to the model with Gemma 2's chat template. The conversation is kept in the KV cache, so "
+                    "each turn only reads the new message; the oldest turns are dropped when it outgrows the context.",
         epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
-    _add_sampling_args(p, default_new=200)
+    _add_sampling_args(p, default_new=None, from_checkpoint=True)
     p.set_defaults(func=run_chat)
     return p
 
 
+def _decoding_summary(model, kw: dict, max_new: int) -> str:
+    from .generation import GenerationConfig, get_generation_config
+
+    base = get_generation_config(model).to_dict()
+    gc = GenerationConfig(**{**{k: v for k, v in base.items() if k in GenerationConfig.__dataclass_fields__}, **kw})
+    if not gc.do_sample:
+        how = "greedy"
+    else:
+        parts = [f"temperature {gc.temperature if gc.temperature is not None else 1.0:g}"]
+        parts += [f"{n} {getattr(gc, a):g}" for n, a in (("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"))
+                  if getattr(gc, a) is not None]
+        how = "sampling, " + ", ".join(parts)
+    if gc.repetition_penalty not in (None, 1.0):
+        how += f", repetition penalty {gc.repetition_penalty:g}"
+    return f"{how}; at most {max_new} tokens per reply"
+
+
 def run_chat(args) -> int:
-    import numpy as np
+    from .chat_session import ChatSession
+    from .generation import GenerationError, TextStreamer
 
-    from .generation import TextStreamer
-
-    kw = _sampling_kwargs(args)
+    kw = _sampling_kwargs(args, from_checkpoint=True)
     model_dir = _model_dir(args)
     tok = _load_tokenizer(args, model_dir)
+    t0 = time.perf_counter()
     model = _load_model(args, model_dir)
-    eos = _eos_ids(model, tok, chat=True)
-    context = model.config.max_position_embeddings
-    interactive = sys.stdin.isatty()
-    history: list[dict] = []
-    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D leaves", file=sys.stderr)
+    load_seconds = time.perf_counter() - t0
+    seed, max_new = kw.pop("seed", None), kw.pop("max_new_tokens", None)
     try:
-        while True:
-            try:
-                line = input("you> " if interactive else "")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            msg = line.strip()
-            if not msg:
-                continue
-            if msg in ("/exit", "/quit"):
-                return 0
-            if msg == "/reset":
-                history.clear()
-                print("(conversation cleared)", file=sys.stderr)
-                continue
-            turn = history + [{"role": "user", "content": msg}]
-            try:
-                while True:  # drop the oldest exchanges until the prompt fits
-                    ids = tok.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
-                    if len(ids) < context or len(turn) == 1:
-                        break
-                    turn = turn[2:]
-            except ValueError as e:
-                print(f"error: {_one_line(e)}", file=sys.stderr)
-                continue
-            if len(ids) >= context:
-                print(f"error: that message is {len(ids)} tokens; the context is {context}", file=sys.stderr)
-                continue
-            ids = np.asarray([ids], dtype=np.int64)
-            new = min(kw["max_new_tokens"], context - ids.shape[1])
-            sys.stdout.write("model> ")
-            sys.stdout.flush()
-            out = model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos or [],
-                                 streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-                                 **{**kw, "max_new_tokens": new})
-            reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            history = turn + [{"role": "assistant", "content": reply}]
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 0
+        session = ChatSession(model, tok, kw, max_new_tokens=max_new, seed=seed)
+    except GenerationError as e:
+        raise UserError(_one_line(e)) from None
+    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply",
+          file=sys.stderr)
+    print(f"[model loaded in {load_seconds:.2f} s; {_decoding_summary(model, kw, session.max_new_tokens)}]",
+          file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
+            print(file=sys.stderr)
+            return 0
+        msg = line.strip()
+        if not msg:
+            continue
+        if msg in ("/exit", "/quit"):
+            return 0
+        if msg == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        try:
+            r = session.send(msg, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+        except GenerationError as e:
+            print(f"\nerror: {_one_line(e)}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C just outside the reply's generation: the reply is over anyway
+            session.cache = None
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        if r.interrupted:
+            print("\n[interrupted]", file=sys.stderr)
+        note = " (oldest turns dropped to fit the context)" if r.truncated_history else ""
+        print(f"[{r.prefilled} tokens read, {r.cached} from the cache{note}; {r.new_tokens} new tokens; "
+              f"time to first token {r.time_to_first_token:.3f} s; {r.tokens_per_second:.2f} tokens/s after it]",
+              file=sys.stderr)
 
 
 # ============================================================================ info

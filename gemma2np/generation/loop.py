@@ -216,21 +216,50 @@ class DecodeState:
     cache: Gemma2Cache | None
 
 
-def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool):
-    """The whole prompt in ONE forward pass -> (state, output with the last position's logits).
+def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Gemma2Cache | None = None):
+    """The prompt in ONE forward pass -> (state, output with the last position's logits).
 
     position ids from the mask: a row's first real token is position 0 whatever its left padding
     (transformers 5.23: cumsum(mask) - 1, pads filled with 0). Only real tokens' logits matter, and
     pad keys are masked out, so the pads' own positions have no effect on the result.
     `logits_to_keep=1`: the LM head (the largest matmul of a small model) runs for the last position only.
+
+    cache: a Gemma2Cache that already holds the first `cache.get_seq_length()` tokens of `ids` (a previous
+    generate() call, e.g. the earlier turns of a chat): only the tokens after them are fed, at their absolute
+    cache positions, with the attention mask of the whole sequence -- as transformers does when generate() is
+    given past_key_values.
     """
     cfg = model.config
     pos = np.cumsum(mask, axis=-1) - 1
     pos[mask == 0] = 0
-    cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window) if use_cache else None
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                use_cache=use_cache, logits_to_keep=1, return_dict=True)
+    if cache is None:
+        cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window) if use_cache else None
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                    use_cache=use_cache, logits_to_keep=1, return_dict=True)
+        return DecodeState(ids, mask, pos, cache), out
+    seen = cache.get_seq_length()
+    out = model(input_ids=ids[:, seen:], attention_mask=mask, position_ids=pos[:, seen:], past_key_values=cache,
+                use_cache=True, cache_position=np.arange(seen, ids.shape[1], dtype=np.int64), logits_to_keep=1,
+                return_dict=True)
     return DecodeState(ids, mask, pos, cache), out
+
+
+def check_past_cache(cache, ids: np.ndarray, use_cache: bool, num_return_sequences: int) -> None:
+    """A past_key_values given to generate() must be a Gemma2Cache of the same batch holding a proper prefix."""
+    if not isinstance(cache, Gemma2Cache):
+        raise GenerationTypeError(f"past_key_values must be a Gemma2Cache (from an earlier generate(..., "
+                                  f"return_dict_in_generate=True)), got {type(cache).__name__}")
+    if not use_cache:
+        raise GenerationError("past_key_values given with use_cache=False: the cache would be ignored")
+    if num_return_sequences > 1:
+        raise GenerationError("past_key_values cannot be combined with num_return_sequences > 1")
+    seen = cache.get_seq_length()
+    if not 0 <= seen < ids.shape[1]:
+        raise GenerationError(f"past_key_values holds {seen} tokens but input_ids has {ids.shape[1]}: input_ids must "
+                              "hold the cached tokens plus at least one new token")
+    batches = {k.shape[0] for k in cache.keys if k is not None}
+    if batches and batches != {ids.shape[0]}:
+        raise GenerationError(f"past_key_values has batch size {sorted(batches)} but input_ids has {ids.shape[0]} rows")
 
 
 def decode_step(model, state: DecodeState, new_tokens: np.ndarray):
@@ -264,7 +293,8 @@ def _check_call(kwargs: dict, generation_config, seed, generator, streamer, logi
         raise GenerationTypeError(
             f"generate() got unsupported argument(s): {', '.join(sorted(unknown))} "
             f"(supported: {', '.join(sorted(setting_names()))}, generation_config, logits_processor, "
-            "stopping_criteria, streamer, tokenizer, seed, generator, return_dict_in_generate, output_scores, "
+            "stopping_criteria, streamer, tokenizer, past_key_values, seed, generator, return_dict_in_generate, "
+            "output_scores, "
             "output_logits)")
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise GenerationTypeError(
@@ -297,6 +327,7 @@ def generate(
     seed: int | None = None,
     generator: np.random.Generator | None = None,
     tokenizer=None,
+    past_key_values: Gemma2Cache | None = None,
     return_dict_in_generate: bool = False,
     output_scores: bool = False,
     output_logits: bool = False,
@@ -333,6 +364,9 @@ def generate(
                        non-sampling ones and before temperature/top-k/top-p/min-p, as in transformers.
       stopping_criteria extra callables (input_ids, scores) -> bool or (batch,) bool; True finishes a row.
       tokenizer        the model's tokenizer (a GemmaTokenizer); only needed for stop_strings.
+      past_key_values  a Gemma2Cache holding the first tokens of input_ids (returned by an earlier call with
+                       return_dict_in_generate=True): only the rest is prefilled, e.g. a chat's new turn. It is
+                       updated in place.
       return_dict_in_generate / output_scores / output_logits: return a GenerateDecoderOnlyOutput.
 
     Returns (batch * num_return_sequences, prompt_len + new) int64 ids (or GenerateDecoderOnlyOutput). Rows that
@@ -351,6 +385,8 @@ def generate(
         pad = eos[0]  # transformers: "Setting pad_token_id to eos_token_id"
     ids, mask = prepare_inputs(gc, input_ids, attention_mask, pad, eos)
     B, T0 = ids.shape
+    if past_key_values is not None:
+        check_past_cache(past_key_values, ids, use_cache, _setting(gc, "num_return_sequences"))
     max_length, min_length = prepare_lengths(gc, T0, model.config, kwargs.get("max_length") is not None)
     procs = build_logits_processors(gc, T0, mask, min_length, eos, do_sample, logits_processor)
     criteria = build_stopping_criteria(gc, max_length, eos, tokenizer, stopping_criteria)
@@ -359,7 +395,7 @@ def generate(
     if streamer is not None:
         streamer.put(ids.copy())
 
-    state, out = prefill(model, ids, mask, use_cache)
+    state, out = prefill(model, ids, mask, use_cache, past_key_values)
     unfinished = np.ones(B, dtype=bool)
     all_scores, all_logits = [], []
     try:
