@@ -3,8 +3,9 @@
 The package mirrors transformers' generation/ directory, one job per module:
 
     configuration.py      GenerationConfig, generation_config.json, defaults, checks of the settings
-    logits_process.py     logits processors (repetition penalty, min lengths, temperature, top-k, top-p)
-    stopping_criteria.py  stopping criteria (max length, eos)
+    logits_process.py     logits processors (repetition penalty, no-repeat n-grams, min lengths, temperature,
+                          top-k, top-p, min-p)
+    stopping_criteria.py  stopping criteria (max length, eos, stop strings)
     picking.py            the pick of the next token: greedy argmax or one multinomial draw per row
     streamers.py          TextStreamer and the adapter for plain callables
     loop.py               generate(): prepare -> prefill -> loop {processors -> pick -> stop? -> stream -> decode step}
@@ -17,6 +18,8 @@ from .configuration import (
     GENERATION_CONFIG_NAME,
     GenerationConfig,
     GenerationError,
+    GenerationTypeError,
+    check_seed,
     get_generation_config,
     validate,
 )
@@ -26,6 +29,8 @@ from .logits_process import (
     LogitsProcessorList,
     MinLengthLogitsProcessor,
     MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
@@ -34,14 +39,16 @@ from .logits_process import (
 from .loop import GenerateDecoderOnlyOutput, generate
 from .picking import pick_next_tokens, sample_rows
 from .picking import sample_rows as _sample_rows  # noqa: F401
-from .stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
+from .stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StopStringCriteria, StoppingCriteriaList
 from .streamers import TextStreamer
 
 __all__ = [
     "GENERATION_CONFIG_NAME",
     "GenerationConfig",
     "GenerationError",
+    "GenerationTypeError",
     "get_generation_config",
+    "check_seed",
     "validate",
     "generate",
     "LogitsProcessorList",
@@ -51,9 +58,12 @@ __all__ = [
     "TemperatureLogitsWarper",
     "TopKLogitsWarper",
     "TopPLogitsWarper",
+    "MinPLogitsWarper",
+    "NoRepeatNGramLogitsProcessor",
     "StoppingCriteriaList",
     "MaxLengthCriteria",
     "EosTokenCriteria",
+    "StopStringCriteria",
     "pick_next_tokens",
     "sample_rows",
     "TextStreamer",

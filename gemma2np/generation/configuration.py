@@ -20,6 +20,11 @@ class GenerationError(ValueError):
     """A generate() argument or generation setting gemma2np refuses; the message names the argument."""
 
 
+class GenerationTypeError(GenerationError, TypeError):
+    """An argument of the wrong kind (e.g. an unknown keyword, a generator that is not a numpy Generator).
+    Also a TypeError, as Python raises for unexpected keywords."""
+
+
 # transformers' GenerationConfig._get_default_generation_params(): used when neither the caller nor the
 # checkpoint's generation_config.json sets a value.
 DEFAULTS = {
@@ -31,6 +36,8 @@ DEFAULTS = {
     "top_k": 50,
     "top_p": 1.0,
     "repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "num_return_sequences": 1,
 }
 
 
@@ -50,6 +57,10 @@ class GenerationConfig:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None
+    min_p: float | None = None
+    no_repeat_ngram_size: int | None = None
+    num_return_sequences: int | None = None
+    stop_strings: str | list[str] | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -72,9 +83,9 @@ class GenerationConfig:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path!r}: {e}") from None
+            raise GenerationError(f"cannot read {path!r}: {e}") from None
         if not isinstance(d, dict):
-            raise ValueError(f"{path!r} must hold a JSON object")
+            raise GenerationError(f"{path!r} must hold a JSON object")
         return cls.from_dict(d)
 
     @classmethod
@@ -131,46 +142,76 @@ def eos_list(eos) -> list[int]:
 # ============================================================================ checks
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
 def _check_int(name, v, minimum):
-    if v is None:
-        return
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
+    if v is not None and (not _is_int(v) or v < minimum):
+        raise GenerationError(f"`{name}` must be an integer >= {minimum}, got {v!r}")
+
+
+def check_seed(seed) -> None:
+    """seed: None or an integer >= 0 (what numpy.random.default_rng accepts as one number)."""
+    if seed is not None and (not _is_int(seed) or seed < 0):
+        raise GenerationError(f"`seed` must be an integer >= 0 or None, got {seed!r}")
 
 
 def validate(gc: GenerationConfig) -> None:
-    """Clear errors for nonsense values (transformers raises for the same ones, at generate or processor time)."""
+    """Clear errors for nonsense values (transformers raises for the same ones, at generate or processor time;
+    gemma2np also refuses values transformers silently ignores, such as a negative no_repeat_ngram_size)."""
     _check_int("max_new_tokens", gc.max_new_tokens, 1)
     _check_int("max_length", gc.max_length, 1)
     _check_int("min_new_tokens", gc.min_new_tokens, 0)
     _check_int("min_length", gc.min_length, 0)
+    _check_int("no_repeat_ngram_size", gc.no_repeat_ngram_size, 0)
+    _check_int("num_return_sequences", gc.num_return_sequences, 1)
+    for name in ("do_sample", "use_cache"):
+        v = getattr(gc, name)
+        if v is not None and not isinstance(v, (bool, np.bool_)):
+            raise GenerationError(f"`{name}` must be True, False or None, got {v!r}")
     t = gc.temperature
     if t is not None:
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.floating, np.integer)) or not np.isfinite(t) or t < 0:
-            raise ValueError(f"`temperature` must be a finite number >= 0, got {t!r}")
+        if not _is_number(t) or not np.isfinite(t) or t < 0:
+            raise GenerationError(f"`temperature` must be a finite number >= 0, got {t!r}")
         if gc.do_sample and t == 0:
-            raise ValueError("`temperature` must be strictly positive when do_sample=True "
-                             "(temperature 0 means greedy: use do_sample=False)")
+            raise GenerationError("`temperature` must be strictly positive when do_sample=True "
+                                  "(temperature 0 means greedy: use do_sample=False)")
     k = gc.top_k
-    if k is not None and (isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 0):
-        raise ValueError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {k!r}")
+    if k is not None and (not _is_int(k) or k < 0):
+        raise GenerationError(f"`top_k` must be an integer >= 0 (0 disables top-k), got {k!r}")
     p = gc.top_p
-    if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float, np.floating)) or not 0 < p <= 1):
-        raise ValueError(f"`top_p` must be in (0, 1], got {p!r}")
+    if p is not None and (not _is_number(p) or not 0 < p <= 1):
+        raise GenerationError(f"`top_p` must be in (0, 1], got {p!r}")
+    m = gc.min_p
+    if m is not None and (not _is_number(m) or not 0 <= m <= 1):
+        raise GenerationError(f"`min_p` must be in [0, 1], got {m!r}")
     r = gc.repetition_penalty
-    if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float, np.floating)) or not np.isfinite(r)
-                          or r <= 0):
-        raise ValueError(f"`repetition_penalty` must be a finite number > 0 (1.0 = no penalty), got {r!r}")
+    if r is not None and (not _is_number(r) or not np.isfinite(r) or r <= 0):
+        raise GenerationError(f"`repetition_penalty` must be a finite number > 0 (1.0 = no penalty), got {r!r}")
     for name in ("pad_token_id", "bos_token_id"):
         v = getattr(gc, name)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
-            raise ValueError(f"`{name}` must be an integer or None, got {v!r}")
+        if v is not None and not _is_int(v):
+            raise GenerationError(f"`{name}` must be an integer or None, got {v!r}")
     eos = gc.eos_token_id
     if eos is not None:
         items = [eos] if isinstance(eos, (int, np.integer)) else eos
         try:
-            ok = all(isinstance(e, (int, np.integer)) and not isinstance(e, bool) for e in items)
+            ok = not isinstance(items, (str, bytes)) and all(_is_int(e) for e in items)
         except TypeError:
             ok = False
         if not ok:
-            raise ValueError(f"`eos_token_id` must be an integer or a list of integers, got {eos!r}")
+            raise GenerationError(f"`eos_token_id` must be an integer or a list of integers, got {eos!r}")
+    ss = gc.stop_strings
+    if ss is not None:
+        items = [ss] if isinstance(ss, str) else ss
+        if not isinstance(items, (list, tuple)) or not items or not all(isinstance(x, str) and x for x in items):
+            raise GenerationError(f"`stop_strings` must be a non-empty string or a list of non-empty strings, got {ss!r}")
+    if gc.num_return_sequences is not None and gc.num_return_sequences > 1 and not gc.do_sample:
+        # transformers 5.23's GenerationConfig.validate raises the same (greedy rows would all be identical)
+        raise GenerationError("Greedy methods (do_sample != True) without beam search do not support "
+                              f"`num_return_sequences` different than 1 (got {gc.num_return_sequences}).")

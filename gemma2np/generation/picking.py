@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .configuration import GenerationError
+
 
 def pick_next_tokens(scores: np.ndarray, do_sample: bool, rng: np.random.Generator | None) -> np.ndarray:
     """(B, V) float32 processed scores -> (B,) int64 next tokens."""
@@ -26,7 +28,7 @@ def sample_rows(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """
     s = scores.astype(np.float64)
     if not np.isfinite(s.max(axis=-1)).all():
-        raise ValueError("every token was filtered out (all scores are -inf or NaN): cannot sample")
+        raise GenerationError("every token was filtered out (all scores are -inf or NaN): cannot sample")
     e = np.exp(s - s.max(axis=-1, keepdims=True))
     cdf = np.cumsum(e, axis=-1)
     u = rng.random(scores.shape[0]) * cdf[:, -1]

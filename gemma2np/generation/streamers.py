@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .configuration import GenerationError, GenerationTypeError
+
 
 class TextStreamer:
     """Print generated text to stdout as soon as whole words are formed (transformers' TextStreamer).
@@ -28,7 +30,7 @@ class TextStreamer:
     def put(self, value) -> None:
         value = np.asarray(value)
         if value.ndim > 1 and value.shape[0] > 1:
-            raise ValueError("TextStreamer only supports batch size 1")
+            raise GenerationError("TextStreamer only supports batch size 1")
         value = value.reshape(-1)
         if self.skip_prompt and self.next_tokens_are_prompt:
             self.next_tokens_are_prompt = False
@@ -92,5 +94,5 @@ def as_streamer(streamer):
     if streamer is None or hasattr(streamer, "put"):
         return streamer
     if not callable(streamer):
-        raise TypeError("streamer must have put()/end() methods or be a callable")
+        raise GenerationTypeError("streamer must have put()/end() methods or be a callable")
     return _CallableStreamer(streamer)
