@@ -93,7 +93,8 @@ def _expected_text(model_dir: Path, prompt_ids, n: int, echo: bool = False) -> s
     tok = GemmaTokenizer.from_pretrained(model_dir)
     ids = np.asarray([prompt_ids])
     eos = get_generation_config(model).eos_token_id
-    out = model.generate(ids, max_new_tokens=n, eos_token_id=eos if eos is not None else [])
+    # do_sample=False: the CLI's generate is greedy unless asked, whatever generation_config.json says
+    out = model.generate(ids, max_new_tokens=n, eos_token_id=eos if eos is not None else [], do_sample=False)
     return tok.decode(out[0, 0 if echo else ids.shape[1]:], skip_special_tokens=True)
 
 
