@@ -16,7 +16,7 @@ LAYERS = {
     "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
     "generation": 4.1,
     "model.heads": 4.2, "modeling": 4.2, "model": 4.2,
-    "chat": 5, "tokenizer": 5,
+    "chat": 5, "chat_session": 5, "tokenizer": 5,
     "cli": 6, "compare": 6, "convert": 6, "__main__": 6, "__init__": 6,
 }
 
