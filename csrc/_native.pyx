@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""gemma2np._native: thin typed wrappers over csrc/gemma2np_kernels.c.
+"""gemma2np._native: thin typed wrappers over the C kernels (csrc/gemma2np_kernels.h, csrc/g2_*.c).
 
 Every wrapper validates dtype (TypeError), C-contiguity, shapes and ranges (ValueError)
 before it calls C with the GIL released. Outputs are freshly allocated float32/int64 arrays

@@ -6,6 +6,8 @@
  * (<= 0 means 1) and produces bitwise-identical results for any thread count
  * (each output element is computed by exactly one thread in a fixed order).
  *
+ * Implemented in csrc/g2_*.c (the file map is at the top of csrc/g2_internal.h).
+ *
  * Runtime CPU dispatch: on x86_64 the AVX-512 paths are compiled with
  * __attribute__((target)) / #pragma GCC target and chosen at run time with
  * __builtin_cpu_supports; elsewhere (or when disabled with g2_set_simd(0))
@@ -79,7 +81,8 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
                     const float *const *scales, const int64_t *N, int64_t block, float *const *y,
                     int n_threads);
 
-/* Round float32 to bf16 bits, round-to-nearest-even (NaN -> quiet NaN). */
+/* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
+ * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
 
 /* Fused attention (online softmax, no T x S matrix).

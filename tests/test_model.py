@@ -8,6 +8,8 @@ import pytest
 from gemma2np import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                       Gemma2ForTokenClassification, Gemma2Model, InputError)
 
+from gemma2np.intermediates import forward_order
+
 from conftest import randomize_norms, tiny_config
 
 
@@ -136,9 +138,14 @@ def test_record_intermediates_names_and_consistency(model):
     assert rec["layers.0.q"].shape == (2, 4, 10, 12) and rec["layers.0.k"].shape == (2, 2, 10, 12)
     assert rec["layers.1.attn_probs"].shape == (2, 4, 10, 10)
     assert np.abs(np.tanh(rec["logits_raw"] / 3.0) * 3.0 - rec["logits"]).max() < 1e-6
-    # nothing is recorded outside the block
-    model(input_ids=IDS)
-    assert "layers.0.q" in rec and len(rec) == len(set(rec))
+    # every canonical name recorded once, in the order the forward pass computes them
+    assert list(rec) == forward_order(L)
+    # nothing is recorded outside the block: a different call afterwards leaves the store as it was
+    before = {k: v.copy() for k, v in rec.items()}
+    model(input_ids=IDS[:1, :4])
+    assert list(rec) == list(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(rec[k], v)
 
 
 def test_base_model_outputs(model):

@@ -1,0 +1,240 @@
+"""The heads on top of Gemma2Model (transformers' Gemma2ForCausalLM / ForSequenceClassification /
+ForTokenClassification): one more linear layer each, and their losses.
+
+This layer sits above gemma2np/generation.py: Gemma2ForCausalLM.generate is generation.generate
+(as transformers' GenerationMixin puts generate on the model), imported here, never the other way.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .. import intermediates, ops
+from ..config import Gemma2Config
+from ..generation import generate
+from ..outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
+from .decoder import Gemma2Model
+from .pretrained import Gemma2PreTrainedModel
+from .validation import InputError, as_int_array, check_labels, reject_unknown
+
+__all__ = ["Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "Gemma2ForTokenClassification"]
+
+
+class _WithBase(Gemma2PreTrainedModel):
+    """A head on top of a Gemma2Model that shares its weights and backend."""
+
+    def _load(self, state, backend, weights, n_threads, strict, progress=None):
+        super()._load(state, backend, weights, n_threads, strict, progress)
+        # a Gemma2Model view over the same prepared weights
+        model = Gemma2Model.__new__(Gemma2Model)
+        model.__dict__.update({k: v for k, v in self.__dict__.items()})
+        model.head_kind = "base"
+        self.model = model
+
+    def _base(self):
+        return self.model
+
+    def _run_base(self, output_attentions, output_hidden_states, use_cache, past_key_values, input_ids,
+                  attention_mask, position_ids, inputs_embeds, cache_position):
+        return self.model.forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+            return_dict=True, cache_position=cache_position,
+        )
+
+
+class Gemma2ForCausalLM(_WithBase):
+    """Gemma2Model + the language-model head (tied to the embedding by default) + the final logit soft-cap."""
+
+    head_kind = "causal_lm"
+
+    def _load_head(self, state, lin):
+        c = self.config
+        if c.tie_word_embeddings or "lm_head.weight" not in state:
+            # tied head: the embedding matrix doubles as the output projection (no lm_head tensor in the file)
+            self.lm_head = lin("model.embed_tokens.weight")
+            if not c.tie_word_embeddings:
+                warnings.warn("untied config but no lm_head.weight in the checkpoint: using the embedding", stacklevel=4)
+        else:
+            self.lm_head = lin("lm_head.weight")
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        logits_to_keep: int | np.ndarray = 0,
+        **kwargs,
+    ):
+        c = self.config
+        num_items = kwargs.pop("num_items_in_batch", None)
+        reject_unknown(kwargs, ())
+        return_dict = c.return_dict if return_dict is None else return_dict
+        if labels is not None:
+            labels = as_int_array(labels, "labels")
+            shape = np.shape(input_ids) if input_ids is not None else np.shape(inputs_embeds)[:2]
+            if labels.shape != tuple(shape):
+                raise InputError(f"labels must have shape {tuple(shape)} like the input, got {labels.shape}")
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+        h = out.last_hidden_state
+        # logits_to_keep: an int keeps the last n positions (0 = all), an array selects positions.
+        if isinstance(logits_to_keep, (int, np.integer)):
+            if logits_to_keep < 0:
+                raise InputError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+            h = h[:, -logits_to_keep:] if logits_to_keep else h
+        else:
+            h = h[:, np.asarray(logits_to_keep)]
+        logits = self.backend.linear(h, self.lm_head)  # (B, T', E) -> (B, T', V)
+        self.model._tap(intermediates.LOGITS_RAW, logits)
+        logits = self.backend.softcap(logits, c.final_logit_softcapping)  # 30 * tanh(logits / 30)
+        self.model._tap(intermediates.LOGITS, logits)
+        loss = None
+        if labels is not None:
+            if logits.shape[1] != labels.shape[1]:
+                raise InputError("labels need logits at every position: do not combine labels with logits_to_keep")
+            check_labels(labels, c.vocab_size)
+            loss = ops.causal_lm_loss(logits, labels, num_items_in_batch=num_items)
+        result = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+    def generate(self, *args, **kwargs):
+        """transformers' generate() (gemma2np/generation.py): greedy, sampling, streamers, stopping."""
+        return generate(self, *args, **kwargs)
+
+
+class Gemma2ForSequenceClassification(_WithBase):
+    """Gemma2Model + a linear score layer (no bias), pooled at the last non-pad token of each row."""
+
+    head_kind = "sequence_classification"
+
+    def _load_head(self, state, lin):
+        self.score = lin("score.weight")
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        c = self.config
+        reject_unknown(kwargs, ())
+        return_dict = c.return_dict if return_dict is None else return_dict
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+        logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
+        batch = logits.shape[0]
+        if c.pad_token_id is None and batch != 1:
+            raise InputError("Cannot handle batch sizes > 1 if no padding token is defined.")
+        if c.pad_token_id is None or input_ids is None:
+            # transformers cannot see padding in inputs_embeds: it takes the last position
+            last = np.full(batch, logits.shape[1] - 1)
+        else:
+            # the rightmost token that is not pad_token_id (works for left and right padding alike):
+            # argmax of index * non_pad, which is 0 for a row of pads, as in transformers.
+            ids = np.asarray(input_ids)
+            non_pad = (ids != c.pad_token_id).astype(np.int64)
+            last = (np.arange(ids.shape[1]) * non_pad).argmax(-1)
+        pooled = logits[np.arange(batch), last]  # (B, num_labels)
+        loss = None
+        if labels is not None:
+            loss = _sequence_classification_loss(pooled, np.asarray(labels), c)
+        result = SequenceClassifierOutputWithPast(
+            loss=loss, logits=pooled, past_key_values=out.past_key_values,
+            hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+        return result if return_dict else result.to_tuple()
+
+
+def _sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, c: Gemma2Config):
+    """transformers' ForSequenceClassificationLoss: the problem type is config.problem_type, else inferred:
+    one label -> regression (MSE); integer labels -> single-label (cross-entropy); otherwise multi-label (BCE)."""
+    n = c.num_labels
+    problem = c.problem_type
+    if problem is None:
+        if n == 1:
+            problem = "regression"
+        elif labels.dtype in (np.int64, np.int32):
+            problem = "single_label_classification"
+        else:
+            problem = "multi_label_classification"
+        # transformers writes the inferred type into the config on the first call, so later calls keep it
+        c.problem_type = problem
+    if problem == "regression":
+        labels = labels.astype(pooled.dtype)
+        if n == 1:
+            return ops.mse_loss(np.squeeze(pooled), np.squeeze(labels))
+        return ops.mse_loss(pooled, labels)
+    if problem == "single_label_classification":
+        labels = as_int_array(labels, "labels").reshape(-1)
+        check_labels(labels, n)
+        return ops.cross_entropy(pooled.reshape(-1, n), labels)
+    labels = labels.astype(pooled.dtype)
+    if labels.shape != pooled.shape:
+        raise InputError(f"multi-label labels must have shape {pooled.shape}, got {labels.shape}")
+    return ops.bce_with_logits(pooled, labels)
+
+
+class Gemma2ForTokenClassification(_WithBase):
+    """Gemma2Model + dropout (training only; this package runs inference) + a linear score layer with bias."""
+
+    head_kind = "token_classification"
+
+    def _load_head(self, state, lin):
+        self.score = lin("score.weight", "score.bias")
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache=None,
+        output_attentions=None,
+        output_hidden_states=None,
+        return_dict=None,
+        cache_position=None,
+        **kwargs,
+    ):
+        c = self.config
+        reject_unknown(kwargs, ())
+        return_dict = c.return_dict if return_dict is None else return_dict
+        out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+        logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
+        loss = None
+        if labels is not None:
+            labels = as_int_array(labels, "labels")
+            if labels.shape != logits.shape[:2]:
+                raise InputError(f"labels must have shape {logits.shape[:2]}, got {labels.shape}")
+            check_labels(labels, c.num_labels)
+            loss = ops.cross_entropy(logits.reshape(-1, c.num_labels), labels.reshape(-1))
+        result = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions,
+        )
+        return result if return_dict else result.to_tuple()
