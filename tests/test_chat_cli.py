@@ -91,3 +91,36 @@ def test_ctrl_c_during_a_reply_returns_to_the_prompt():
     # the interrupted reply's cache was dropped, so the second turn re-read the conversation once (the cache
     # is reused again from the turn after it; see test_chat_session.py)
     assert "0 from the cache" in turns[1]
+
+
+def test_generate_decoding_options():
+    """--stop, --num-return-sequences, --no-repeat-ngram-size and --min-p reach generate() (same tokens as the
+    Python API with the same arguments)."""
+    import numpy as np
+
+    from gemma2np import Gemma2ForCausalLM, GemmaTokenizer
+
+    model = Gemma2ForCausalLM.from_pretrained(BUNDLED)
+    tok = GemmaTokenizer.from_pretrained(BUNDLED)
+    ids = np.asarray([tok("JULIET:")["input_ids"]])
+
+    def api(**kw):
+        out = model.generate(ids, max_new_tokens=30, eos_token_id=[1], tokenizer=tok, **kw)
+        return [tok.decode(row[ids.shape[1]:], skip_special_tokens=True) for row in out]
+
+    r = run("generate", "--prompt", "JULIET:", "--max-new-tokens", 30, "--stop", "man")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith(api(do_sample=False, stop_strings=["man"])[0] + "\n") and r.stdout.rstrip().endswith("man")
+    r = run("generate", "--prompt", "JULIET:", "--max-new-tokens", 30, "--no-repeat-ngram-size", 2)
+    assert r.returncode == 0 and r.stdout.endswith(api(do_sample=False, no_repeat_ngram_size=2)[0] + "\n")
+    r = run("generate", "--prompt", "JULIET:", "--max-new-tokens", 30, "--min-p", 0.1, "--seed", 4)
+    assert r.returncode == 0 and r.stdout.endswith(api(do_sample=True, min_p=0.1, seed=4)[0] + "\n")
+    r = run("generate", "--prompt", "JULIET:", "--max-new-tokens", 30, "--num-return-sequences", 2, "--do-sample",
+            "--seed", 5)
+    assert r.returncode == 0, r.stderr
+    want = api(do_sample=True, num_return_sequences=2, seed=5)
+    assert r.stdout.count("--- sequence ") == 2 and all(w in r.stdout for w in want)
+    for args, match in ((("--num-return-sequences", 2), "num-return-sequences"), (("--min-p", -1), "min-p"),
+                        (("--no-repeat-ngram-size", -1), "no-repeat-ngram-size"), (("--seed", -1), "seed")):
+        r = run("generate", "--prompt", "x", *args)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and match in r.stderr.splitlines()[-1], r.stderr

@@ -42,7 +42,7 @@ class CountingModel:
 
     def __init__(self, inner):
         self.inner, self.fed = inner, []
-        self.config = inner.config
+        self.config, self.backend = inner.config, inner.backend
         self.generation_config = get_generation_config(inner)
 
     def __call__(self, *args, **kwargs):

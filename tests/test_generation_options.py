@@ -282,3 +282,28 @@ def test_num_return_sequences(model):
         with pytest.raises(GenerationError, match="num_return_sequences"):
             model.generate(ids, max_new_tokens=2, do_sample=True, num_return_sequences=bad)
     assert model.generate(ids, max_new_tokens=2, num_return_sequences=1).shape == (2, 6)
+
+
+# ---------------------------------------------------------------------------- the pick
+
+
+def test_greedy_pick_is_the_backends_argmax(model, monkeypatch):
+    from conftest import BACKENDS
+
+    calls = []
+    real = model.backend.argmax
+    monkeypatch.setattr(model.backend, "argmax", lambda x: calls.append(x.shape) or real(x))
+    out = model.generate(PROMPT, max_new_tokens=6)
+    assert calls == [(1, model.config.vocab_size)] * 6
+    monkeypatch.setattr(model.backend, "argmax", lambda x: np.full(x.shape[0], 7))
+    assert (model.generate(PROMPT, max_new_tokens=3)[0, 5:] == 7).all()
+    monkeypatch.undo()
+    # every backend picks the same tokens (native: the C g2_argmax)
+    for b in BACKENDS:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)
+            kw = {"weights": "float32"} if b == "native" else {}
+            other = Gemma2ForCausalLM.from_pretrained(d, backend=b, **kw)
+            np.testing.assert_array_equal(other.generate(PROMPT, max_new_tokens=6), out)

@@ -10,7 +10,7 @@ What one call does, in transformers 5.23's order (generation/utils.py `generate`
                             (sampling only) temperature, top-k, top-p, min-p
     build_stopping_criteria max_length, stop strings, eos, the caller's criteria
     prefill                 the whole prompt in ONE forward pass (logits of the last position only)
-    loop:  last_logits -> processors -> pick_next_tokens -> pad finished rows -> append
+    loop:  last_logits -> processors -> pick_next_tokens (sample, or backend.argmax) -> pad finished rows -> append
            -> stopping criteria -> stream -> decode_step (one token with the KV cache)
 
 Returns (batch, prompt + new) token ids; stops as soon as every row has finished.
@@ -406,7 +406,7 @@ def generate(
                 all_scores.append(scores)
             if output_logits:
                 all_logits.append(logits)
-            nxt = pick_next_tokens(scores, do_sample, rng)
+            nxt = pick_next_tokens(scores, do_sample, rng, model.backend)
             if eos:  # rows that already finished get pad_token_id (transformers: only with an eos criterion)
                 nxt = np.where(unfinished, nxt, pad)
             state.ids = np.concatenate([state.ids, nxt[:, None]], axis=1)

@@ -1,6 +1,8 @@
 """Choosing the next token from the processed scores: greedy argmax or one multinomial draw per row.
 
-`pick_next_tokens` is the one place generate() picks; a backend pick (argmax / top-k kernel) would go here.
+`pick_next_tokens` is the one place generate() picks. The greedy pick is the model backend's `argmax`
+(kernels/protocol.py: `ops.argmax` on the reference backend, the C `g2_argmax` on the native one, bitwise
+the same: the first maximal index, the first NaN if any, as torch.argmax on CPU).
 """
 
 from __future__ import annotations
@@ -10,12 +12,11 @@ import numpy as np
 from .configuration import GenerationError
 
 
-def pick_next_tokens(scores: np.ndarray, do_sample: bool, rng: np.random.Generator | None) -> np.ndarray:
-    """(B, V) float32 processed scores -> (B,) int64 next tokens."""
+def pick_next_tokens(scores: np.ndarray, do_sample: bool, rng: np.random.Generator | None, backend) -> np.ndarray:
+    """(B, V) float32 processed scores -> (B,) int64 next tokens: one draw per row, or the backend's argmax."""
     if do_sample:
         return sample_rows(scores, rng)
-    # argmax returns the first maximal index, as torch.argmax does on CPU
-    return np.argmax(scores, axis=-1).astype(np.int64)
+    return np.asarray(backend.argmax(scores), dtype=np.int64)
 
 
 def sample_rows(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -1,7 +1,7 @@
 """The heads on top of Gemma2Model (transformers' Gemma2ForCausalLM / ForSequenceClassification /
 ForTokenClassification): one more linear layer each, and their losses.
 
-This layer sits above gemma2np/generation.py: Gemma2ForCausalLM.generate is generation.generate
+This layer sits above gemma2np/generation/: Gemma2ForCausalLM.generate is generation.generate
 (as transformers' GenerationMixin puts generate on the model), imported here, never the other way.
 """
 
@@ -113,7 +113,7 @@ class Gemma2ForCausalLM(_WithBase):
         return result if return_dict else result.to_tuple()
 
     def generate(self, *args, **kwargs):
-        """transformers' generate() (gemma2np/generation.py): greedy, sampling, streamers, stopping."""
+        """transformers' generate() (gemma2np/generation/): greedy, sampling, streamers, stopping."""
         return generate(self, *args, **kwargs)
 
 
