@@ -84,7 +84,11 @@ void g2_attention(const float *q, const float *k, const float *v, const int64_t 
 #endif
     int64_t rep = Hq / Hkv;
     int64_t total = B * Hq * T;
-#pragma omp parallel num_threads(NT(n_threads))
+    /* q.k and p*v over every key (masked blocks are skipped, so this is an upper bound); the
+     * AVX-512 path also pays per-key bookkeeping (max, exp, masks): ~2x the FMA tiles' cost */
+    const double macs = 2.0 * (double)total * (double)S * (double)D;
+    const int nt = g2_par_threads(NT(n_threads), macs * (simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         float *acc = (float *)malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
         float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];

@@ -1,5 +1,6 @@
 /* CPU feature detection and the SIMD level in effect (run-time dispatch), plus the process-wide
- * settings the kernels rely on (OpenMP present or not, malloc thresholds). */
+ * settings the kernels rely on (OpenMP present or not, when to fan out to threads, malloc
+ * thresholds). */
 #include "g2_internal.h"
 
 #if defined(__GLIBC__)
@@ -53,6 +54,30 @@ int g2_have_openmp(void) {
 #else
     return 0;
 #endif
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* thread policy (see g2_set_parallel_threshold in gemma2np_kernels.h)                         */
+/* ------------------------------------------------------------------------------------------ */
+
+static double g_par_min_ns = -1.0; /* < 0: not read from the environment yet */
+
+double g2_set_parallel_threshold(double us) {
+    if (us >= 0.0) {
+        g_par_min_ns = us * 1000.0;
+    } else if (g_par_min_ns < 0.0) {
+        const char *s = getenv("G2_PAR_MIN_US");
+        char *end = NULL;
+        double v = s ? strtod(s, &end) : -1.0;
+        g_par_min_ns = (s && end != s && v >= 0.0 && v < 1e12 ? v : G2_PAR_MIN_US_DEFAULT) * 1000.0;
+    }
+    return g_par_min_ns / 1000.0;
+}
+
+int g2_par_threads(int nt, double ns) {
+    if (nt <= 1) return 1;
+    if (g_par_min_ns < 0.0) g2_set_parallel_threshold(-1.0);
+    return ns >= g_par_min_ns ? nt : 1;
 }
 
 /* glibc hands every freed block above M_MMAP_THRESHOLD (128 KB until a large mmap'd block is

@@ -16,7 +16,8 @@
 void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,
                 int n_threads) {
     int64_t r;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R * D > 32768)
+    const int nt = g2_par_threads(NT(n_threads), (double)R * (double)D * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (r = 0; r < R; r++) {
         const float *xr = x + r * D;
         /* sum of squares in double over 8 independent lanes (one serial chain of double adds
@@ -83,7 +84,8 @@ void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, fl
     simd = approximate && g2_get_simd();
 #endif
     (void)simd;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 16384)
+    const int nt = g2_par_threads(NT(n_threads), (double)n * (simd ? G2_NS_PER_EW_SIMD : G2_NS_PER_EW_LIBM));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (ch = 0; ch < nch; ch++) {
         const int64_t i0 = ch * G2_EW_CHUNK, cnt = G2_MIN(G2_EW_CHUNK, n - i0);
 #if G2_X86
@@ -104,7 +106,8 @@ void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, fl
 void g2_rope(const float *x, const float *cos_, const float *sin_, int64_t B, int64_t H,
              int64_t T, int64_t D, int64_t Bc, float *out, int n_threads) {
     int64_t half = D / 2, rows = B * H * T, r;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (rows * D > 32768)
+    const int nt = g2_par_threads(NT(n_threads), (double)rows * (double)D * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (r = 0; r < rows; r++) {
         int64_t t = r % T, b = r / (H * T);
         int64_t bc = Bc == 1 ? 0 : b;
@@ -163,7 +166,8 @@ G2_HIDDEN G2_TGT void g2_softcap_avx512(const float *x, float *out, int64_t n, f
 static void ew_run(int op, const float *x, int64_t n, float cap, float *out, int n_threads) {
     int64_t ch, nch = (n + G2_EW_CHUNK - 1) / G2_EW_CHUNK;
     int simd = g2_get_simd() != 0;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
+    const int nt = g2_par_threads(NT(n_threads), (double)n * (simd ? G2_NS_PER_EW_SIMD : G2_NS_PER_EW_LIBM));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (ch = 0; ch < nch; ch++) {
         const int64_t i0 = ch * G2_EW_CHUNK, cnt = G2_MIN(G2_EW_CHUNK, n - i0);
 #if G2_X86
@@ -197,7 +201,8 @@ void g2_exp(const float *x, int64_t n, float *out, int n_threads) {
 
 void g2_argmax(const float *x, int64_t R, int64_t V, int64_t *out, int n_threads) {
     int64_t r;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R > 1)
+    const int nt = g2_par_threads(NT(n_threads), (double)R * (double)V * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (r = 0; r < R; r++) {
         const float *xr = x + r * V;
         int64_t best = 0;
@@ -233,7 +238,9 @@ void g2_topk(const float *x, int64_t R, int64_t V, int64_t k, float *values, int
              int n_threads) {
     int64_t r;
     if (k <= 0) return;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (R > 1)
+    /* a heap of k: ~2 comparisons per element while the heap is warm, more while it fills */
+    const int nt = g2_par_threads(NT(n_threads), (double)R * (double)V * 2.0 * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (r = 0; r < R; r++) {
         const float *xr = x + r * V;
         float *hv = values + r * k;
@@ -305,7 +312,8 @@ static G2_TGT void f32_to_bf16_avx512(const float *x, uint16_t *out, int64_t n) 
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads) {
     int64_t ch, nch = (n + G2_EW_CHUNK - 1) / G2_EW_CHUNK;
     int simd = g2_get_simd() != 0;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (n > 65536)
+    const int nt = g2_par_threads(NT(n_threads), (double)n * (simd ? 0.25 : 1.0) * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (ch = 0; ch < nch; ch++) {
         const int64_t i0 = ch * G2_EW_CHUNK, cnt = G2_MIN(G2_EW_CHUNK, n - i0);
 #if G2_X86

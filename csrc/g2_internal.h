@@ -1,7 +1,7 @@
 /* Internals shared by the kernel files (not part of the API; see gemma2np_kernels.h for that).
  *
  * Files (one job each):
- *   g2_dispatch.c     CPU feature detection, SIMD level, OpenMP and malloc settings
+ *   g2_dispatch.c     CPU feature detection, SIMD level, thread policy, OpenMP and malloc settings
  *   g2_linear.c       linear: the scalar path and, next to it, the AVX-512 tiles it is tested against
  *   g2_linear_drive.c linear: how W is cut into blocks and spread over threads (no arithmetic)
  *   g2_attention.c    fused attention: scalar and AVX-512 helpers side by side
@@ -55,6 +55,22 @@
 static inline int g2_use_bf16dp(void) {
     return g2_get_simd() == 1 && (g2_cpu_features() & G2_CPU_AVX512BF16);
 }
+
+/* Thread policy: how many of nt threads to use for work estimated at `ns` nanoseconds on one
+ * thread -- nt when ns >= the fan-out threshold (g2_set_parallel_threshold, default
+ * G2_PAR_MIN_US_DEFAULT microseconds), else 1. Results never depend on it (every output element is
+ * computed by one thread in a fixed order whatever the thread count), so it only moves time. */
+G2_HIDDEN int g2_par_threads(int nt, double ns);
+
+/* Rough single-thread costs behind the estimates (AVX-512 on the 2-vCPU EPYC of README's benchmark;
+ * they only need to be right within ~2x: they decide "worth a fork/join or not", nothing else). */
+#define G2_NS_PER_WBYTE 0.0625     /* streaming weights from DRAM: ~16 GB/s per core */
+#define G2_NS_PER_MAC_F32 0.03     /* FMA tiles (f32 / widened weights), ~32 multiply-adds per ns */
+#define G2_NS_PER_MAC_BF16DP 0.01  /* vdpbf16ps outer-product tiles, ~100 per ns */
+#define G2_NS_PER_MAC_SCALAR 1.0   /* the portable scalar loops */
+#define G2_NS_PER_EW_SIMD 0.25     /* an element-wise AVX-512 polynomial (tanh / exp / GeGLU) */
+#define G2_NS_PER_EW_LIBM 5.0      /* tanhf / expf / erff from libm */
+#define G2_NS_PER_ELEM 0.5         /* a plain loop over floats (rmsnorm, rope, argmax, ...) */
 
 static inline int g2_thread_id(void) {
 #ifdef _OPENMP

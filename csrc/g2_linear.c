@@ -28,7 +28,7 @@ static void linear_scalar(int fmt, int dp, const float *x, int64_t M, int64_t K,
                           const float *sc, int64_t block, int64_t N, float *y, int nt) {
     int64_t nb = block > 0 ? (K + block - 1) / block : 0;
     int64_t n;
-#pragma omp parallel for schedule(dynamic, 8) num_threads(nt)
+#pragma omp parallel for schedule(dynamic, 8) num_threads(nt) if (nt > 1)
     for (n = 0; n < N; n++) {
         for (int64_t m = 0; m < M; m++) {
             const float *xr = x + m * K;
@@ -403,6 +403,13 @@ static int linear_avx512(int fmt, int dp, const float *x, int64_t M, int64_t K, 
     int64_t wbytes = fmt == G2_W_F32 ? 4 : (fmt == G2_W_INT8 ? 1 : 2);
     int bf = g2_use_bf16dp();
     int rc = 0;
+    /* thread policy: decode (the gemv driver) streams W once, prefill is bound by the tiles */
+    int64_t Ntot = 0;
+    for (int p = 0; p < np; p++) Ntot += parts[p].N;
+    const double macs = (double)M * (double)Ntot * (double)K;
+    const int gemv = fmt == G2_W_F32 ? M < 4 : !dp;
+    nt = g2_par_threads(nt, gemv ? (double)Ntot * (double)K * (double)wbytes * G2_NS_PER_WBYTE + macs * G2_NS_PER_MAC_F32
+                                 : macs * (bf ? G2_NS_PER_MAC_BF16DP : G2_NS_PER_MAC_F32));
     if (fmt == G2_W_F32) {
         if (M < 4)
             g2_gemv_drive(tile_0_1_4, 4, tile_0_1_1, x, K * 4, M, K, parts, np, K * 4, 0, 0, nt);
@@ -484,6 +491,9 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
         for (int64_t i = 0; i < M * K; i++) xr[i] = bf16_to_f32(f32_to_bf16(x[i]));
         xs = xr;
     }
+    double macs = 0.0;
+    for (int p = 0; p < nparts; p++) macs += (double)M * (double)N[p] * (double)K;
+    nt = g2_par_threads(nt, macs * G2_NS_PER_MAC_SCALAR);
     for (int p = 0; p < nparts; p++)
         if (N[p] > 0)
             linear_scalar(fmt == G2_W_BF16DP ? G2_W_BF16 : fmt, dp, xs, M, K, w[p], scales ? scales[p] : NULL,
@@ -512,7 +522,9 @@ void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t
                       float *scales, int n_threads) {
     const int64_t nb = (K + block - 1) / block;
     int64_t n;
-#pragma omp parallel for schedule(static) num_threads(NT(n_threads)) if (N * K > 65536)
+    /* a division and a rounding per weight */
+    const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * 4.0 * G2_NS_PER_ELEM);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
     for (n = 0; n < N; n++) {
         for (int64_t b = 0; b < nb; b++) {
             const int64_t k0 = b * block, k1 = G2_MIN(K, k0 + block);

@@ -113,7 +113,7 @@ G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xr
     const char *xc = (const char *)x;
     char *scratch_all = NULL;
     if (widen_fmt >= 0 && !(scratch_all = (char *)malloc((size_t)(nt * nblk * trow_bytes)))) return -1;
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         char *scratch = scratch_all ? scratch_all + (size_t)g2_thread_id() * (size_t)(nblk * trow_bytes) : NULL;
         /* W block outer (it stays in L2 while every x row runs over it; x comes from L3):
@@ -174,7 +174,7 @@ G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_pa
         free(xp);
         return -1;
     }
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nt) if (nt > 1)
     {
         uint16_t *scratch = scratch_all ? (uint16_t *)((char *)scratch_all + (size_t)g2_thread_id() * sbytes) : NULL;
         int64_t jb;

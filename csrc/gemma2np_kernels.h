@@ -54,6 +54,18 @@ int g2_set_simd(int level);
 int g2_get_simd(void);
 int g2_have_openmp(void);
 
+/* Fan-out threshold: a kernel uses its n_threads only when its work, estimated on one thread, is at
+ * least `us` microseconds; smaller work runs on the calling thread alone. A parallel region costs a
+ * wake-up and a join of every thread: a few microseconds on an idle machine, but with other busy
+ * processes on every core a thread waiting for a core holds the join for a scheduler time slice
+ * (milliseconds), so fanning out small work made decoding 10-200x slower under load (issue 13).
+ * Default G2_PAR_MIN_US_DEFAULT, or the G2_PAR_MIN_US environment variable read at the first call;
+ * 0 = always fan out (what the tests use to run the threaded code on small shapes). Results are
+ * bitwise the same for any threshold. g2_set_parallel_threshold(us < 0) only returns the value in
+ * effect; otherwise it sets it and returns it. */
+#define G2_PAR_MIN_US_DEFAULT 50.0
+double g2_set_parallel_threshold(double us);
+
 /* Keep freed activation-sized blocks in the process heap (glibc only; elsewhere a no-op that
  * returns 0): M_MMAP_THRESHOLD = 32 MB, M_TRIM_THRESHOLD = 64 MB -- the values glibc's own
  * dynamic threshold reaches after the first free of a large block. Returns 1 when applied. */

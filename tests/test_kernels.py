@@ -36,6 +36,16 @@ def simd(request):
     nat.set_simd(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _always_fan_out():
+    """Fan out whatever the work size (threshold 0), so the small shapes of these tests run the
+    threaded code at n_threads 2 and 3; tests/test_threading.py covers the default threshold."""
+    before = nat.get_parallel_threshold()
+    nat.set_parallel_threshold(0)
+    yield
+    nat.set_parallel_threshold(before)
+
+
 def _rng(seed):
     return np.random.default_rng(seed)
 
