@@ -137,6 +137,40 @@ def test_bad_position_embeddings_are_input_errors(any_model, pe, message):
         any_model(input_ids=IDS, position_embeddings=pe)
 
 
+@pytest.mark.torch
+@pytest.mark.parametrize("per_row", [False, True])
+def test_position_embeddings_do_what_transformers_layers_do(per_row, tmp_path):
+    """transformers 5.23 documents position_embeddings on the outer forward but raises a TypeError there
+    (Gemma2Model passes its own tables *and* the kwarg to each layer: 'got multiple values'). Its layers take
+    the tables and rotate q and k with them; emulate that by making its rotary module return our tables, and
+    compare with gemma2np given the same tables."""
+    import torch
+    import transformers
+
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=4, pad_token_id=0)
+    torch.manual_seed(0)
+    hf = transformers.Gemma2ForCausalLM._from_config(transformers.Gemma2Config(**kw),
+                                                     attn_implementation="eager").eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.normal_(0, 0.5 if "norm" in name else 0.3)
+    hf.save_pretrained(tmp_path)
+    ours = Gemma2ForCausalLM.from_pretrained(tmp_path)
+    B, T, D = IDS.shape[0], IDS.shape[1], 8
+    rng = np.random.default_rng(1)
+    angles = rng.uniform(-3, 3, (B if per_row else 1, T, D // 2)).astype(np.float32)
+    emb = np.concatenate([angles, angles], axis=-1)  # rotate_half layout, arbitrary angles
+    cos, sin = np.cos(emb), np.sin(emb)
+    with pytest.raises(TypeError, match="multiple values"):
+        hf(input_ids=torch.tensor(IDS), position_embeddings=(torch.tensor(cos), torch.tensor(sin)))
+    hf.model.rotary_emb.forward = lambda x, position_ids: (torch.tensor(cos), torch.tensor(sin))
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(IDS), attention_mask=torch.tensor(MASK)).logits.numpy()
+    got = ours(input_ids=IDS, attention_mask=MASK, position_embeddings=(cos, sin)).logits
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------- logits_to_keep
 def test_logits_to_keep_forms_match_slicing_the_full_logits(lm):
     """transformers' slice_logits_to_keep forms, each checked against slicing the full logits. The LM head
@@ -207,6 +241,8 @@ def test_labels_with_cut_logits_is_an_input_error(lm):
     (dict(input_ids=IDS, cache_position=np.ones(8, bool)), "integer"),
     (dict(input_ids=IDS, labels=IDS.astype(bool)), "integer"),
     (dict(input_ids=[[2, 3], [4]], labels=[[2, 3], [4]]), "rectangular"),
+    (dict(input_ids=IDS, labels=IDS, num_items_in_batch=0), "num_items_in_batch"),
+    (dict(input_ids=IDS, labels=IDS, num_items_in_batch="3"), "num_items_in_batch"),
 ])
 def test_api_call_errors_of_issue_13(lm, kwargs, message):
     with pytest.raises(InputError, match=message):
@@ -278,7 +314,7 @@ _JUNK = st.one_of(
 )
 _ARGS = ["input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "use_cache",
          "output_attentions", "output_hidden_states", "return_dict", "cache_position", "position_embeddings"]
-_HEAD_ARGS = {Gemma2Model: [], Gemma2ForCausalLM: ["labels", "logits_to_keep"],
+_HEAD_ARGS = {Gemma2Model: [], Gemma2ForCausalLM: ["labels", "logits_to_keep", "num_items_in_batch"],
               Gemma2ForSequenceClassification: ["labels"], Gemma2ForTokenClassification: ["labels"]}
 _SWEEP_MODELS = {}
 

@@ -17,7 +17,7 @@ from ..generation import generate
 from ..outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 from .decoder import Gemma2Model
 from .pretrained import Gemma2PreTrainedModel
-from .validation import InputError, as_array, as_int_array, check_labels, flag, keep_logits, reject_unknown
+from .validation import InputError, as_array, as_int_array, check_labels, check_num_items, flag, keep_logits, reject_unknown
 
 __all__ = ["Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "Gemma2ForTokenClassification"]
 
@@ -79,7 +79,7 @@ class Gemma2ForCausalLM(_WithBase):
         **kwargs,
     ):
         c = self.config
-        num_items = kwargs.pop("num_items_in_batch", None)
+        num_items = check_num_items(kwargs.pop("num_items_in_batch", None))
         reject_unknown(kwargs, ())
         return_dict = flag(return_dict, "return_dict", c.return_dict)
         if labels is not None:

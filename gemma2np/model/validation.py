@@ -12,8 +12,8 @@ import numpy as np
 from ..cache import CacheError, Gemma2Cache
 
 __all__ = ["InputError", "UnexpectedArgumentError", "as_array", "as_int_array", "check_cache_fits", "check_inputs",
-           "check_labels",
-           "check_position_embeddings", "keep_logits", "reject_unknown", "resolve_cache"]
+           "check_labels", "check_num_items", "check_position_embeddings", "flag", "keep_logits", "reject_unknown",
+           "resolve_cache"]
 
 
 class InputError(ValueError):
@@ -248,3 +248,16 @@ def check_cache_fits(cache, batch: int, c) -> None:
             raise InputError(f"past_key_values layer {i} holds keys of shape {k.shape}, this call needs "
                              f"({batch}, {c.num_key_value_heads}, L, {c.head_dim}): batch size, kv heads and head_dim "
                              "must match the cache")
+
+
+def check_num_items(n):
+    """transformers' num_items_in_batch (the loss is sum / n, for gradient accumulation): None, or a positive
+    finite number (a 0-d array too); 0 would give an infinite loss, anything else a foreign numpy error."""
+    if n is None:
+        return None
+    if isinstance(n, np.ndarray) and n.ndim == 0:
+        n = n[()]
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(n) or n <= 0:
+        raise InputError(f"num_items_in_batch must be a positive number, got {n!r:.40}")
+    return n
