@@ -197,8 +197,8 @@ def _hf_pair(tie, vocab=97, hidden=32):
     import transformers
 
     kw = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-              num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=0, tie_word_embeddings=tie, query_pre_attn_scalar=8,
-              initializer_range=0.3)
+              num_key_value_heads=2, head_dim=8, sliding_window=4, pad_token_id=0, tie_word_embeddings=tie,
+              query_pre_attn_scalar=8, initializer_range=0.3)  # the scalar explicit: the defaults differ (256 / 224)
     torch.manual_seed(0)
     hf = transformers.Gemma2ForCausalLM._from_config(transformers.Gemma2Config(**copy.deepcopy(kw)),
                                                      attn_implementation="eager").eval()

@@ -17,7 +17,8 @@ from ..generation import generate
 from ..outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 from .decoder import Gemma2Model
 from .pretrained import Gemma2PreTrainedModel
-from .validation import InputError, as_array, as_int_array, check_labels, check_num_items, flag, keep_logits, reject_unknown
+from .validation import (InputError, as_array, as_int_array, check_labels, check_num_items, flag, keep_logits,
+                         reject_unknown)
 
 __all__ = ["Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "Gemma2ForTokenClassification"]
 
@@ -84,10 +85,11 @@ class Gemma2ForCausalLM(_WithBase):
         return_dict = flag(return_dict, "return_dict", c.return_dict)
         if labels is not None:
             labels = as_int_array(labels, "labels")
-            given = input_ids if input_ids is not None else inputs_embeds
-            shape = as_array(given, "input_ids" if input_ids is not None else "inputs_embeds").shape[:2]
-            if given is not None and labels.shape != tuple(shape):
-                raise InputError(f"labels must have shape {tuple(shape)} like the input, got {labels.shape}")
+            # checked before the forward pass (fail fast); a missing or bad input is the base model's to report
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            shape = as_array(given, name).shape[:2]
+            if given is not None and labels.shape != shape:
+                raise InputError(f"labels must have shape {shape} like the input, got {labels.shape}")
         out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
                              input_ids, attention_mask, position_ids, inputs_embeds, cache_position,
                              position_embeddings)

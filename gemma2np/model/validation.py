@@ -159,9 +159,11 @@ def check_position_embeddings(position_embeddings, batch: int, seq: int, head_di
     the model's own tables have for shared position_ids, so passing those back changes nothing). cos and
     sin must have the same shape (the native RoPE kernel takes one table shape for both)."""
     if not isinstance(position_embeddings, (tuple, list)) or len(position_embeddings) != 2:
+        got = type(position_embeddings).__name__
+        if isinstance(position_embeddings, (tuple, list)):
+            got += f" of length {len(position_embeddings)}"
         raise InputError("position_embeddings must be a (cos, sin) tuple of arrays of shape "
-                         f"(batch, seq_len, head_dim) = ({batch}, {seq}, {head_dim}), got {type(position_embeddings).__name__}"
-                         + (f" of length {len(position_embeddings)}" if isinstance(position_embeddings, (tuple, list)) else ""))
+                         f"(batch, seq_len, head_dim) = ({batch}, {seq}, {head_dim}), got {got}")
     out = []
     for name, a in zip(("cos", "sin"), position_embeddings):
         a = as_array(a, f"position_embeddings {name}")
@@ -192,7 +194,8 @@ def keep_logits(h: np.ndarray, logits_to_keep) -> np.ndarray:
     Refused (transformers does something surprising or crashes): negative ints (it would keep positions
     |n|.. instead), bools and floats as a count, other ranks, indices out of range."""
     B, T = h.shape[:2]
-    if isinstance(logits_to_keep, np.ndarray) and logits_to_keep.ndim == 0 and np.issubdtype(logits_to_keep.dtype, np.integer):
+    if isinstance(logits_to_keep, np.ndarray) and logits_to_keep.ndim == 0 \
+            and np.issubdtype(logits_to_keep.dtype, np.integer):
         logits_to_keep = logits_to_keep[()]  # a 0-d integer array counts like an np.integer
     if isinstance(logits_to_keep, (bool, np.bool_)):
         raise InputError(f"logits_to_keep must be an int or an index array, got the bool {logits_to_keep}")
