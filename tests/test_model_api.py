@@ -260,6 +260,7 @@ def _legacy(lm, batch=2, change=lambda k: k):
     (lambda lm: _legacy(lm, change=lambda k: k.tolist()[:1] + [[[1.0]]]), "past_key_values"),
     (lambda lm: _legacy(lm, batch=1), "batch"),
     (lambda lm: lm(input_ids=IDS[:1, :5], use_cache=True).past_key_values, "batch"),
+    (lambda lm: Gemma2Cache(["full_attention"], 4), "holds 1 layers, this model has 3"),
 ])
 def test_bad_caches_are_input_errors(lm, make, message):
     with pytest.raises(InputError, match=message):

@@ -246,6 +246,10 @@ def check_cache_fits(cache, batch: int, c) -> None:
     (else the concatenation in Gemma2Cache.update would fail mid-forward)."""
     if cache is None:
         return
+    if len(cache.keys) != c.num_hidden_layers:
+        # (only the count: a cache's layer types may differ on purpose, see tests/test_cache.py)
+        raise InputError(f"past_key_values holds {len(cache.keys)} layers, this model has {c.num_hidden_layers}: "
+                         "use a cache made for this model")
     for i, k in enumerate(cache.keys):
         if k is not None and (k.shape[0] != batch or k.shape[1] != c.num_key_value_heads or k.shape[3] != c.head_dim):
             raise InputError(f"past_key_values layer {i} holds keys of shape {k.shape}, this call needs "
