@@ -13,7 +13,7 @@ LAYERS = {
     "config": 1, "rope": 1,
     "checkpoint": 2, "gguf_io": 2, "original": 2,
     "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3,
-    "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
+    "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.embeddings": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
     "generation": 4.1,
     "model.heads": 4.2, "modeling": 4.2, "model": 4.2,
     "chat": 5, "chat_session": 5, "tokenizer": 5,

@@ -7,13 +7,16 @@ This layer sits above gemma2np/generation/: Gemma2ForCausalLM.generate is genera
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import numpy as np
 
 from .. import intermediates, ops
 from ..config import Gemma2Config
-from ..generation import generate
+from ..generation import generate, get_generation_config
+from ..generation.configuration import GENERATION_CONFIG_NAME
 from ..outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 from .decoder import Gemma2Model
 from .pretrained import Gemma2PreTrainedModel
@@ -51,6 +54,15 @@ class Gemma2ForCausalLM(_WithBase):
     """Gemma2Model + the language-model head (tied to the embedding by default) + the final logit soft-cap."""
 
     head_kind = "causal_lm"
+
+    def save_pretrained(self, save_directory, dtype: str | None = None, max_shard_size: int | str | None = None):
+        """As Gemma2PreTrainedModel.save_pretrained, plus generation_config.json (the generation defaults this
+        model uses: the checkpoint's file, unknown keys kept, or the token ids of config.json), as
+        transformers' save_pretrained writes `model.generation_config` beside a generative model."""
+        super().save_pretrained(save_directory, dtype=dtype, max_shard_size=max_shard_size)
+        gc = get_generation_config(self)
+        with open(os.path.join(save_directory, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump({**gc.extra, **gc.to_dict()}, f, indent=2, sort_keys=True)
 
     def _load_head(self, state, lin):
         c = self.config
