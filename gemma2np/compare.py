@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .intermediates import IntermediatesError, forward_order, load_tensors, lookup, run_with_intermediates, token_axis
+from .llamacpp_compare import DEFAULT_LOG_ATOL, DEFAULT_LOG_RTOL, compare_llamacpp_log
+from .llamacpp_log import LlamaCppLogError, read_log, read_logits
 
 __all__ = [
     "CompareError",
@@ -310,11 +312,21 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p):
-    p.add_argument("--model", required=True, help="HF-format model directory (config.json + safetensors)")
-    p.add_argument("--reference", required=True, help=".npz or .safetensors with input_ids and named tensors")
+    p.add_argument("--model", required=True,
+                   help="HF-format model directory (config.json + safetensors), or a llama.cpp .gguf file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--reference", help=".npz or .safetensors with input_ids and named tensors")
+    src.add_argument("--llamacpp-log", metavar="FILE",
+                     help="the output of llama-eval-callback or llama-debug --verbose (stdout and stderr); "
+                          "tokens from the log")
+    src.add_argument("--llamacpp-logits", metavar="FILE",
+                     help="llama-debug --save-logits' llamacpp-<model>.bin (tokens from the -tokens.bin beside it)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"absolute tolerance (default {DEFAULT_ATOL:g}; llama.cpp logs and logits "
+                        f"{DEFAULT_LOG_ATOL:g}, see gemma2np.llamacpp_compare)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"relative tolerance (default {DEFAULT_RTOL:g}; llama.cpp logs and logits {DEFAULT_LOG_RTOL:g})")
     p.add_argument("--backend", default="numpy", choices=("numpy", "native", "auto"),
                    help="gemma2np backend (default numpy, the reference)")
     p.add_argument("--weights", default=None, choices=("float32", "bfloat16", "int8"),
@@ -330,31 +342,57 @@ def _error(msg: str) -> int:
     return 2
 
 
-def run_compare(args) -> int:
-    """Run the comparison for parsed arguments; print the table; return the exit status (0 / 1 / 2)."""
-    if not os.path.isdir(args.model):
-        return _error(f"model directory not found: {args.model}")
-    try:
-        reference = load_tensors(args.reference)
-    except IntermediatesError as exc:
-        return _error(str(exc))
+def load_model_for_compare(path: str, backend="numpy", dtype="float32", weights=None):
+    """Gemma2ForCausalLM from an HF directory or a .gguf file (raises ValueError / OSError naming the problem)."""
     from .modeling import Gemma2ForCausalLM
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a classification head's score.weight: irrelevant here
+        if path.endswith(".gguf") and os.path.isfile(path):
+            return Gemma2ForCausalLM.from_pretrained(os.path.dirname(os.path.abspath(path)), backend=backend,
+                                                     dtype=dtype, weights=weights,
+                                                     gguf_file=os.path.basename(path))
+        return Gemma2ForCausalLM.from_pretrained(path, backend=backend, dtype=dtype, weights=weights)
+
+
+def run_compare(args) -> int:
+    """Run the comparison for parsed arguments; print the table; return the exit status (0 / 1 / 2)."""
+    is_gguf = args.model.endswith(".gguf") and os.path.isfile(args.model)
+    if not (os.path.isdir(args.model) or is_gguf):
+        return _error(f"model directory not found: {args.model}")
+    llama = args.llamacpp_log is not None or args.llamacpp_logits is not None
+    atol = args.atol if args.atol is not None else (DEFAULT_LOG_ATOL if llama else DEFAULT_ATOL)
+    rtol = args.rtol if args.rtol is not None else (DEFAULT_LOG_RTOL if llama else DEFAULT_RTOL)
+    log = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. a classification head's score.weight: irrelevant here
-            model = Gemma2ForCausalLM.from_pretrained(args.model, backend=args.backend, dtype=args.dtype,
-                                                      weights=args.weights)
+        if args.llamacpp_log is not None:
+            log = read_log(args.llamacpp_log)  # before loading the model: a bad log fails fast
+            log.evaluation()
+        elif args.reference is not None:
+            reference = load_tensors(args.reference)
+    except (IntermediatesError, LlamaCppLogError) as exc:
+        return _error(str(exc))
+    try:
+        model = load_model_for_compare(args.model, args.backend, args.dtype, args.weights)
     except (ValueError, OSError, ImportError, KeyError) as exc:
         return _error(f"cannot load the model from {args.model}: {exc}")
+    source = args.reference or args.llamacpp_log or args.llamacpp_logits
     try:
-        report = compare_to_reference(model, reference, atol=args.atol, rtol=args.rtol,
-                                      ignore_unknown=args.ignore_unknown)
-    except CompareError as exc:
+        if log is not None:
+            report = compare_llamacpp_log(model, log, atol=atol, rtol=rtol)
+            ids = np.asarray([log.token_ids])
+        else:
+            if args.llamacpp_logits is not None:
+                logits, token_ids = read_logits(args.llamacpp_logits, model.config.vocab_size)
+                # the last token's logits, under llama.cpp's name: compared with our last position
+                reference = {"input_ids": token_ids[None], "result_output": logits[None]}
+            report = compare_to_reference(model, reference, atol=atol, rtol=rtol, ignore_unknown=args.ignore_unknown)
+            ids = np.asarray(reference["input_ids"])
+    except (CompareError, LlamaCppLogError) as exc:
         return _error(str(exc))
-    ids = np.asarray(reference["input_ids"])
-    print(f"model: {args.model} (backend {model.backend.name}, {args.dtype})  reference: {args.reference}  "
-          f"input_ids: {tuple(ids.shape)}" + ("  attention_mask: yes (pads skipped)" if "attention_mask" in reference else ""))
+    print(f"model: {args.model} (backend {model.backend.name}, {args.dtype})  reference: {source}  "
+          f"input_ids: {tuple(ids.shape)}"
+          + ("  attention_mask: yes (pads skipped)" if args.reference and "attention_mask" in reference else ""))
     print()
     print(report.format_table())
     if args.json:
