@@ -194,10 +194,6 @@ def run_perplexity(args) -> int:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         return _error(f"cannot read --text {args.text}: {exc}")
-    try:
-        tok = GemmaTokenizer.from_pretrained(tok_dir)
-    except (ValueError, OSError) as exc:
-        return _error(f"cannot load the tokenizer from {tok_dir} (pass --tokenizer DIR): {' '.join(str(exc).split())}")
     kw = dict(backend=args.backend, weights=args.weights, dtype=args.dtype, n_threads=args.threads)
     try:
         model = _load(path, **kw)
@@ -208,6 +204,10 @@ def run_perplexity(args) -> int:
             reference = _load(args.against, backend="numpy", dtype="float32")
     except (ValueError, OSError, KeyError, ImportError) as exc:
         return _error(f"cannot load a model: {' '.join(str(exc).split())}")
+    try:
+        tok = GemmaTokenizer.from_pretrained(tok_dir)
+    except (ValueError, OSError) as exc:
+        return _error(f"cannot load the tokenizer from {tok_dir} (pass --tokenizer DIR): {' '.join(str(exc).split())}")
     if reference is not None and reference.config.vocab_size != model.config.vocab_size:
         return _error(f"--against has a vocabulary of {reference.config.vocab_size} tokens, the model "
                       f"{model.config.vocab_size}: KL divergence needs the same vocabulary")
