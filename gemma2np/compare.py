@@ -21,8 +21,16 @@ Padded positions: when ``attention_mask`` is given, only positions where it is 1
 (along the token axis: axis 1 of (B, T, ...) tensors, axis 2 of q / k / v / attention
 probabilities). What a model computes at a pad position is implementation-defined garbage.
 
+llama.cpp's own output is read directly, no reference file needed: ``--llamacpp-log FILE`` (the text
+output of llama-eval-callback or llama-debug --verbose: gemma2np.llamacpp_log parses it,
+gemma2np.llamacpp_compare compares the printed corner values and sums) and ``--llamacpp-logits FILE``
+(llama-debug --save-logits' last-token logits, tokens from the -tokens.bin beside it, compared as
+``result_output``). Both default to atol = rtol = 1e-3 (measured, see gemma2np.llamacpp_compare).
+``--model`` may be a .gguf file.
+
 Exit status of the CLI: 0 all tensors within tolerance, 1 some are not, 2 bad input (unreadable
-file, no input_ids, unknown tensor name without --ignore-unknown, shape mismatch, missing model).
+file, no input_ids, unknown tensor name without --ignore-unknown, shape mismatch, missing model,
+a truncated or malformed llama.cpp log).
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ def main():
         "broken_model": "the same GGUF with every blk.N.attn_norm.weight stored as w instead of 1 + w",
         "prompt": PROMPT,
         "run_options": common,
-        "files": sorted(os.listdir(OUT)),
+        "files": sorted(f for f in os.listdir(OUT) if f != "fixtures.json"),
     }
     with open(os.path.join(OUT, "fixtures.json"), "w", encoding="utf-8") as f:
         json.dump(info, f, indent=1)

@@ -142,3 +142,23 @@ def test_cli_vocabulary_mismatch(tmp_path, capsys):
     text.write_text(TEXT, encoding="utf-8")
     assert cli_main(["perplexity", "--text", str(text), "--ctx", "32", "--against", str(d)]) == 2
     assert "same vocabulary" in capsys.readouterr().err
+
+
+def test_cli_gguf_model_against_its_source_directory(tmp_path, capsys):
+    """--model X.gguf (tokenizer.model beside it): an F32 GGUF of the bundled model scores exactly like it."""
+    import shutil
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_gguf import write_gguf
+
+    model = Gemma2ForCausalLM.from_pretrained(MODEL)
+    write_gguf(tmp_path / "m.gguf", model.config, {k: np.asarray(v, np.float32) for k, v in model.state_dict().items()})
+    shutil.copyfile(MODEL / "tokenizer.model", tmp_path / "tokenizer.model")
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    out = tmp_path / "p.json"
+    assert cli_main(["perplexity", "--model", str(tmp_path / "m.gguf"), "--text", str(text), "--ctx", "32",
+                     "--against", str(MODEL), "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["kld_max"] == 0.0 and res["perplexity"] == res["perplexity_against"]
