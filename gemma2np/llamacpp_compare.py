@@ -210,6 +210,9 @@ class _Ours:
         return np.asarray(self.rec[name][0], dtype=np.float64)  # batch 1
 
     def rows(self, n_rows: int) -> tuple[np.ndarray, str]:
+        if not 0 < n_rows <= self.T:
+            raise LlamaCppLogError(f"a node with {n_rows} token rows, but the log lists {self.T} tokens: the log is "
+                                   "of another run")
         if n_rows == self.T:
             return np.arange(self.T), "all"
         rows = self.out_rows
@@ -232,8 +235,15 @@ class _Ours:
         rep = self.c.num_attention_heads // self.c.num_key_value_heads
         return np.einsum("hts,hsd->htd", p, np.repeat(v, rep, axis=0))  # (H, T, D), GQA repeat_interleave
 
+    def check_n_kv(self, n_kv):
+        # llama.cpp pads the KV cells it attends over (to a multiple of 256 at most the context size):
+        # refuse a number no real run prints before allocating (H, T, n_kv) arrays for it
+        if n_kv > 2 * max(self.T, self.c.max_position_embeddings) + 256:
+            raise LlamaCppLogError(f"{n_kv} KV cells for {self.T} tokens: implausible, the log is corrupt")
+
     def kq(self, il, n_kv):
         c = self.c
+        self.check_n_kv(n_kv)
         q = self.canon(f"layers.{il}.q") * float(c.query_pre_attn_scalar) ** -0.5
         k = np.repeat(self.canon(f"layers.{il}.k"), c.num_attention_heads // c.num_key_value_heads, axis=0)
         s = np.einsum("htd,hsd->hts", q, k)  # (H, T, S)
@@ -301,6 +311,7 @@ def _derive(t: LogTensor, o: _Ours) -> tuple[np.ndarray, str, str]:
     if base == "kq_soft_max" and il is not None:
         p = o.canon(f"layers.{il}.attn_probs")  # (H, T, S)
         n_kv = t.ne[0]
+        o.check_n_kv(n_kv)
         if n_kv < p.shape[2]:
             raise _Skip("fewer KV cells than keys")
         out = np.zeros(p.shape[:2] + (n_kv,))  # cells past the S keys are masked: exactly 0 in llama.cpp
@@ -313,7 +324,7 @@ def _derive(t: LogTensor, o: _Ours) -> tuple[np.ndarray, str, str]:
         if il is None:
             raise _Skip("FLASH_ATTN_EXT of an unknown layer")
         return _g(o.probs_v(il).transpose(1, 0, 2)), f"layers.{il}.attn_probs . v", "all"  # ne [D, H, T]
-    if base == "ffn_geglu" and src0 is not None and src1 is not None:
+    if base == "ffn_geglu" and src0 is not None and src1 is not None and src0[0].shape == src1[0].shape:
         return _gelu_tanh(src0[0]) * src1[0], f"gelu_tanh(layers.{il}.gate) * up", src0[2]
     if t.op == "RMS_NORM" and src0 is not None:
         x = src0[0]
@@ -343,6 +354,8 @@ def _derive(t: LogTensor, o: _Ours) -> tuple[np.ndarray, str, str]:
     if t.op == "TRANSPOSE":
         return np.swapaxes(g0, 2, 3), target0, pos0
     if t.op == "GET_ROWS" and t.src1 in ("inp_out_ids", "out_ids"):
+        if g0.shape[2] != o.T:
+            raise _Skip("rows of a node that holds only some rows")
         rows, pos = o.rows(t.ne[1])
         return g0[:, :, rows, :], target0, pos
     if t.op == "TANH":
@@ -435,7 +448,12 @@ def compare_llamacpp_log(model, log: LlamaCppLog, atol: float = DEFAULT_LOG_ATOL
     entries, skipped = [], []
     for t in ev:
         try:
-            g, target, pos = _derive(t, o)
+            try:
+                g, target, pos = _derive(t, o)
+            except LlamaCppLogError:
+                raise
+            except (ValueError, IndexError) as exc:  # sources of shapes that do not combine: a corrupt log
+                raise _Skip(f"cannot derive from its sources ({type(exc).__name__})") from None
         except _Skip as why:
             skipped.append(SkippedEntry(t.name, t.op, t.line, str(why)))
             o.nodes.pop(t.name, None)  # a later node must not pick up an earlier namesake

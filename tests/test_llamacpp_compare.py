@@ -206,3 +206,16 @@ def test_gguf_model_runs_what_llama_cpp_ran(tmp_path, capsys):
     # ... and the same tolerance against the real checkpoint still points at the wrong norm
     assert run(["--model", MODEL, "--llamacpp-log", log, *tol]) == 1
     assert "first divergence at attn_norm-0" in capsys.readouterr().out
+
+
+def test_corrupt_shapes_are_errors_not_garbage(model):
+    log = read_log(DATA / "eval-callback-f32.log")
+    t = next(t for t in log.evaluation() if t.name == "l_out-3")
+    t.ne = (256, 9, 1, 1)  # more rows than the 8 logged tokens
+    with pytest.raises(LlamaCppLogError, match="9 token rows, but the log lists 8 tokens"):
+        compare_llamacpp_log(model, log)
+    log = read_log(DATA / "eval-callback-f32-fa-off.log")
+    t = next(t for t in log.evaluation() if t.name == "kq_soft_max-0")
+    t.ne = (10 ** 9, 8, 4, 1)
+    with pytest.raises(LlamaCppLogError, match="implausible"):
+        compare_llamacpp_log(model, log)
