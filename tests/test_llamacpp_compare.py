@@ -219,3 +219,31 @@ def test_corrupt_shapes_are_errors_not_garbage(model):
     t.ne = (10 ** 9, 8, 4, 1)
     with pytest.raises(LlamaCppLogError, match="implausible"):
         compare_llamacpp_log(model, log)
+
+
+def test_randomly_damaged_logs_give_a_report_or_a_typed_error(model):
+    """Deleted, duplicated or garbled lines anywhere: never a foreign exception."""
+    from gemma2np.llamacpp_log import parse_log
+
+    lines = (DATA / "eval-callback-f32-fa-off.log").read_text().splitlines(keepends=True)
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for _ in range(40):
+        damaged = list(lines)
+        for _ in range(int(rng.integers(1, 4))):
+            k = int(rng.integers(0, len(damaged)))
+            action = rng.integers(0, 3)
+            if action == 0:
+                del damaged[k]
+            elif action == 1:
+                damaged.insert(k, damaged[k])
+            else:
+                line = damaged[k]
+                j = int(rng.integers(0, max(len(line) - 1, 1)))
+                damaged[k] = line[:j] + "#{-9,}"[int(rng.integers(0, 6))] + line[j + 1:]
+        try:
+            rep = compare_llamacpp_log(model, parse_log("".join(damaged)))
+            outcomes.add("ok" if rep.ok else "diverged")
+        except LlamaCppLogError:
+            outcomes.add("error")
+    assert "error" in outcomes  # most damage is detected as such
