@@ -311,7 +311,7 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register `compare` on an argparse subparsers object (gemma2np.cli); sets func=run_compare."""
     p = subparsers.add_parser(
         "compare",
-        help="compare another implementation's tensors (npz/safetensors) with gemma2np, tensor by tensor",
+        help="compare another implementation's tensors (npz/safetensors, llama.cpp logs) with gemma2np, tensor by tensor",
         description=__doc__.split("\n\n")[0] + " Exit status: 0 all within tolerance, 1 not, 2 bad input.",
     )
     _add_arguments(p)
