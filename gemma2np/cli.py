@@ -30,6 +30,7 @@ _OPTIONAL_COMMANDS = [
     ("gemma2np.compare", "add_compare_parser"),
     ("gemma2np.convert", "add_convert_parser"),
     ("gemma2np.bench", "add_bench_parser"),
+    ("gemma2np.perplexity", "add_perplexity_parser"),
 ]
 
 

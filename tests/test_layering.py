@@ -17,7 +17,7 @@ LAYERS = {
     "generation": 4.1,
     "model.heads": 4.2, "modeling": 4.2, "model": 4.2,
     "chat": 5, "chat_session": 5, "tokenizer": 5,
-    "cli": 6, "cli_models": 6, "compare": 6, "convert": 6, "__main__": 6, "__init__": 6,
+    "cli": 6, "cli_models": 6, "compare": 6, "llamacpp_log": 6, "llamacpp_compare": 6, "perplexity": 6, "convert": 6, "__main__": 6, "__init__": 6,
 }
 
 
