@@ -1,0 +1,417 @@
+"""Hostile inputs to the loaders (issue #13): every case gets a typed gemma2np error naming the problem,
+and nothing outside the model directory is ever opened.
+
+Layers: sharded index / file checks (safeio + checkpoint), the safetensors header (differential against
+the `safetensors` library), config.json, GGUF metadata, original torch checkpoints, the tokenizer, the CLI.
+"""
+
+import builtins
+import io
+import json
+import os
+import signal
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import safetensors
+import safetensors.numpy
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from gemma2np import CheckpointError, Gemma2ForCausalLM
+from gemma2np.checkpoint import bfloat16, load_state_dict, read_safetensors, write_safetensors
+
+from conftest import tiny_config
+
+IDS = np.array([[2, 5, 9, 11]])
+
+
+def _save(tmp_path, **kw):
+    m = Gemma2ForCausalLM.from_config(tiny_config(), seed=0)
+    m.save_pretrained(tmp_path, **kw)
+    return m
+
+
+# ============================================================================ opens outside the model dir
+
+
+class _OpenRecorder:
+    """Records every path opened through open / io.open / os.open / np.memmap while active."""
+
+    def __init__(self, monkeypatch):
+        self.paths = []
+        real_open, real_os_open, real_memmap = builtins.open, os.open, np.memmap.__new__
+
+        def rec(p):
+            if isinstance(p, (str, bytes, os.PathLike)):
+                self.paths.append(os.path.realpath(os.fsdecode(p)))
+
+        def my_open(file, *a, **k):
+            rec(file)
+            return real_open(file, *a, **k)
+
+        def my_os_open(path, *a, **k):
+            rec(path)
+            return real_os_open(path, *a, **k)
+
+        def my_memmap(cls, filename, *a, **k):
+            rec(getattr(filename, "name", filename))
+            return real_memmap(cls, filename, *a, **k)
+
+        monkeypatch.setattr(builtins, "open", my_open)
+        monkeypatch.setattr(io, "open", my_open)
+        monkeypatch.setattr(os, "open", my_os_open)
+        monkeypatch.setattr(np.memmap, "__new__", my_memmap)
+
+    def outside(self, root):
+        root = os.path.realpath(root)
+        return [p for p in self.paths if not (p == root or p.startswith(root + os.sep))]
+
+
+@pytest.fixture
+def sharded(tmp_path):
+    d = tmp_path / "model"
+    _save(d, max_shard_size=20_000)
+    index = json.loads((d / "model.safetensors.index.json").read_text())
+    return d, index
+
+
+def _set_shard(d, index, value):
+    wm = dict(index["weight_map"])
+    wm[next(iter(wm))] = value
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
+
+
+@pytest.mark.parametrize("value", ["../../etc/hostname", "/etc/hostname", "/dev/urandom", "../outside.safetensors",
+                                   "sub/model.safetensors", "..", ".", "", "a\x00b"])
+def test_index_names_outside_the_directory_are_refused_before_opening(sharded, monkeypatch, value):
+    d, index = sharded
+    (d.parent / "outside.safetensors").write_bytes((d / sorted(set(index["weight_map"].values()))[0]).read_bytes())
+    (d / "sub").mkdir()
+    _set_shard(d, index, value)
+    rec = _OpenRecorder(monkeypatch)
+    with pytest.raises(CheckpointError, match="not a plain file name"):
+        Gemma2ForCausalLM.from_pretrained(d)
+    assert rec.outside(d) == []
+    # and no shard at all was opened: the names are checked before any file is
+    assert not [p for p in rec.paths if p.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("target, message", [
+    ("../outside.safetensors", "outside the model directory"),
+    ("/dev/urandom", "outside the model directory"),
+])
+def test_symlinks_out_of_the_directory_are_refused(sharded, monkeypatch, target, message):
+    d, index = sharded
+    outside = d.parent / "outside.safetensors"
+    outside.write_bytes(b"x")
+    os.symlink(target if target.startswith("/") else str(outside), d / "link.safetensors")
+    _set_shard(d, index, "link.safetensors")
+    rec = _OpenRecorder(monkeypatch)
+    with pytest.raises(CheckpointError, match=message):
+        Gemma2ForCausalLM.from_pretrained(d)
+    assert rec.outside(d) == []
+
+
+def test_non_regular_files_inside_are_refused_without_blocking(sharded, monkeypatch):
+    d, index = sharded
+    os.mkfifo(d / "fifo.safetensors")  # opening a FIFO for reading would block forever
+    (d / "adir.safetensors").mkdir()
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the loader blocked on a FIFO"))
+    signal.alarm(20)
+    try:
+        for name, what in (("fifo.safetensors", "a FIFO"), ("adir.safetensors", "a directory")):
+            _set_shard(d, index, name)
+            rec = _OpenRecorder(monkeypatch)
+            with pytest.raises(CheckpointError, match=what):
+                Gemma2ForCausalLM.from_pretrained(d)
+            assert not [p for p in rec.paths if p.endswith(name)]
+        # the single-file layout too: model.safetensors as a FIFO
+        os.remove(d / "model.safetensors.index.json")
+        os.mkfifo(d / "model.safetensors")
+        with pytest.raises(CheckpointError, match="a FIFO"):
+            load_state_dict(d)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_hub_cache_symlinks_to_blobs_are_followed(tmp_path):
+    """transformers' cache: <repo>/snapshots/<rev>/model.safetensors -> ../../blobs/<sha>: a real layout."""
+    src = tmp_path / "src"
+    m = _save(src)
+    repo = tmp_path / "models--x--y"
+    (repo / "blobs").mkdir(parents=True)
+    snap = repo / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    for name in os.listdir(src):
+        blob = repo / "blobs" / ("sha-" + name)
+        blob.write_bytes((src / name).read_bytes())
+        os.symlink(os.path.join("..", "..", "blobs", "sha-" + name), snap / name)
+    again = Gemma2ForCausalLM.from_pretrained(snap)
+    np.testing.assert_array_equal(again(input_ids=IDS).logits, m(input_ids=IDS).logits)
+    # ... but not to another repository's blobs
+    other = tmp_path / "models--evil" / "blobs"
+    other.mkdir(parents=True)
+    (other / "w").write_bytes((src / "model.safetensors").read_bytes())
+    os.remove(snap / "model.safetensors")
+    os.symlink(str(other / "w"), snap / "model.safetensors")
+    with pytest.raises(CheckpointError, match="outside the model directory"):
+        load_state_dict(snap)
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"weight_map": ["model.safetensors"]}), "weight_map must be an object"),
+    (json.dumps({"weight_map": {"model.norm.weight": None}}), "not a shard file name"),
+    (json.dumps({"weight_map": {"model.norm.weight": {"file": "x"}}}), "not a shard file name"),
+    (json.dumps({"weight_map": {"model.norm.weight": 3}}), "not a shard file name"),
+    (json.dumps({"weight_map": {"model.norm.weight": "."}}), "not a plain file name"),
+    (json.dumps(["weight_map"]), "weight_map must be an object"),
+    (json.dumps({"metadata": {}}), "weight_map must be an object"),
+    (b'{"weight_map": {"a": "\xff\xfe.safetensors"}}', "not valid UTF-8"),
+    ("[" * 100_000 + "]" * 100_000, "nested"),
+    ('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}', "too long"),
+    ('{"weight_map": {"a": NaN}}', "not JSON"),
+    ("{", "not valid JSON"),
+])
+def test_malformed_index_structure(sharded, content, message):
+    d, _ = sharded
+    p = d / "model.safetensors.index.json"
+    p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CheckpointError, match=message):
+        load_state_dict(d)
+
+
+def test_index_that_is_a_directory_or_fifo(sharded):
+    d, _ = sharded
+    os.remove(d / "model.safetensors.index.json")
+    (d / "model.safetensors.index.json").mkdir()
+    with pytest.raises(CheckpointError, match="a directory"):
+        load_state_dict(d)
+
+
+# ============================================================================ safetensors header == the library
+
+
+def _file(header, data: bytes) -> bytes:
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return struct.pack("<Q", len(raw)) + raw + data
+
+
+def _theirs(path):
+    """The library's verdict: {name: (dtype tag, shape, bytes)} or None if it refuses."""
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            out = {}
+            for k in f.keys():
+                a = f.get_tensor(k)
+                out[k] = (a.dtype, tuple(a.shape), np.ascontiguousarray(a).tobytes())
+            return out
+    except safetensors.SafetensorError:
+        return None
+
+
+def _ours(path):
+    try:
+        tensors, _ = read_safetensors(path)
+    except CheckpointError:
+        return None
+    return {k: (a.dtype, tuple(a.shape), np.ascontiguousarray(a).tobytes()) for k, a in tensors.items()}
+
+
+def _same_verdict(path, raw: bytes):
+    path.write_bytes(raw)
+    theirs, ours = _theirs(path), _ours(path)
+    assert (theirs is None) == (ours is None), (
+        f"library {'refuses' if theirs is None else 'accepts'}, we {'refuse' if ours is None else 'accept'}: {raw[:300]!r}")
+    if theirs is not None:
+        assert ours == theirs
+    return ours
+
+
+@pytest.mark.parametrize("name, header, data", [
+    ("10 bytes inserted into the data", {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, bytes(34)),
+    ("offsets shifted by 2", {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [2, 26]}}, bytes(26)),
+    ("gap", {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+             "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}, bytes(12)),
+    ("overlap", {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                 "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12)),
+    ("truncated", {"x": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 24]}}, bytes(20)),
+    ("bool dim", b'{"x":{"dtype":"F32","shape":[2,true],"data_offsets":[0,8]}}', bytes(8)),
+    ("float dim", b'{"x":{"dtype":"F32","shape":[2.0],"data_offsets":[0,8]}}', bytes(8)),
+    ("dim past u64", b'{"x":{"dtype":"F32","shape":[18446744073709551616],"data_offsets":[0,8]}}', bytes(8)),
+    ("product overflow with a 0", b'{"x":{"dtype":"F32","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}', b""),
+    ("deep nesting", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":' + b"[" * 126 + b"]" * 126 + b"}}",
+     bytes(4)),
+    ("very deep nesting", b'{"x":' + b"[" * 50_000 + b"]" * 50_000 + b"}", b""),
+    ("huge int literal", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":' + b"9" * 5000 + b"}}", bytes(4)),
+    ("NaN literal", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":NaN}}', bytes(4)),
+    ("lone surrogate", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":"\\ud800"}}', bytes(4)),
+    ("repeated field", b'{"x":{"dtype":"F32","dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+    ("two __metadata__", b'{"__metadata__":{},"__metadata__":{},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+     bytes(4)),
+    ("metadata not strings", b'{"__metadata__":{"a":1},"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+    ("non-UTF-8 header", b'{"x\xff":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+    ("not an object", b"[]", b""),
+    ("empty with data", b"{}", b"abcd"),
+])
+def test_library_refusals_are_ours_too(tmp_path, name, header, data):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_file(header, data))
+    assert _theirs(path) is None
+    with pytest.raises(CheckpointError):
+        read_safetensors(path)
+
+
+@pytest.mark.parametrize("name, header, data", [
+    ("unknown field", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":{"q":[1,2]}}}', bytes(4)),
+    ("empty tensors at 0", b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[0],'
+                           b'"data_offsets":[0,0]}}', bytes(4)),
+    ("scalar", b'{"x":{"dtype":"F32","shape":[],"data_offsets":[0,4]}}', bytes(4)),
+    ("name repeated: last wins", b'{"x":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},'
+                                 b'"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}', bytes(4)),
+    ("depth 127", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":' + b"[" * 125 + b"]" * 125 + b"}}",
+     bytes(4)),
+    ("big ints elsewhere", b'{"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4],"z":' + b"9" * 300 + b"}}", bytes(4)),
+    ("leading whitespace and padding", b'  {"x":{"dtype":"U16","shape":[2],"data_offsets":[0,4]}}   ', bytes(4)),
+    ("metadata null", b'{"__metadata__":null,"x":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}', bytes(4)),
+    ("empty", b"{}", b""),
+])
+def test_library_acceptances_are_ours_too(tmp_path, name, header, data):
+    assert _same_verdict(tmp_path / "m.safetensors", _file(header, data)) is not None
+
+
+_DT = {"F32": np.float32, "F16": np.float16, "BF16": bfloat16, "I64": np.int64, "U8": np.uint8, "F64": np.float64,
+       "I32": np.int32, "BOOL": np.bool_}
+
+
+@st.composite
+def _valid_file(draw):
+    n = draw(st.integers(0, 4))
+    tensors = {}
+    for i in range(n):
+        tag = draw(st.sampled_from(sorted(_DT)))
+        shape = draw(st.lists(st.integers(0, 3), max_size=3))
+        data = draw(st.binary(min_size=int(np.prod(shape)) * np.dtype(_DT[tag]).itemsize,
+                              max_size=int(np.prod(shape)) * np.dtype(_DT[tag]).itemsize))
+        tensors[f"t{i}"] = np.frombuffer(data, dtype=np.uint8).view(_DT[tag]).reshape(shape) if data else \
+            np.zeros(shape, _DT[tag])
+    return safetensors.numpy.save(tensors, metadata=draw(st.sampled_from([None, {"format": "pt"}])))
+
+
+def _header_span(raw):
+    (n,) = struct.unpack("<Q", raw[:8])
+    return 8, 8 + n
+
+
+@st.composite
+def _mutated(draw):
+    raw = bytearray(draw(_valid_file()))
+    kind = draw(st.sampled_from(["insert", "delete", "truncate", "flip", "offsets", "header_len", "json_edit",
+                                 "append"]))
+    if kind == "insert":
+        pos = draw(st.integers(0, len(raw)))
+        raw[pos:pos] = draw(st.binary(min_size=1, max_size=12))
+    elif kind == "delete" and len(raw) > 8:
+        a = draw(st.integers(0, len(raw) - 1))
+        del raw[a:a + draw(st.integers(1, 8))]
+    elif kind == "truncate":
+        raw = raw[:draw(st.integers(0, len(raw)))]
+    elif kind == "flip":
+        pos = draw(st.integers(0, len(raw) - 1))
+        raw[pos] = draw(st.integers(0, 255))
+    elif kind == "append":
+        raw += draw(st.binary(min_size=1, max_size=12))
+    elif kind == "header_len":
+        (n,) = struct.unpack("<Q", raw[:8])
+        raw[:8] = struct.pack("<Q", max(0, n + draw(st.integers(-9, 9))))
+    else:  # rewrite the JSON header: shift offsets, change a dtype / shape, add a key, drop a field
+        a, b = _header_span(raw)
+        header = json.loads(bytes(raw[a:b]))
+        names = [k for k in header if k != "__metadata__"]
+        if names:
+            name = draw(st.sampled_from(names))
+            field = draw(st.sampled_from(["data_offsets", "dtype", "shape", "extra", "drop"] if kind == "json_edit"
+                                         else ["data_offsets"]))
+            info = header[name]
+            if field == "data_offsets":
+                i = draw(st.integers(0, 1))
+                info["data_offsets"][i] = max(0, info["data_offsets"][i] + draw(st.integers(-4, 4)))
+            elif field == "dtype":
+                info["dtype"] = draw(st.sampled_from(sorted(_DT) + ["U16", "F8_E4M3", "F99", "f32"]))
+            elif field == "shape":
+                info["shape"] = draw(st.lists(st.integers(0, 5), max_size=3))
+            elif field == "extra":
+                info[draw(st.sampled_from(["x", "dtype_", "__metadata__"]))] = draw(
+                    st.sampled_from([1, "s", [1, [2]], None, 1.5]))
+            else:
+                del info[draw(st.sampled_from(["dtype", "shape", "data_offsets"]))]
+        text = json.dumps(header).encode()
+        text += b" " * draw(st.integers(0, 7))
+        raw = bytearray(struct.pack("<Q", len(text)) + text + bytes(raw[b:]))
+    return bytes(raw)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(raw=st.one_of(_valid_file(), _mutated()))
+def test_differential_against_the_safetensors_library(tmp_path, raw):
+    """Our memory-mapped reader and safetensors.safe_open agree on every file: both accept (same tensors,
+    bit for bit) or both refuse. F8/F4 dtypes (known to the library, no NumPy type) are the one exception,
+    refused by us on purpose; the generator never writes them except as a header edit, checked below."""
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(raw)
+    ours = _ours(path)
+    theirs = _theirs_or_unsupported(path)
+    event("unsupported dtype" if theirs == "unsupported" else "refused" if theirs is None else "accepted")
+    if theirs == "unsupported":
+        assert ours is None
+        return
+    assert (theirs is None) == (ours is None), raw[:400]
+    if ours is not None:
+        assert ours == theirs
+
+
+def _theirs_or_unsupported(path):
+    try:
+        return _theirs(path)
+    except (AttributeError, TypeError):  # the numpy framework has no float8 type: the library is the one failing
+        with open(path, "rb") as f:
+            raw = f.read()
+        safetensors.deserialize(raw)  # header valid for the library
+        return "unsupported"
+
+
+def test_unsupported_library_dtypes_are_named(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(_file({"x": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}, bytes(4)))
+    safetensors.deserialize(path.read_bytes())  # valid for the library
+    with pytest.raises(CheckpointError, match="unsupported dtype F8_E4M3"):
+        read_safetensors(path)
+
+
+# ============================================================================ writing with the library
+
+
+def test_writer_is_the_library(tmp_path, monkeypatch):
+    calls = []
+    real = safetensors.numpy.save_file
+
+    def spy(tensors, filename, metadata=None):
+        calls.append(metadata)
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", spy)
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    write_safetensors(tmp_path / "w.safetensors", {"a": a, "b": a[:, ::2]}, dtype=bfloat16)
+    assert calls == [{"format": "pt"}]
+    with safetensors.safe_open(str(tmp_path / "w.safetensors"), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt"}
+        got = {k: f.get_tensor(k) for k in f.keys()}
+    assert got["a"].dtype == bfloat16 and got["b"].shape == (3, 2)
+    np.testing.assert_array_equal(got["b"].astype(np.float32), a[:, ::2])  # small ints: exact in bf16
+    ours, _ = read_safetensors(tmp_path / "w.safetensors")
+    np.testing.assert_array_equal(ours["a"], got["a"])
+    assert not os.path.exists(tmp_path / "w.safetensors.tmp")
