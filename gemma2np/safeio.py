@@ -119,9 +119,9 @@ def loads_json(data: bytes | str, error: type[Exception], what: str, *, max_dept
             data = bytes(data).decode("utf-8")
         except UnicodeDecodeError as exc:
             raise error(f"{what} is not valid UTF-8 (byte {exc.start}: {exc.reason})") from None
-    kw = dict(parse_constant=_raise_constant)
-    if strict_numbers:
-        kw.update(parse_int=_strict_int, parse_float=_strict_float)
+    kw = {}
+    if strict_numbers:  # serde_json has no NaN / Infinity; Python's json (transformers' reader) accepts them
+        kw.update(parse_constant=_raise_constant, parse_int=_strict_int, parse_float=_strict_float)
     else:
         kw.update(parse_int=_lenient_int)
     if object_pairs_hook is not None:

@@ -173,7 +173,7 @@ def test_hub_cache_symlinks_to_blobs_are_followed(tmp_path):
     (b'{"weight_map": {"a": "\xff\xfe.safetensors"}}', "not valid UTF-8"),
     ("[" * 100_000 + "]" * 100_000, "nested"),
     ('{"metadata": {"total_size": ' + "9" * 5000 + '}, "weight_map": {}}', "too long"),
-    ('{"weight_map": {"a": NaN}}', "not JSON"),
+    ('{"weight_map": {"a": NaN}}', "not a shard file name"),
     ("{", "not valid JSON"),
 ])
 def test_malformed_index_structure(sharded, content, message):
@@ -415,3 +415,161 @@ def test_writer_is_the_library(tmp_path, monkeypatch):
     ours, _ = read_safetensors(tmp_path / "w.safetensors")
     np.testing.assert_array_equal(ours["a"], got["a"])
     assert not os.path.exists(tmp_path / "w.safetensors.tmp")
+
+
+# ============================================================================ config.json
+
+from gemma2np import ConfigError, Gemma2Config  # noqa: E402
+
+
+def _config_file(tmp_path, text):
+    p = tmp_path / "config.json"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def _base():
+    return tiny_config().to_dict()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested"),
+    ('{"a":' * 150 + "1" + "}" * 150, "nested more than 100"),
+    ('{"vocab_size": ' + "9" * 5000 + "}", "too long"),
+    (b'{"model_type": "gemma2", "x": "\xff\xfe"}', "not valid UTF-8"),
+    ("{", "not valid JSON"),
+])
+def test_config_json_syntax(tmp_path, text, message):
+    with pytest.raises(ConfigError, match=message):
+        Gemma2Config.from_json_file(_config_file(tmp_path, text))
+
+
+def test_config_json_that_is_a_fifo_or_directory(tmp_path):
+    os.mkfifo(tmp_path / "config.json")
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blocked on a FIFO config.json"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(ConfigError, match="a FIFO"):
+            Gemma2Config.from_pretrained(tmp_path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    os.remove(tmp_path / "config.json")
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match="a directory"):
+        Gemma2Config.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("update, message", [
+    ({"id2label": {"1e9": "a"}}, "not an integer"),
+    ({"id2label": {"x": "a"}}, "not an integer"),
+    ({"id2label": {"0": 5}}, "not a label string"),
+    ({"id2label": {"0": ["a"]}}, "not a label string"),
+    ({"id2label": "abc"}, "id2label must be an object"),
+    ({"label2id": ["a"]}, "label2id must be an object"),
+    ({"num_labels": 10**10, "id2label": None}, "num_labels must be an integer in"),
+    ({"num_hidden_layers": 10**9, "layer_types": None}, "num_hidden_layers = 1000000000 is beyond"),
+    ({"vocab_size": 10**12}, "vocab_size = 1000000000000 is beyond"),
+    ({"hidden_size": 10**9, "num_attention_heads": 1, "num_key_value_heads": 1}, "hidden_size = 1000000000 is beyond"),
+    ({"head_dim": 10**9}, "head_dim = 1000000000 is beyond"),
+    ({"layer_types": 7}, "layer_types must be a list"),
+    ({"layer_types": [1, [2], {}]}, "entries must be one of"),
+    ({"num_key_value_groups": 3}, "cannot be set"),
+    ({"__class__": 3}, "cannot be set"),
+])
+def test_config_contents(update, message):
+    d = _base()
+    d.update(update)
+    with pytest.raises(ConfigError, match=message):
+        Gemma2Config.from_dict(d)
+
+
+def test_config_sizes_fail_fast():
+    import time
+
+    t = time.perf_counter()
+    for update in ({"num_labels": 10**10, "id2label": None}, {"num_hidden_layers": 10**9, "layer_types": None}):
+        with pytest.raises(ConfigError):
+            Gemma2Config.from_dict(dict(_base(), **update))
+    assert time.perf_counter() - t < 5  # was 15 s to a MemoryError, and a hang
+
+
+# one valid rope_parameters per type (checked to load), and the number fields each reads
+_ROPE_OK = {
+    "linear": {"rope_type": "linear", "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "yarn": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "attention_factor": 1.0,
+             "beta_fast": 32.0, "beta_slow": 1.0},
+    "yarn_mscale": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 32, "mscale": 1.0,
+                    "mscale_all_dim": 0.5},
+    "longrope": {"rope_type": "longrope", "factor": 2.0, "original_max_position_embeddings": 32,
+                 "short_factor": [1.0] * 6, "long_factor": [2.0] * 6, "attention_factor": 1.0},
+    "llama3": {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 32, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0},
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.5},
+    "default": {"rope_type": "default"},
+}
+_POSITIVE = {"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor", "rope_theta",
+             "partial_rotary_factor"}
+
+
+def _rope_cases():
+    for kind, params in _ROPE_OK.items():
+        for key in sorted(set(params) - {"rope_type"} | {"rope_theta"}):
+            values = [float("nan"), float("inf"), -float("inf"), -1.0] + ([0.0] if key in _POSITIVE else [])
+            if key in ("short_factor", "long_factor"):
+                values = [[v] * 6 for v in (float("nan"), float("inf"), 0.0, -1.0)]
+            for v in values:
+                yield pytest.param(kind, key, v, id=f"{kind}-{key}-{v if not isinstance(v, list) else v[0]}")
+
+
+@pytest.mark.parametrize("kind", sorted(_ROPE_OK))
+def test_rope_base_cases_are_valid(kind):
+    cfg = tiny_config(rope_parameters=dict(_ROPE_OK[kind], rope_theta=10000.0))
+    assert cfg.rope_parameters["rope_type"] == _ROPE_OK[kind]["rope_type"]
+
+
+@pytest.mark.parametrize("kind, key, value", list(_rope_cases()))
+def test_rope_numbers_that_would_give_nan(kind, key, value):
+    params = dict(_ROPE_OK[kind], rope_theta=10000.0)
+    params[key] = value
+    with pytest.raises(ConfigError, match=key if key != "rope_theta" else "rope_theta"):
+        with _no_warnings_check():
+            tiny_config(rope_parameters=params)
+
+
+class _no_warnings_check:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *a):
+        self._w.__exit__(*a)
+
+
+def test_rope_scaling_linear_factor_zero_from_config_json(tmp_path):
+    """The issue's case: {"rope_type":"linear","factor":0} passed and gave NaN logits."""
+    d = _base()
+    d.pop("rope_parameters")
+    d["rope_scaling"] = {"rope_type": "linear", "factor": 0}
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match="factor must be > 0"):
+        Gemma2Config.from_pretrained(tmp_path)
+    d["rope_scaling"]["factor"] = 0.5  # a factor < 1 compresses: transformers warns, the numbers are finite
+    (tmp_path / "config.json").write_text(json.dumps(d))
+    with _no_warnings_check():
+        assert Gemma2Config.from_pretrained(tmp_path).rope_parameters["factor"] == 0.5
+
+
+def test_rope_arithmetic_failures_are_config_errors():
+    # head_dim 2 with dynamic: HF's exponent dim / (dim - 2) divides by zero past the context
+    with pytest.raises(ConfigError, match="rope"):
+        with _no_warnings_check():
+            tiny_config(head_dim=2, rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    # yarn with rope_theta 1: log(base) = 0 in the correction range
+    with pytest.raises(ConfigError, match="rope"):
+        with _no_warnings_check():
+            tiny_config(rope_parameters=dict(_ROPE_OK["yarn"], rope_theta=1.0))
