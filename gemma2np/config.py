@@ -301,6 +301,10 @@ class Gemma2Config:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
             if name in _BOUNDS and value > _BOUNDS[name]:
                 raise ConfigError(f"{name} = {value} is beyond the supported maximum {_BOUNDS[name]}")
+        if self.head_dim % 2:
+            # RoPE rotates the two halves of every head (Gemma 2 has no pass-through part): an odd head_dim
+            # cannot be rotated. transformers refuses it above 4 and fails at the first forward below.
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "

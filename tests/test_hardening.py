@@ -475,6 +475,8 @@ def test_config_json_that_is_a_fifo_or_directory(tmp_path):
     ({"layer_types": 7}, "layer_types must be a list"),
     ({"layer_types": [1, [2], {}]}, "entries must be one of"),
     ({"num_key_value_groups": 3}, "cannot be set"),
+    ({"head_dim": 1}, "head_dim must be even"),  # found by tests/test_fuzz.py: passed, then failed in forward
+    ({"head_dim": 3}, "head_dim must be even"),
     ({"__class__": 3}, "cannot be set"),
 ])
 def test_config_contents(update, message):
@@ -573,3 +575,423 @@ def test_rope_arithmetic_failures_are_config_errors():
     with pytest.raises(ConfigError, match="rope"):
         with _no_warnings_check():
             tiny_config(rope_parameters=dict(_ROPE_OK["yarn"], rope_theta=1.0))
+
+
+# ============================================================================ GGUF metadata
+
+gguf = pytest.importorskip("gguf")
+
+
+def _write_gguf_meta(path, cfg, state, overrides: dict):
+    """A Gemma 2 GGUF (as tests/test_gguf.py writes it) whose metadata keys can be replaced by any typed value:
+    overrides maps key -> (kind, value), kind one of string/uint32/float32/int32/bool/array, or None to drop."""
+    from test_gguf import gguf_name
+
+    meta = {
+        "gemma2.context_length": ("uint32", cfg.max_position_embeddings),
+        "gemma2.embedding_length": ("uint32", cfg.hidden_size),
+        "gemma2.block_count": ("uint32", cfg.num_hidden_layers),
+        "gemma2.feed_forward_length": ("uint32", cfg.intermediate_size),
+        "gemma2.attention.head_count": ("uint32", cfg.num_attention_heads),
+        "gemma2.attention.head_count_kv": ("uint32", cfg.num_key_value_heads),
+        "gemma2.attention.key_length": ("uint32", cfg.head_dim),
+        "gemma2.attention.value_length": ("uint32", cfg.head_dim),
+        "gemma2.attention.layer_norm_rms_epsilon": ("float32", cfg.rms_norm_eps),
+        "gemma2.attention.sliding_window": ("uint32", cfg.sliding_window),
+        "gemma2.rope.freq_base": ("float32", cfg.rope_theta),
+        "tokenizer.ggml.bos_token_id": ("uint32", 2),
+    }
+    meta.update(overrides)
+    w = gguf.GGUFWriter(os.fspath(path), "gemma2")
+    for key, spec in meta.items():
+        if spec is None:
+            continue
+        kind, value = spec
+        {"string": w.add_string, "uint32": w.add_uint32, "float32": w.add_float32, "int32": w.add_int32,
+         "bool": w.add_bool, "array": w.add_array}[kind](key, value)
+    for hf, value in state.items():
+        value = np.asarray(value, dtype=np.float32)
+        w.add_tensor(gguf_name(hf), value + np.float32(1.0) if hf.endswith("norm.weight") else value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.fixture(scope="module")
+def gguf_model():
+    from test_gguf import make_model
+
+    return make_model()
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    ({}, None, None),  # the unmodified file loads: the cases below fail for the reason given, not another
+    ({"gemma2.attention.head_count": ("string", "4")}, CheckpointError, "head_count should be an integer"),
+    ({"gemma2.attention.head_count": ("array", [4, 4, 4])}, CheckpointError, "head_count should be an integer"),
+    ({"gemma2.attention.head_count": ("bool", True)}, CheckpointError, "head_count should be an integer"),
+    ({"gemma2.attention.head_count": ("uint32", 0)}, CheckpointError, "head_count must be positive"),
+    ({"gemma2.attention.head_count": None}, CheckpointError, "lacks gemma2.attention.head_count"),
+    ({"gemma2.embedding_length": ("float32", 64.0)}, CheckpointError, "embedding_length should be an integer"),
+    ({"gemma2.block_count": ("string", "x")}, CheckpointError, "block_count should be an integer"),
+    ({"gemma2.rope.freq_base": ("string", "1e4")}, CheckpointError, "freq_base should be a finite number"),
+    ({"gemma2.rope.freq_base": ("float32", float("nan"))}, CheckpointError, "freq_base should be a finite number"),
+    ({"gemma2.attention.layer_norm_rms_epsilon": ("float32", float("inf"))}, CheckpointError, "finite"),
+    ({"gemma2.attention.sliding_window": ("string", "4")}, CheckpointError, "sliding_window should be an integer"),
+    ({"gemma2.context_length": ("array", [1])}, CheckpointError, "context_length should be an integer"),
+    ({"gemma2.rope.scaling.type": ("uint32", 1)}, CheckpointError, "scaling.type should be a string"),
+    ({"gemma2.rope.scaling.type": ("string", "yarn")}, CheckpointError, "unsupported rope scaling"),
+    ({"gemma2.rope.scaling.type": ("string", "linear"), "gemma2.rope.scaling.factor": ("float32", 0.0)},
+     ConfigError, "factor must be > 0"),
+    ({"gemma2.rope.scaling.type": ("string", "linear"), "gemma2.rope.scaling.factor": ("float32", -2.0)},
+     ConfigError, "factor must be > 0"),
+    ({"gemma2.rope.scaling.type": ("string", "linear"), "gemma2.rope.scaling.factor": ("string", "2")},
+     CheckpointError, "scaling.factor should be a finite number"),
+    ({"tokenizer.ggml.bos_token_id": ("string", "2")}, CheckpointError, "bos_token_id should be an integer"),
+    ({"general.name": ("uint32", 3)}, CheckpointError, "general.name should be a string"),
+    ({"gemma2.attn_logit_softcapping": ("string", "50")}, CheckpointError, "softcapping should be a finite number"),
+])
+def test_gguf_metadata_of_the_wrong_type(tmp_path, gguf_model, overrides, error, message):
+    cfg, state = gguf_model
+    path = tmp_path / "m.gguf"
+    _write_gguf_meta(path, cfg, state, overrides)
+    if error is None:
+        Gemma2ForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+        return
+    with pytest.raises(error, match=message):
+        Gemma2ForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf")
+
+
+def test_gguf_fifo_is_refused_without_blocking(tmp_path):
+    from gemma2np.gguf_io import load_gguf
+
+    os.mkfifo(tmp_path / "m.gguf")
+    with pytest.raises(CheckpointError, match="a FIFO"):
+        load_gguf(tmp_path / "m.gguf")
+
+
+# ============================================================================ original checkpoints
+
+from gemma2np.original import _read_member, load_original_checkpoint, load_torch_file  # noqa: E402
+
+ORIG = os.path.join(os.path.dirname(__file__), "data", "original")
+
+
+def _rezip(src, dst, replace=None, compress=zipfile.ZIP_STORED, extra=None):
+    """Copy a torch.save zip member by member; replace: {suffix: bytes}; extra: {name: bytes} added."""
+    replace = replace or {}
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            data = zin.read(info)
+            for suffix, new in replace.items():
+                if info.filename.endswith(suffix):
+                    data = new(data) if callable(new) else new
+            zout.writestr(info.filename, data, compress_type=compress)
+        for name, data in (extra or {}).items():
+            zout.writestr(name, data, compress_type=compress)
+
+
+def test_zip_bomb_member_is_refused_before_inflating(tmp_path, monkeypatch):
+    """A DEFLATED member declaring 64 MB (64 KB on disk) for a 512-float storage: refused from the sizes alone."""
+    p = tmp_path / "bomb.ckpt"
+    _rezip(os.path.join(ORIG, "model_f32.ckpt"), p, replace={"/data/0": lambda d: d + bytes(64 << 20)},
+           compress=zipfile.ZIP_DEFLATED)
+    assert os.path.getsize(p) < 1 << 20
+    inflated = []
+    real_read = zipfile.ZipExtFile.read
+    monkeypatch.setattr(zipfile.ZipExtFile, "read", lambda self, n=-1: inflated.append(n) or real_read(self, n))
+    with pytest.raises(CheckpointError, match=r"data/0 declares 67110912 bytes, 512 x float32 needs 2048"):
+        load_original_checkpoint(p)
+    assert all(0 <= n <= 1 << 20 for n in inflated)  # only small records were read, never the bomb
+
+
+def test_declared_size_beyond_what_deflate_can_produce(tmp_path):
+    p = tmp_path / "x.zip"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("a", bytes(4096))
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo("a")
+        info.file_size = 10**9  # a forged central directory: 1 GB from a few bytes
+        with pytest.raises(CheckpointError, match="more than DEFLATE can produce"):
+            _read_member(z, info, 10**9, str(p))
+
+
+def test_deflated_checkpoint_reads_in_bounded_pieces(tmp_path, monkeypatch):
+    import gemma2np.original as original
+
+    p = tmp_path / "deflated.ckpt"
+    _rezip(os.path.join(ORIG, "model_f32.ckpt"), p, compress=zipfile.ZIP_DEFLATED)
+    monkeypatch.setattr(original, "_CHUNK", 100)  # several pieces per storage
+    got = load_original_checkpoint(p)
+    want = load_original_checkpoint(os.path.join(ORIG, "model_f32.ckpt"))
+    assert sorted(got) == sorted(want)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_other_zip_compression_is_refused(tmp_path):
+    p = tmp_path / "bz.ckpt"
+    _rezip(os.path.join(ORIG, "model_f32.ckpt"), p, compress=zipfile.ZIP_BZIP2)
+    with pytest.raises(CheckpointError, match="compression method 12"):
+        load_original_checkpoint(p)
+
+
+@pytest.mark.parametrize("name", ["model_f32.ckpt", "model_bf16.ckpt"])
+def test_truncated_or_damaged_zip_is_a_checkpoint_error(tmp_path, name):
+    raw = open(os.path.join(ORIG, name), "rb").read()
+    p = tmp_path / "cut.ckpt"
+    for cut in range(2, len(raw), 211):
+        p.write_bytes(raw[:cut])
+        with pytest.raises(CheckpointError):
+            load_original_checkpoint(p)
+    deflated = tmp_path / "d.ckpt"
+    _rezip(os.path.join(ORIG, name), deflated, compress=zipfile.ZIP_DEFLATED)
+    raw = deflated.read_bytes()
+    rng = np.random.default_rng(0)
+    for _ in range(60):  # damaged bytes anywhere: a typed error or (if the damage hit nothing) a result
+        b = bytearray(raw)
+        for i in rng.integers(0, len(b), 3):
+            b[i] ^= 0xFF
+        p.write_bytes(bytes(b))
+        try:
+            load_original_checkpoint(p)
+        except CheckpointError:
+            pass
+
+
+def test_corrupt_legacy_pickle_overflow(tmp_path):
+    p = tmp_path / "legacy.ckpt"
+    p.write_bytes(b"\x80\x04\x8e" + b"\xff" * 8 + b"x")  # BINBYTES8 longer than any size: OverflowError
+    with pytest.raises(CheckpointError, match="malformed pickle.*OverflowError"):
+        load_torch_file(p)
+    p.write_bytes(b"\x80\x02" + b"(" * 100_000 + b".")  # MARK * 1e5
+    with pytest.raises(CheckpointError, match="malformed pickle"):
+        load_torch_file(p)
+
+
+def test_legacy_key_list_of_the_wrong_type(tmp_path):
+    raw = open(os.path.join(ORIG, "model_bf16_legacy.ckpt"), "rb").read()
+    import pickle
+
+    f = io.BytesIO(raw)
+    parts = []
+    for _ in range(4):  # magic, protocol, sys info, the state dict (persistent ids kept as they are)
+        start = f.tell()
+
+        class P(pickle.Unpickler):
+            def persistent_load(self, pid):
+                return None
+
+            def find_class(self, m, n):
+                return lambda *a, **k: None
+
+        P(f).load()
+        parts.append(raw[start:f.tell()])
+    p = tmp_path / "k.ckpt"
+    p.write_bytes(b"".join(parts) + pickle.dumps(5, protocol=2) + raw[f.tell():])
+    with pytest.raises(CheckpointError, match="key list is a int"):
+        load_torch_file(p)
+
+
+def _storage_dtypes(path):
+    """{storage key: dtype} of a torch zip, found with our restricted unpickler."""
+    from gemma2np.original import RestrictedUnpickler
+
+    found = {}
+    with zipfile.ZipFile(path) as z:
+        pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
+
+        def load(dtype, key, numel):
+            found[key] = dtype
+            return np.zeros(numel, dtype)
+
+        RestrictedUnpickler(io.BytesIO(z.read(pkl)), load).load()
+    return found
+
+
+def _big_endian_copy(src, dst):
+    dtypes = _storage_dtypes(src)
+
+    def swap(key):
+        def f(data):
+            dt = dtypes[key]
+            if dt == bfloat16:
+                return np.frombuffer(data, np.uint16).byteswap().tobytes()
+            return np.frombuffer(data, dt).astype(dt.newbyteorder(">")).tobytes()
+        return f
+
+    replace = {f"/data/{k}": swap(k) for k in dtypes}
+    replace["/byteorder"] = b"big"
+    _rezip(src, dst, replace=replace)
+
+
+@pytest.mark.parametrize("name", ["model_f32.ckpt", "model_bf16.ckpt"])
+def test_big_endian_archives_are_byte_swapped(tmp_path, name):
+    src = os.path.join(ORIG, name)
+    big = tmp_path / "big.ckpt"
+    _big_endian_copy(src, big)
+    assert open(big, "rb").read() != open(src, "rb").read()
+    want = load_original_checkpoint(src)
+    got = load_original_checkpoint(big)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and got[k].dtype.byteorder in "=|<", k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # incl. complex64 freqs_cis and bf16
+    # the flag alone, on little-endian data, is refused by nothing and gives other numbers: it is honoured
+    flag_only = tmp_path / "flag.ckpt"
+    _rezip(src, flag_only, replace={"/byteorder": b"big"})
+    other = load_original_checkpoint(flag_only)
+    assert any(not np.array_equal(other[k], want[k], equal_nan=True) for k in want)
+
+
+@pytest.mark.torch
+def test_big_endian_archives_read_like_torch(tmp_path):
+    torch = pytest.importorskip("torch")
+    big = tmp_path / "big.ckpt"
+    _big_endian_copy(os.path.join(ORIG, "model_bf16.ckpt"), big)
+    theirs = torch.load(big, weights_only=True)
+    theirs = theirs.get("model_state_dict", theirs)
+    ours = load_original_checkpoint(big)
+    for k, v in theirs.items():
+        np.testing.assert_array_equal(ours[k].astype(np.float32) if ours[k].dtype == bfloat16 else ours[k],
+                                      v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy(), err_msg=k)
+
+
+def test_original_shard_index_names_outside_are_refused(tmp_path, monkeypatch):
+    import shutil
+
+    d = tmp_path / "sharded"
+    shutil.copytree(os.path.join(ORIG, "sharded"), d)
+    index = json.loads((d / "pytorch_model.bin.index.json").read_text())
+    for bad in ("../../etc/hostname", "/etc/hostname", "/dev/urandom"):
+        wm = dict(index["weight_map"])
+        wm[next(iter(wm))] = bad
+        (d / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": wm}))
+        rec = _OpenRecorder(monkeypatch)
+        with pytest.raises(CheckpointError, match="not a plain file name"):
+            load_original_checkpoint(d)
+        assert rec.outside(d) == [] and not [p for p in rec.paths if p.endswith(".bin")]
+        monkeypatch.undo()
+    (d / "pytorch_model.bin.index.json").write_bytes(b'{"weight_map": ["a"]}')
+    with pytest.raises(CheckpointError, match="weight_map must be an object"):
+        load_original_checkpoint(d)
+
+
+# ============================================================================ tokenizer
+
+from gemma2np import GemmaTokenizer  # noqa: E402
+from gemma2np.tokenizer import MAX_PADDED_ELEMENTS, TokenizerError  # noqa: E402
+
+TOK_DIR = os.path.join(os.path.dirname(__file__), "data", "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return GemmaTokenizer.from_pretrained(TOK_DIR)
+
+
+@pytest.mark.parametrize("text", ["a\ud800b", "\udcff", ["ok", "x\udfffy"], "<start_of_turn>\ud800"])
+def test_lone_surrogates(tok, text):
+    with pytest.raises(TokenizerError, match="lone surrogate"):
+        tok(text)
+    # transformers' GemmaTokenizer refuses them too (a TypeError from the tokenizers library); fine text works
+    assert tok("a b")["input_ids"]
+
+
+@pytest.mark.parametrize("ids", [None, 1.5, [1.5], "12", b"12", np.array([1.5]), np.array([True]), [True], {1, 2}.pop])
+def test_decode_of_non_ids(tok, ids):
+    with pytest.raises(TokenizerError):
+        tok.decode(ids)
+
+
+@pytest.mark.parametrize("seqs", [None, 5, "ab"])
+def test_batch_decode_of_non_batches(tok, seqs):
+    with pytest.raises(TokenizerError):
+        tok.batch_decode(seqs)
+
+
+def test_padding_to_an_absurd_length_fails_before_allocating(tok, monkeypatch):
+    calls = []
+    real_full = np.full
+    monkeypatch.setattr(np, "full", lambda shape, *a, **k: calls.append(shape) or real_full(shape, *a, **k))
+    with pytest.raises(TokenizerError, match="smaller max_length"):
+        tok("hi", padding="max_length", max_length=10**10)
+    with pytest.raises(TokenizerError, match="smaller max_length"):
+        tok(["hi"] * 3, padding=True, pad_to_multiple_of=MAX_PADDED_ELEMENTS)
+    assert calls == []
+    for bad in ("5", 5.0, True, -1):
+        with pytest.raises(TokenizerError, match="max_length must be"):
+            tok("hi", padding="max_length", max_length=bad)
+    out = tok("hi", padding="max_length", max_length=16)  # and a sane length still pads
+    assert out["input_ids"].shape == (1, 16)
+
+
+def _tok_copy(tmp_path):
+    import shutil
+
+    d = tmp_path / "tok"
+    shutil.copytree(TOK_DIR, d)
+    return d
+
+
+@pytest.mark.parametrize("content, message", [
+    (b'{"a": "\xff"}', "not valid UTF-8"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested"),
+    (b'{"model_max_length": ' + b"9" * 5000 + b"}", "too long"),
+    (b'{"added_tokens_decoder": {"x": {"content": "<pad>"}}}', "not a token id"),
+    (b'{"added_tokens_decoder": [1]}', "added_tokens_decoder must be an object"),
+])
+def test_tokenizer_config_json(tmp_path, content, message):
+    d = _tok_copy(tmp_path)
+    (d / "tokenizer_config.json").write_bytes(content)
+    with pytest.raises(TokenizerError, match=message):
+        GemmaTokenizer.from_pretrained(d)
+
+
+def test_tokenizer_files_that_are_fifos(tmp_path):
+    d = _tok_copy(tmp_path)
+    old = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("the tokenizer blocked on a FIFO"))
+    signal.alarm(20)
+    try:
+        os.remove(d / "tokenizer_config.json")
+        os.mkfifo(d / "tokenizer_config.json")
+        with pytest.raises(TokenizerError, match="a FIFO"):
+            GemmaTokenizer.from_pretrained(d)
+        os.remove(d / "tokenizer_config.json")
+        os.remove(d / "tokenizer.model")
+        os.mkfifo(d / "tokenizer.model")
+        with pytest.raises(TokenizerError, match="not found|a FIFO"):
+            GemmaTokenizer.from_pretrained(d)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ============================================================================ CLI input decoding
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, stdin=b"", env=None):
+    return subprocess.run([sys.executable, "-m", "gemma2np", *args], input=stdin, capture_output=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=300)
+
+
+@pytest.mark.parametrize("how", ["stdin", "argv", "chat", "stdin-strict", "chat-strict"])
+def test_cli_invalid_utf8_is_one_line_and_exit_2(how):
+    bad = b"ROMEO \xff\xfe:"
+    strict = {"PYTHONIOENCODING": "utf-8:strict"} if how.endswith("strict") else None
+    if how.startswith("stdin"):
+        r = _cli(["generate", "--max-new-tokens", "2"], stdin=bad, env=strict)
+    elif how == "argv":
+        r = _cli(["generate", "--max-new-tokens", "2", "--prompt", bad])
+    else:
+        r = _cli(["chat", "--max-new-tokens", "2"], stdin=b"hello\n" + bad + b"\n", env=strict)
+    err = r.stderr.decode("utf-8", "replace")
+    assert r.returncode == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "not" in lines[0] and "UTF-8" in lines[0], err
