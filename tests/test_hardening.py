@@ -995,3 +995,14 @@ def test_cli_invalid_utf8_is_one_line_and_exit_2(how):
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if "error" in line]
     assert len(lines) == 1 and "not" in lines[0] and "UTF-8" in lines[0], err
+
+
+def test_convert_config_file_json_errors(tmp_path):
+    from gemma2np.convert import convert
+
+    for content, message in ((b"\xff{}", "not valid UTF-8"), (b"[" * 100_000, "nested|not valid JSON"),
+                             (b'{"vocab_size": ' + b"1" * 5000 + b"}", "too long")):
+        cfg = tmp_path / "c.json"
+        cfg.write_bytes(content)
+        with pytest.raises(ConfigError, match=message):
+            convert(os.path.join(ORIG, "model_f32.ckpt"), tmp_path / "out", config_file=cfg)
