@@ -30,6 +30,7 @@ import io
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
@@ -314,8 +315,70 @@ def _load_zip_members(zf: zipfile.ZipFile, path: str) -> Any:
     return _unpickle(raw, load_storage, path)
 
 
-def _unpickle(raw: bytes | io.IOBase, load_storage, source: str) -> Any:
-    f = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw
+class _BoundedReader:
+    """A file for the unpickler whose read(n) never asks for more than the file has left: a corrupt length
+    (BINBYTES8 / FRAME / LONG4 of 2**40) would otherwise make the buffered reader allocate n bytes first."""
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def _left(self) -> int:
+        return max(0, self._size - self._f.tell())
+
+    left = _left
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int) -> int:
+        return self._f.seek(pos)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(self._left() if limit is None or limit < 0 else min(limit, self._left()))
+
+    def readinto(self, b) -> int:
+        view = memoryview(b)[: self._left()]
+        return self._f.readinto(view)
+
+
+def _scan_pickle(stream, source: str) -> int:
+    """Walk one pickle's opcodes (pickletools, pure Python, nothing built) up to STOP; returns the end offset.
+
+    CPython's C unpickler trusts lengths and indices before it has the data: BINBYTES8 / BINUNICODE8 / LONG4
+    allocate their declared size first, and a BINPUT / LONG_BINPUT index grows (and zero-fills) the memo table
+    to twice that index -- 2**32 means 64 GB. So a pickle is first checked here: counted lengths must be backed
+    by bytes in the stream (reads are capped to what is left, see _BoundedReader), memo indices cannot exceed
+    the number of opcodes so far (a pickler numbers its memo entries 0, 1, 2, ...), and a FRAME must fit."""
+    ops = 0
+    try:
+        for op, arg, pos in pickletools.genops(stream):
+            ops += 1
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= ops):
+                raise CheckpointError(f"{source}: malformed pickle in checkpoint (memo index {arg!r:.40} at byte "
+                                      f"{pos} after only {ops} opcodes)")
+            if op.name == "FRAME" and isinstance(arg, int) and arg > stream.left():
+                raise CheckpointError(f"{source}: malformed pickle in checkpoint (frame of {arg} bytes at byte {pos} "
+                                      "runs past the end)")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- ValueError (truncated / unknown opcode), UnicodeDecodeError, ...
+        raise CheckpointError(f"{source}: malformed pickle in checkpoint ({type(exc).__name__}: {exc})") from None
+    return stream.tell()
+
+
+def _unpickle(raw: bytes | _BoundedReader, load_storage, source: str) -> Any:
+    """One pickle, checked by _scan_pickle, then unpickled by RestrictedUnpickler from memory."""
+    if isinstance(raw, (bytes, bytearray)):
+        _scan_pickle(_BoundedReader(io.BytesIO(raw), len(raw)), source)
+        f = io.BytesIO(raw)
+    else:  # a legacy file: the pickle is the next bytes of the stream
+        start = raw.tell()
+        end = _scan_pickle(raw, source)
+        raw.seek(start)
+        f = io.BytesIO(raw.read(end - start))
     try:
         return RestrictedUnpickler(f, load_storage, source).load()
     except CheckpointError:
@@ -334,14 +397,20 @@ def _load_legacy(path: str) -> Any:
     """The non-zip format (torch.save(..., _use_new_zipfile_serialization=False)): four pickles
     (magic number, protocol version, sys info, the object) then, for each storage key listed by a fifth
     pickle, an int64 element count followed by the raw bytes."""
-    with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, "checkpoint file") as raw_file:
+        file_size = os.fstat(raw_file.fileno()).st_size
+        f = _BoundedReader(raw_file, file_size)
         storages: dict[str, tuple[np.dtype, int, np.ndarray]] = {}
 
-        file_size = os.path.getsize(path)
+        declared = [0]
 
         def declare(dtype, key, numel):  # data comes after the main pickle: fill in once it is read
-            if numel * dtype.itemsize > file_size:
-                raise CheckpointError(f"{path}: storage {key} declares {numel} elements, more than the file holds")
+            # all storages together must fit in the file (one per key: many keys each "as large as the file"
+            # would otherwise allocate many times the file's size before a byte of data is read)
+            declared[0] += numel * dtype.itemsize
+            if declared[0] > file_size:
+                raise CheckpointError(f"{path}: storage {key} declares {numel} elements; the storages declared "
+                                      f"so far need {declared[0]} bytes, more than the file holds ({file_size})")
             arr = np.empty(numel, dtype=dtype)
             storages[key] = (dtype, numel, arr)
             return arr
