@@ -15,6 +15,9 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# csrc/g2_*.c, one job each (csrc/g2_internal.h lists them)
+KERNEL_SOURCES = ["dispatch", "linear", "linear_drive", "attention", "elementwise"]
+KERNEL_HEADERS = ["gemma2np_kernels", "g2_internal", "g2_simd_math", "g2_linear"]
 
 
 def _warn(msg):
@@ -81,8 +84,9 @@ def _extensions():
         return []
     ext = Extension(
         "gemma2np._native",
-        sources=["csrc/_native.pyx", "csrc/gemma2np_kernels.c"],
+        sources=["csrc/_native.pyx"] + ["csrc/g2_%s.c" % n for n in KERNEL_SOURCES],
         include_dirs=[numpy.get_include(), "csrc"],
+        depends=["csrc/%s.h" % n for n in KERNEL_HEADERS],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     )
     try:

@@ -21,7 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gemma2np import _native
-from gemma2np.kernels import reference as ref
+from gemma2np.kernels import twins as ref
 
 
 def bench(fn, reps):

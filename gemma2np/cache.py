@@ -47,7 +47,7 @@ class Gemma2Cache:
         (keys, values, positions) = kept + new. Then trim a sliding layer to its last W - 1 positions.
 
         sliding_window == 1 keeps every key: transformers trims with `keys[:, :, -W + 1:]`, which for W = 1
-        is `keys[:, :, 0:]` (see modeling._decoder_layer for what its decode steps then attend to)."""
+        is `keys[:, :, 0:]` (see model/decoder.py, layer_visibility, for what its decode steps then attend to)."""
         if self.keys[layer_idx] is None:
             full_k, full_v, full_pos = k, v, k_pos
         else:

@@ -22,6 +22,8 @@ import os
 import warnings
 from typing import Any
 
+from .safeio import read_json_file  # layer 0: strict JSON, regular files only
+
 __all__ = ["Gemma2Config", "ConfigError", "ACTIVATIONS", "LAYER_TYPES"]
 
 CONFIG_NAME = "config.json"
@@ -403,8 +405,6 @@ class Gemma2Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Gemma2Config":
-        from .safeio import read_json_file  # a leaf module (strict JSON, regular files only)
-
         path = os.fspath(path)
         if not os.path.lexists(path):
             raise ConfigError(f"no config.json at {path!r}")

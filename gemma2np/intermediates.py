@@ -24,14 +24,22 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Mapping
 
 import ml_dtypes
 import numpy as np
 
+from .checkpoint import read_safetensors, write_safetensors
+
 __all__ = [
     "PER_LAYER",
+    "LayerNames",
+    "layer_names",
+    "EMBEDDINGS",
+    "FINAL_NORM",
+    "LOGITS_RAW",
+    "LOGITS",
     "GLOBAL_BEFORE",
     "GLOBAL_AFTER",
     "DESCRIPTIONS",
@@ -55,25 +63,43 @@ class IntermediatesError(ValueError):
 
 # ----------------------------------------------------------------------------- canonical names
 
-GLOBAL_BEFORE = ("embeddings",)
+# The one definition of the names: the model records under these (gemma2np/model/decoder.py, heads.py).
+EMBEDDINGS = "embeddings"
+FINAL_NORM = "final_norm"
+LOGITS_RAW = "logits_raw"
+LOGITS = "logits"
+GLOBAL_BEFORE = (EMBEDDINGS,)
+
+
+@dataclass(frozen=True)
+class LayerNames:
+    """The names of decoder layer i's intermediates, in computation order: f"layers.{i}.{field}"."""
+
+    input_norm: str
+    q: str
+    k: str
+    v: str
+    attn_probs: str
+    attn_out: str
+    post_attn_norm: str
+    attn_residual: str
+    pre_ffn_norm: str
+    gate: str
+    up: str
+    ffn_out: str
+    post_ffn_norm: str
+    output: str
+
+
 # per decoder layer i, in computation order: the names are f"layers.{i}.{suffix}"
-PER_LAYER = (
-    "input_norm",
-    "q",
-    "k",
-    "v",
-    "attn_probs",
-    "attn_out",
-    "post_attn_norm",
-    "attn_residual",
-    "pre_ffn_norm",
-    "gate",
-    "up",
-    "ffn_out",
-    "post_ffn_norm",
-    "output",
-)
-GLOBAL_AFTER = ("final_norm", "logits_raw", "logits")
+PER_LAYER = tuple(f.name for f in fields(LayerNames))
+GLOBAL_AFTER = (FINAL_NORM, LOGITS_RAW, LOGITS)
+
+
+def layer_names(i: int) -> LayerNames:
+    """The full names of layer i's intermediates (built once per layer at load, so recording costs no
+    string formatting in the forward pass)."""
+    return LayerNames(*(f"layers.{i}.{s}" for s in PER_LAYER))
 
 # name (or per-layer suffix) -> (shape, meaning).  B batch, T tokens of this call, S keys (cache + new),
 # E hidden_size, H attention heads, K key/value heads, D head_dim, F intermediate_size, V vocab_size.
@@ -353,8 +379,6 @@ def save_intermediates(path: str | os.PathLike, tensors: Mapping[str, np.ndarray
     if path.endswith(".npz"):
         np.savez(path, **{k: (v.astype(np.float32) if v.dtype == ml_dtypes.bfloat16 else v) for k, v in arrays.items()})
     elif path.endswith(".safetensors"):
-        from .checkpoint import write_safetensors
-
         write_safetensors(path, arrays)
     else:
         raise IntermediatesError(f"{path}: use a .npz or .safetensors file name")
@@ -373,8 +397,6 @@ def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {k: z[k] for k in z.files}
 
     def read_st():
-        from .checkpoint import read_safetensors
-
         tensors, _ = read_safetensors(path, mmap=False)
         return {k: np.array(v) for k, v in tensors.items()}
 

@@ -1,6 +1,7 @@
 """The Gemma 2 reference ops: small pure functions over NumPy arrays.
 
-Read this file top to bottom to learn the architecture. Every function works in float32 (the
+Read this file top to bottom to learn the architecture, then gemma2np/model/decoder.py for how a
+layer wires these ops (through a backend: kernels/protocol.py). Every function works in float32 (the
 default) or float64 (a ground truth: pass float64 arrays); shapes are in the comments, with
 B = batch, T = new tokens, S = keys (cache + new), H = query heads, K = key/value heads,
 D = head_dim, E = hidden_size, F = intermediate_size, V = vocab_size.
@@ -18,11 +19,8 @@ import numpy as np
 from .rope import apply_rotary_pos_emb, rotate_half  # noqa: F401  (re-exported: part of the reference)
 
 # ----------------------------------------------------------------------------- embedding
-
-
-def embed(input_ids: np.ndarray, embed_weight: np.ndarray, dtype=np.float32) -> np.ndarray:
-    """Token embedding lookup.            input_ids (B, T) int -> (B, T, E)"""
-    return np.asarray(embed_weight[input_ids], dtype=dtype)
+# The lookup itself is `embed_weight[input_ids]` (B, T) -> (B, T, E); backends do it with
+# checkpoint.gather_rows, which reads the rows of a memory-mapped table without faulting it in.
 
 
 def embedding_normalizer(hidden_size: int, dtype=np.float32):
@@ -117,11 +115,6 @@ def geglu(gate: np.ndarray, up: np.ndarray, activation: str = "gelu_pytorch_tanh
     return ACT_FNS[activation](gate) * up
 
 
-def mlp(x, gate_w, up_w, down_w, activation="gelu_pytorch_tanh"):
-    """Gemma's MLP: down(act(gate(x)) * up(x)), no biases.   (..., E) -> (..., E)"""
-    return linear(geglu(linear(x, gate_w), linear(x, up_w), activation), down_w)
-
-
 # ----------------------------------------------------------------------------- soft-capping
 
 
@@ -188,6 +181,32 @@ def repeat_kv(x: np.ndarray, n_rep: int) -> np.ndarray:
     return x if n_rep == 1 else np.repeat(x, n_rep, axis=1)
 
 
+def attention_probs(
+    q: np.ndarray,
+    k: np.ndarray,
+    q_pos: np.ndarray,
+    k_pos: np.ndarray,
+    key_valid: np.ndarray | None,
+    scaling: float,
+    softcap_value: float | None,
+    window: int | None,
+) -> np.ndarray:
+    """Attention probabilities.   q (B, H, T, D) after RoPE, k (B, K, S, D) -> (B, H, T, S)
+
+    1. scores = (q . k) * scaling, with scaling = query_pre_attn_scalar ** -0.5 -- NOT head_dim ** -0.5:
+       the two differ for gemma-2-27b (144 vs 128) and for any config that sets them apart;
+    2. soft-cap the scores: cap * tanh(scores / cap), cap = attn_logit_softcapping (50);
+    3. THEN add the mask. Capping after masking would map finfo.min to -cap and leak attention
+       onto masked (future / padded / out-of-window) keys;
+    4. softmax in float32 (or float64).
+    """
+    k = repeat_kv(k, q.shape[1] // k.shape[1])  # (B, H, S, D)
+    scores = (q @ np.swapaxes(k, -1, -2)) * q.dtype.type(scaling)  # (B, H, T, S)
+    scores = softcap(scores, softcap_value)
+    scores = scores + attention_bias(q_pos, k_pos, key_valid, window, q.dtype.type)
+    return softmax(scores, axis=-1)
+
+
 def attention(
     q: np.ndarray,
     k: np.ndarray,
@@ -203,23 +222,29 @@ def attention(
     """Gemma 2 scaled-dot-product attention (transformers' `eager_attention_forward`).
 
     q (B, H, T, D) after RoPE; k, v (B, K, S, D), keys after RoPE -> out (B, H, T, D) [, probs (B, H, T, S)]
-
-    1. scores = (q . k) * scaling, with scaling = query_pre_attn_scalar ** -0.5 -- NOT head_dim ** -0.5:
-       the two differ for gemma-2-27b (144 vs 128) and for any config that sets them apart;
-    2. soft-cap the scores: cap * tanh(scores / cap), cap = attn_logit_softcapping (50);
-    3. THEN add the mask. Capping after masking would map finfo.min to -cap and leak attention
-       onto masked (future / padded / out-of-window) keys;
-    4. softmax in float32 (or float64), then the weighted sum of values.
+    out = attention_probs(...) @ v, v repeated over the query heads of its group (repeat_kv).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k = repeat_kv(k, n_rep)
-    v = repeat_kv(v, n_rep)
-    scores = (q @ np.swapaxes(k, -1, -2)) * q.dtype.type(scaling)  # (B, H, T, S)
-    scores = softcap(scores, softcap_value)
-    scores = scores + attention_bias(q_pos, k_pos, key_valid, window, q.dtype.type)
-    probs = softmax(scores, axis=-1)
-    out = probs @ v  # (B, H, T, D)
+    probs = attention_probs(q, k, q_pos, k_pos, key_valid, scaling, softcap_value, window)  # (B, H, T, S)
+    out = probs @ repeat_kv(v, q.shape[1] // v.shape[1])  # (B, H, T, D)
     return (out, probs) if return_probs else out
+
+
+# ----------------------------------------------------------------------------- picking tokens
+
+
+def argmax(x: np.ndarray) -> np.ndarray:
+    """Greedy pick.   (..., V) -> (...) int64: the first maximal index (the first NaN, if any), like
+    torch.argmax on CPU, so greedy decoding breaks ties as transformers does."""
+    return np.argmax(x, axis=-1).astype(np.int64)
+
+
+def topk(x: np.ndarray, k: int):
+    """The k largest.   (..., V) -> values (..., k), indices (..., k) int64, value-descending, ties by the
+    smaller index (a stable sort of -x). NaN has no place in an order: ValueError."""
+    if np.isnan(x).any():
+        raise ValueError("topk input contains NaN")
+    idx = np.argsort(-x, axis=-1, kind="stable")[..., :k].astype(np.int64)
+    return np.take_along_axis(x, idx, axis=-1), idx
 
 
 # ----------------------------------------------------------------------------- losses

@@ -24,6 +24,7 @@ reference_outputs/tokenizer/):
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any, Iterable, Mapping, Sequence
@@ -240,6 +241,66 @@ class GemmaTokenizer:
             cfg["chat_template"] = named.get("default")
         cfg.update(kwargs)
         return cls(model, **cfg)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
+        """Write what `from_pretrained` (here and transformers' GemmaTokenizer) reads back as this tokenizer:
+        tokenizer.model, tokenizer_config.json, special_tokens_map.json and, as transformers 5 does,
+        chat_template.jinja for the chat template. Returns the paths written.
+
+        The model's generation defaults (generation_config.json) belong to the model, not the tokenizer:
+        `model.save_pretrained(d)` and `tok.save_pretrained(d)` into the same d make a complete directory."""
+        d = os.fspath(save_directory)
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise TokenizerError(f"save_directory {d!r} is a file, not a directory")
+        os.makedirs(d, exist_ok=True)
+        specials = {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}
+        config: dict[str, Any] = {
+            "tokenizer_class": "GemmaTokenizer",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            **specials,
+            "additional_special_tokens": list(self.additional_special_tokens),
+            # transformers' AddedToken fields; gemma2np reads content and special
+            "added_tokens_decoder": {
+                str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                         "special": sp}
+                for i, (c, sp) in sorted(self._added.items())
+            },
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "model_max_length": self.model_max_length,
+            # the published gemma-2 values (transformers' GemmaTokenizer defaults)
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False,
+            "sp_model_kwargs": {},
+        }
+        written = []
+        model_path = os.path.join(d, "tokenizer.model")
+        if not (os.path.exists(model_path) and os.path.samefile(model_path, self.vocab_file)):
+            if os.path.isfile(self.vocab_file):  # byte for byte the file we loaded
+                with open(self.vocab_file, "rb") as f:
+                    blob = f.read()
+            else:  # it went away since: the model sentencepiece holds (transformers does the same)
+                blob = self.sp_model.serialized_model_proto()
+            with open(model_path, "wb") as f:
+                f.write(blob)
+        written.append(model_path)
+        template_path = os.path.join(d, "chat_template.jinja")
+        if isinstance(self.chat_template, str):
+            with open(template_path, "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+            written.append(template_path)
+        elif os.path.isfile(template_path):  # a stale template would be read back as this tokenizer's
+            os.remove(template_path)
+        for name, data in (("tokenizer_config.json", config),
+                           ("special_tokens_map.json", {**{k: v for k, v in specials.items() if v is not None},
+                                                        "additional_special_tokens": list(self.additional_special_tokens)})):
+            path = os.path.join(d, name)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+            written.append(path)
+        return tuple(written)
 
     # ------------------------------------------------------------------ vocabulary
     @property

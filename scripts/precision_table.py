@@ -15,7 +15,7 @@ are compared with the float64 ones at the real (unpadded) positions:
   native int8         native kernels, weights int8, symmetric absmax scale per row and block of 32 inputs
 
 When the native extension cannot be imported, the bf16 / int8 rows run on the NumPy twins of the
-kernels (gemma2np.kernels.NumpyBackend: the same weight formats, computed in NumPy) and are labelled
+kernels (gemma2np.kernels.TwinBackend: the same weight formats, computed in NumPy) and are labelled
 "emulated".
 
 Columns: max and mean |logits - logits_float64| over real positions and vocabulary, and top-1
@@ -36,17 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import gemma2np  # noqa: E402
-from gemma2np import modeling  # noqa: E402
-from gemma2np.kernels import NumpyBackend, native_available  # noqa: E402
+from gemma2np.kernels import native_available  # noqa: E402
 
 REF = ROOT / "reference_outputs"
 INPUTS = ("input_ids", "attention_mask", "position_ids")
-
-
-class _TwinBackend(NumpyBackend):
-    """The kernels' NumPy twins under another name, so the model accepts bf16 / int8 weights."""
-
-    name = "numpy-twins"
 
 
 def _load(case_dir, run):
@@ -58,12 +51,7 @@ def _load(case_dir, run):
         if kind == "native":
             return gemma2np.Gemma2ForCausalLM.from_pretrained(case_dir, backend="native", weights=weights)
         # emulation: the NumPy twins of the kernels
-        original = modeling._resolve_backend
-        modeling._resolve_backend = lambda name, n_threads: _TwinBackend()
-        try:
-            return gemma2np.Gemma2ForCausalLM.from_pretrained(case_dir, backend="native", weights=weights)
-        finally:
-            modeling._resolve_backend = original
+        return gemma2np.Gemma2ForCausalLM.from_pretrained(case_dir, backend="twins", weights=weights)
 
 
 def _calls():

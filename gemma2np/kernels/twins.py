@@ -1,10 +1,12 @@
-"""NumPy twins of the native kernels (gemma2np._native), same names, arguments and outputs.
+"""NumPy twins of the native kernels (gemma2np._native), same names, arguments and outputs, and
+TwinBackend, the backend protocol served by them (`backend="twins"`).
 
-They are the specification the C kernels are tested against (tests/test_kernels.py) and the
-implementation behind the "numpy" backend. Math follows gemma2np.ops (float32 throughout; RMSNorm
-with 1 + w; tanh-approximated GELU; rotate-half RoPE; softcap before the mask; a query row with no
-visible key gets the uniform average over all S keys). `n_threads` and `out` are accepted for
-signature compatibility; `out`, when given, receives the result.
+They are the specification the C kernels are tested against (tests/test_kernels.py). Where a twin's
+math is an op of gemma2np.ops (rmsnorm, geglu, rope, softcap, argmax, topk) it is a thin float32
+adapter over that op, so the numerics live in one place. What is the C kernels' own lives here:
+the weight formats below, and attention's formulation (masked keys skipped as -inf, a query row with
+no visible key set to the uniform average over all S keys, which is what ops' finfo.min mask yields).
+`n_threads` and `out` are accepted for signature compatibility; `out`, when given, receives the result.
 
 Weight formats of `linear` (quantisation happens once, at load, with the helpers below):
   "float32"      w float32 (N, K)
@@ -24,10 +26,12 @@ bfloat16_dp 2.3e-3 (x rounded to bf16 as well), int8 block 32 5.3e-3.
 """
 from __future__ import annotations
 
-import math
-
 import ml_dtypes
 import numpy as np
+
+from .. import ops
+from ..checkpoint import gather_rows
+from . import handles
 
 BF16 = ml_dtypes.bfloat16
 FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp")
@@ -170,43 +174,34 @@ def attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap=None, window=No
 
 
 def rmsnorm(x, w, eps=1e-6, n_threads=None, out=None):
-    """x * 1/sqrt(mean(x^2) + eps) * (1 + w) over the last axis, float32 (ops.rms_norm)."""
-    x = np.asarray(x, np.float32)
-    inv = np.float32(1.0) / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))
-    return _put(out, (x * inv) * (np.float32(1.0) + np.asarray(w, np.float32)))
+    """x * 1/sqrt(mean(x^2) + eps) * (1 + w) over the last axis, float32: ops.rms_norm."""
+    return _put(out, ops.rms_norm(np.asarray(x, np.float32), np.asarray(w, np.float32), eps))
+
+
+_APPROX = {"tanh": "gelu_pytorch_tanh", "none": "gelu"}
 
 
 def geglu(gate, up, approximate="tanh", n_threads=None, out=None):
-    """gelu(gate) * up; approximate="tanh" (Gemma's gelu_pytorch_tanh) or "none" (erf)."""
-    g = np.asarray(gate, np.float32)
-    f = np.float32
-    if approximate == "tanh":
-        a = f(0.5) * g * (f(1.0) + np.tanh(f(math.sqrt(2.0 / math.pi)) * (g + f(0.044715) * g * g * g)))
-    elif approximate == "none":
-        erf = np.vectorize(math.erf, otypes=[np.float64])
-        a = f(0.5) * g * (f(1.0) + erf(g / f(math.sqrt(2.0))).astype(np.float32))
-    else:
+    """gelu(gate) * up; approximate="tanh" (Gemma's gelu_pytorch_tanh) or "none" (erf): ops.geglu."""
+    if approximate not in _APPROX:
         raise ValueError("approximate must be 'tanh' or 'none'")
-    return _put(out, (a * np.asarray(up, np.float32)).astype(np.float32, copy=False))
+    return _put(out, ops.geglu(np.asarray(gate, np.float32), np.asarray(up, np.float32), _APPROX[approximate]))
 
 
 def rope(x, cos, sin, n_threads=None, out=None):
-    """x * cos + rotate_half(x) * sin; x (B,H,T,D), cos/sin (T,D), (1,T,D) or (B,T,D)."""
+    """x * cos + rotate_half(x) * sin; x (B,H,T,D), cos/sin (T,D), (1,T,D) or (B,T,D) (ops' formula
+    for one tensor: the C kernel rotates q and k in separate calls)."""
     x = np.asarray(x, np.float32)
     cos = np.asarray(cos, np.float32)
     sin = np.asarray(sin, np.float32)
     if cos.ndim == 2:
         cos, sin = cos[None], sin[None]
-    h = x.shape[-1] // 2
-    rot = np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
-    return _put(out, (x * cos[:, None]) + (rot * sin[:, None]))
+    return _put(out, (x * cos[:, None]) + (ops.rotate_half(x) * sin[:, None]))
 
 
 def softcap(x, cap, n_threads=None, out=None):
-    """cap * tanh(x / cap) (ops.softcap)."""
-    x = np.asarray(x, np.float32)
-    c = np.float32(cap)
-    return _put(out, np.tanh(x / c) * c)
+    """cap * tanh(x / cap): ops.softcap."""
+    return _put(out, ops.softcap(np.asarray(x, np.float32), cap))
 
 
 def tanh(x, n_threads=None, out=None):
@@ -220,14 +215,103 @@ def exp(x, n_threads=None, out=None):
 
 
 def argmax(x, n_threads=None):
-    """Argmax over the last axis -> int64 (first maximum; first NaN wins, numpy semantics)."""
-    return np.argmax(np.asarray(x, np.float32), axis=-1).astype(np.int64)
+    """Argmax over the last axis -> int64 (first maximum; first NaN wins): ops.argmax."""
+    return ops.argmax(np.asarray(x, np.float32))
 
 
 def topk(x, k, n_threads=None):
-    """Top-k over the last axis -> (values, indices), value-descending, ties by smaller index."""
-    x = np.asarray(x, np.float32)
-    if np.isnan(x).any():
-        raise ValueError("topk input contains NaN")
-    idx = np.argsort(-x, axis=-1, kind="stable")[..., :k].astype(np.int64)
-    return np.take_along_axis(x, idx, axis=-1), idx
+    """Top-k over the last axis -> (values, indices), value-descending, ties by smaller index: ops.topk."""
+    return ops.topk(np.asarray(x, np.float32), k)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+
+def pack(w, bias, weights, block):
+    """w (out, in) of any float dtype -> LinearHandle holding it in format `weights`."""
+    if weights not in handles.WEIGHT_FORMATS:
+        raise ValueError("weights must be one of %s, got %r" % (handles.WEIGHT_FORMATS, weights))
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
+    b = handles.check_bias(bias, w.shape[0])
+    if weights == "float32":
+        # no copy when w is already contiguous float32 (a memory-mapped f32 checkpoint stays mapped)
+        return handles.LinearHandle("float32", np.ascontiguousarray(w, dtype=np.float32), bias=b)
+    if weights in ("bfloat16", "bfloat16_dp"):
+        return handles.LinearHandle(weights, to_bf16_bits(w), bias=b)
+    q, s = quantize_int8(w, block)
+    return handles.LinearHandle("int8", q, s, block, bias=b)
+
+
+_TANH_GELUS = ("gelu_pytorch_tanh", "gelu_new", "gelu_fast", "gelu_accurate")
+_ERF_GELUS = ("gelu", "gelu_python")
+
+
+def attention_probs_f32(q, k, q_pos, k_pos, key_valid, scaling, softcap, window):
+    """The probabilities of an attention call, for return_probs: ops.attention_probs in float32. The
+    output itself stays the backend kernel's (twins.attention, or the C kernel); both follow the same
+    visibility rule, so these are the weights that output averages with (to float32 rounding)."""
+    f = np.float32
+    return ops.attention_probs(np.asarray(q, f), np.asarray(k, f), np.asarray(q_pos, np.int64),
+                               np.asarray(k_pos, np.int64), key_valid, scaling, softcap, window)
+
+
+class TwinBackend:
+    """The backend protocol on the twins: float32 activations, every weight format of the C kernels
+    (prepare_linear -> a float32 array for float32 weights without bias, else a LinearHandle)."""
+
+    name = "twins"
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, n_threads=None, int8_block=DEFAULT_INT8_BLOCK):
+        self.weight_formats = handles.WEIGHT_FORMATS
+        self.n_threads = n_threads
+        self.int8_block = int8_block
+
+    def prepare_linear(self, w, bias=None, weights="float32"):
+        h = pack(w, bias, weights, self.int8_block)
+        # packed weights go through twins.linear, which applies the format's exact semantics (bf16 / int8
+        # storage, activations rounded at DP_MIN_M rows); plain float32 weights are a bare matrix
+        return h if (h.fmt != "float32" or bias is not None) else h.w
+
+    def embed(self, table, ids):
+        return gather_rows(table, ids).astype(np.float32)  # see ReferenceBackend.embed
+
+    def rmsnorm(self, x, w, eps):
+        return rmsnorm(x, w, eps)
+
+    def linear(self, x, handle):
+        if isinstance(handle, handles.LinearHandle):
+            x2, lead = handles.as_2d(x, handle.in_features)
+            y = linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block)
+            return y.reshape(lead + (handle.out_features,))
+        return np.asarray(x, np.float32) @ np.asarray(handle).T
+
+    def linear_many(self, x, handles):
+        return [self.linear(x, h) for h in handles]
+
+    def rope(self, q, k, cos, sin):
+        return rope(q, cos, sin), rope(k, cos, sin)
+
+    def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=False):
+        out = attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window)
+        if not return_probs:
+            return out
+        return out, attention_probs_f32(q, k, q_pos, k_pos, key_valid, scaling, softcap, window)
+
+    def geglu(self, gate, up, activation="gelu_pytorch_tanh"):
+        if activation in _TANH_GELUS:
+            return geglu(gate, up, "tanh")
+        if activation in _ERF_GELUS:
+            return geglu(gate, up, "none")
+        return ops.geglu(np.asarray(gate, np.float32), np.asarray(up, np.float32), activation)
+
+    def softcap(self, x, cap):
+        return x if cap is None else softcap(x, cap)
+
+    def argmax(self, x):
+        return argmax(x)
+
+    def topk(self, x, k):
+        return topk(x, k)

@@ -1,0 +1,50 @@
+"""Prepared weights of a linear layer for the twins and native backends (the storage formats).
+
+Formats ("float32", "bfloat16", "bfloat16_dp", "int8") and their exact semantics: kernels/twins.py
+(twins.pack makes a handle; the native backend packs with its bitwise-equal C converters).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WEIGHT_FORMATS = ("float32", "bfloat16", "bfloat16_dp", "int8")
+
+
+class LinearHandle:
+    """Prepared weights of one linear layer: y = x @ W^T + bias, W stored as `fmt`."""
+
+    __slots__ = ("fmt", "w", "scales", "block", "bias", "out_features", "in_features")
+
+    def __init__(self, fmt, w, scales=None, block=0, bias=None):
+        self.fmt, self.w, self.scales, self.block, self.bias = fmt, w, scales, block, bias
+        self.out_features, self.in_features = w.shape
+
+    @property
+    def nbytes(self):
+        return sum(a.nbytes for a in (self.w, self.scales, self.bias) if a is not None)
+
+    def arrays(self):
+        """The arrays the handle holds (to tell whether it still shares memory with a checkpoint)."""
+        return [a for a in (self.w, self.scales, self.bias) if a is not None]
+
+    def __repr__(self):
+        return "LinearHandle(%s, out=%d, in=%d%s)" % (self.fmt, self.out_features, self.in_features,
+                                                      ", bias" if self.bias is not None else "")
+
+
+def check_bias(bias, out_features):
+    if bias is None:
+        return None
+    b = np.ascontiguousarray(np.asarray(bias).astype(np.float32))
+    if b.shape != (out_features,):
+        raise ValueError("bias must have shape (%d,), got %s" % (out_features, b.shape))
+    return b
+
+
+def as_2d(x, in_features):
+    """(..., in) -> (contiguous float32 (M, in), the leading shape)."""
+    x = np.asarray(x)
+    if x.shape[-1] != in_features:
+        raise ValueError("x has %d features, the layer expects %d" % (x.shape[-1], in_features))
+    lead = x.shape[:-1]
+    return np.ascontiguousarray(x.reshape(-1, in_features), dtype=np.float32), lead
