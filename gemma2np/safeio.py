@@ -155,11 +155,19 @@ def check_regular(path: str, error: type[Exception], what: str = "file") -> os.s
     return st
 
 
+# config.json, an index or tokenizer_config.json is kilobytes to a few megabytes; a JSON file beyond this is
+# refused before it is read into memory (and parsed into far more).
+MAX_JSON_FILE = 256 << 20
+
+
 def read_json_file(path: str, error: type[Exception], what: str | None = None, **kw):
     """A regular file's JSON content (see loads_json), any failure as `error`."""
     what = what or path
     with open_regular(path, error, what) as f:
-        data = f.read()
+        size = os.fstat(f.fileno()).st_size
+        if size > MAX_JSON_FILE:
+            raise error(f"{what} is {size} bytes, more than the {MAX_JSON_FILE} a JSON metadata file may have")
+        data = f.read(MAX_JSON_FILE + 1)
     return loads_json(data, error, what, **kw)
 
 

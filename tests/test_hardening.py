@@ -1044,3 +1044,12 @@ def test_pickle_memo_index_cannot_grow_the_memo_table(tmp_path, container):
         assert tracemalloc.get_traced_memory()[1] < 1 << 24
     finally:
         tracemalloc.stop()
+
+
+def test_oversized_json_metadata_is_refused_unread(tmp_path, monkeypatch):
+    import gemma2np.safeio as safeio
+
+    monkeypatch.setattr(safeio, "MAX_JSON_FILE", 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"x": "y" * 2000}))
+    with pytest.raises(ConfigError, match="more than the 1000"):
+        Gemma2Config.from_pretrained(tmp_path)
