@@ -249,9 +249,22 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _check_utf8(text: str, where: str) -> str:
+    """Text that came from bytes (argv, stdin, a terminal) must have been valid UTF-8. Python decodes argv and
+    (under a C/UTF-8 locale) stdin with surrogateescape: an invalid byte 0xNN becomes U+DCNN, which would only
+    fail later, deep in the tokenizer. Report it here in one line (exit 2), as --prompt-file does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise UserError(f"{where} is not valid UTF-8 ({what} at character {e.start})") from None
+    return text
+
+
 def _read_prompt(args) -> str:
     if args.prompt is not None:
-        return args.prompt
+        return _check_utf8(args.prompt, "--prompt")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -261,7 +274,7 @@ def _read_prompt(args) -> str:
     if sys.stdin.isatty():
         print("reading the prompt from stdin (end with Ctrl-D); or pass --prompt TEXT", file=sys.stderr)
     try:
-        return sys.stdin.read()
+        return _check_utf8(sys.stdin.read(), "the prompt on stdin")
     except UnicodeDecodeError as e:
         raise UserError(f"the prompt on stdin is not UTF-8: {e}") from None
 
@@ -388,7 +401,9 @@ def run_chat(args) -> int:
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
             print(file=sys.stderr)
             return 0
-        msg = line.strip()
+        except UnicodeDecodeError as e:  # stdin with errors="strict"
+            raise UserError(f"chat input is not UTF-8: {e}") from None
+        msg = _check_utf8(line, "chat input").strip()
         if not msg:
             continue
         if msg in ("/exit", "/quit"):

@@ -32,6 +32,7 @@ import numpy as np
 from .checkpoint import CheckpointError, bfloat16, check_state_dict, save_state_dict
 from .config import ConfigError, Gemma2Config
 from .original import UnsafeCheckpointError, convert_original_to_hf, load_original_checkpoint
+from .safeio import read_json_file
 
 __all__ = ["convert", "convert_gguf", "sniff_checkpoint", "add_convert_parser", "run_convert", "main", "MODEL_SIZES", "published_config", "ConvertError"]
 
@@ -144,13 +145,10 @@ def convert(
     if model_size is not None:
         cfg_dict = published_config(model_size)
     else:
-        try:
-            with open(config_file, encoding="utf-8") as f:
-                cfg_dict = json.load(f)
-        except FileNotFoundError:
-            raise ConvertError(f"config file not found: {os.fspath(config_file)!r}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{os.fspath(config_file)} is not valid JSON: {exc}") from None
+        if not os.path.lexists(config_file):
+            raise ConvertError(f"config file not found: {os.fspath(config_file)!r}")
+        # UTF-8, bounded depth and integer literals, a regular file: any failure is a ConfigError
+        cfg_dict = read_json_file(os.fspath(config_file), ConfigError, os.fspath(config_file), max_depth=100)
     config = Gemma2Config.from_dict(cfg_dict)  # validates the fields
     if tokenizer is not None and not os.path.exists(tokenizer):
         raise ConvertError(f"tokenizer not found: {os.fspath(tokenizer)!r}")

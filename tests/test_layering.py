@@ -10,6 +10,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # module -> layer, as in the ARCHITECTURE table (4a/4b/4c as 4.0/4.1/4.2)
 LAYERS = {
+    "safeio": 0,  # strict JSON and model-directory file checks, used by every loader
     "config": 1, "rope": 1,
     "checkpoint": 2, "gguf_io": 2, "original": 2,
     "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3,
