@@ -20,8 +20,8 @@ import math
 import os
 import sys
 import time
-import warnings
 
+from .safeio import read_json_file
 from .cli_models import DEFAULT_MODEL_DIR, ModelSource, UserError, add_model_args, load_config, load_model
 from .cli_models import load_tokenizer, one_line as _one_line, resolve_model, runtime_kwargs, system_info
 
@@ -551,9 +551,8 @@ def run_info(args) -> int:
     }
     if os.path.isfile(gen_path):
         try:
-            with open(gen_path, encoding="utf-8") as f:
-                info["generation_config"] = json.load(f)
-        except (OSError, ValueError) as e:
+            info["generation_config"] = read_json_file(gen_path, UserError)
+        except UserError as e:
             raise UserError(f"cannot read {gen_path}: {_one_line(e)}") from None
     if args.json:
         print(json.dumps(info, indent=1))

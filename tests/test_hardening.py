@@ -1053,3 +1053,27 @@ def test_oversized_json_metadata_is_refused_unread(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text(json.dumps({"x": "y" * 2000}))
     with pytest.raises(ConfigError, match="more than the 1000"):
         Gemma2Config.from_pretrained(tmp_path)
+
+
+def test_hostile_generation_config_is_a_typed_error(tmp_path):
+    """generation_config.json goes through the same strict JSON reader as config.json: deep nesting and
+    non-UTF-8 bytes are a GenerationError (a ValueError), for the API and for `gemma2np info`."""
+    import shutil
+    import subprocess
+    import sys
+
+    from gemma2np import Gemma2ForCausalLM
+    from gemma2np.cli import DEFAULT_MODEL_DIR
+    from gemma2np.generation import GenerationError
+
+    for name, payload in (("deep", b"[" * 100000 + b"]" * 100000), ("bytes", b'{"top_k": "\xff"}')):
+        d = tmp_path / name
+        shutil.copytree(DEFAULT_MODEL_DIR, d)
+        (d / "generation_config.json").write_bytes(payload)
+        m = Gemma2ForCausalLM.from_pretrained(d)
+        with pytest.raises(GenerationError, match="generation_config.json"):
+            m.generate(input_ids=np.array([[2, 5, 6]]), max_new_tokens=2)
+        r = subprocess.run([sys.executable, "-m", "gemma2np", "info", "--model", str(d)], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "generation_config.json" in r.stderr

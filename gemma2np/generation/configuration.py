@@ -7,11 +7,12 @@ defaults (`DEFAULTS`: max_length 20, top_k 50, ...).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+
+from ..safeio import read_json_file
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -79,11 +80,9 @@ class GenerationConfig:
         path = os.path.join(os.fspath(directory), GENERATION_CONFIG_NAME)
         if not os.path.isfile(path):
             return None
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except (OSError, ValueError) as e:
-            raise GenerationError(f"cannot read {path!r}: {e}") from None
+        # the strict reader (bounded nesting / integer literals, UTF-8, regular files only): a hostile file is a
+        # GenerationError, never a RecursionError or a blocked read
+        d = read_json_file(path, GenerationError)
         if not isinstance(d, dict):
             raise GenerationError(f"{path!r} must hold a JSON object")
         return cls.from_dict(d)
