@@ -61,9 +61,13 @@ int g2_have_openmp(void);
  * (milliseconds), so fanning out small work made decoding 10-200x slower under load (issue 13).
  * Default G2_PAR_MIN_US_DEFAULT, or the G2_PAR_MIN_US environment variable read at the first call;
  * 0 = always fan out (what the tests use to run the threaded code on small shapes). Results are
- * bitwise the same for any threshold. g2_set_parallel_threshold(us < 0) only returns the value in
+ * bitwise the same for any threshold. Why 100: waking a sleeping worker costs ~10-30 us, so
+ * splitting pays from ~50 us of real work, and the estimates (DRAM bandwidth for the weights)
+ * overstate cache-resident work like the bundled model's ~2x; measured with
+ * benchmarks/contention.py (50 us still fanned out the bundled model's gate/up and lost to 1 thread
+ * on the busy host). g2_set_parallel_threshold(us < 0) only returns the value in
  * effect; otherwise it sets it and returns it. */
-#define G2_PAR_MIN_US_DEFAULT 50.0
+#define G2_PAR_MIN_US_DEFAULT 100.0
 double g2_set_parallel_threshold(double us);
 
 /* Keep freed activation-sized blocks in the process heap (glibc only; elsewhere a no-op that
