@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""gemma2np._native: thin typed wrappers over csrc/gemma2np_kernels.c.
+"""gemma2np._native: thin typed wrappers over the C kernels (csrc/gemma2np_kernels.h, csrc/g2_*.c).
 
 Every wrapper validates dtype (TypeError), C-contiguity, shapes and ranges (ValueError)
 before it calls C with the GIL released. Outputs are freshly allocated float32/int64 arrays
@@ -18,6 +18,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
     int g2_set_simd(int level)
     int g2_get_simd()
     int g2_have_openmp()
+    double g2_set_parallel_threshold(double us)
+    double G2_PAR_MIN_US_DEFAULT
     int g2_tune_malloc()
     int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
                   const float *scales, int64_t block, int64_t N, const float *bias,
@@ -70,6 +72,27 @@ def get_simd():
 
 def have_openmp():
     return bool(g2_have_openmp())
+
+
+PARALLEL_THRESHOLD_DEFAULT_US = G2_PAR_MIN_US_DEFAULT
+
+
+def set_parallel_threshold(us):
+    """Fan-out threshold in microseconds (process-wide): a kernel uses its n_threads only when its
+    work, estimated on one thread, takes at least this long; smaller work stays on the calling
+    thread (fork/join of small work collapses under load, issue 13). 0 = always fan out. Results
+    are bitwise the same for any value. Returns the value now in effect."""
+    if isinstance(us, bool) or not isinstance(us, (int, float, np.integer, np.floating)):
+        raise TypeError("the threshold must be a number of microseconds")
+    if not (0 <= us < 1e12):
+        raise ValueError("the threshold must be in [0, 1e12) microseconds, got %r" % (us,))
+    return g2_set_parallel_threshold(us)
+
+
+def get_parallel_threshold():
+    """The fan-out threshold in effect (microseconds): set_parallel_threshold's value, else the
+    G2_PAR_MIN_US environment variable, else PARALLEL_THRESHOLD_DEFAULT_US."""
+    return g2_set_parallel_threshold(-1.0)
 
 
 def tune_malloc():

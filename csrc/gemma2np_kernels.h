@@ -6,6 +6,8 @@
  * (<= 0 means 1) and produces bitwise-identical results for any thread count
  * (each output element is computed by exactly one thread in a fixed order).
  *
+ * Implemented in csrc/g2_*.c (the file map is at the top of csrc/g2_internal.h).
+ *
  * Runtime CPU dispatch: on x86_64 the AVX-512 paths are compiled with
  * __attribute__((target)) / #pragma GCC target and chosen at run time with
  * __builtin_cpu_supports; elsewhere (or when disabled with g2_set_simd(0))
@@ -52,6 +54,22 @@ int g2_set_simd(int level);
 int g2_get_simd(void);
 int g2_have_openmp(void);
 
+/* Fan-out threshold: a kernel uses its n_threads only when its work, estimated on one thread, is at
+ * least `us` microseconds; smaller work runs on the calling thread alone. A parallel region costs a
+ * wake-up and a join of every thread: a few microseconds on an idle machine, but with other busy
+ * processes on every core a thread waiting for a core holds the join for a scheduler time slice
+ * (milliseconds), so fanning out small work made decoding 10-200x slower under load (issue 13).
+ * Default G2_PAR_MIN_US_DEFAULT, or the G2_PAR_MIN_US environment variable read at the first call;
+ * 0 = always fan out (what the tests use to run the threaded code on small shapes). Results are
+ * bitwise the same for any threshold. Why 100: waking a sleeping worker costs ~10-30 us, so
+ * splitting pays from ~50 us of real work, and the estimates (DRAM bandwidth for the weights)
+ * overstate cache-resident work like the bundled model's ~2x; measured with
+ * benchmarks/contention.py (50 us still fanned out the bundled model's gate/up and lost to 1 thread
+ * on the busy host). g2_set_parallel_threshold(us < 0) only returns the value in
+ * effect; otherwise it sets it and returns it. */
+#define G2_PAR_MIN_US_DEFAULT 100.0
+double g2_set_parallel_threshold(double us);
+
 /* Keep freed activation-sized blocks in the process heap (glibc only; elsewhere a no-op that
  * returns 0): M_MMAP_THRESHOLD = 32 MB, M_TRIM_THRESHOLD = 64 MB -- the values glibc's own
  * dynamic threshold reaches after the first free of a large block. Returns 1 when applied. */
@@ -79,7 +97,8 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
                     const float *const *scales, const int64_t *N, int64_t block, float *const *y,
                     int n_threads);
 
-/* Round float32 to bf16 bits, round-to-nearest-even (NaN -> quiet NaN). */
+/* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
+ * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
 
 /* Fused attention (online softmax, no T x S matrix).

@@ -6,7 +6,9 @@ The safetensors format is small enough to read directly: an 8-byte little-endian
 JSON header mapping each tensor name to {dtype, shape, data_offsets}, then the raw little-endian
 bytes. Reading it ourselves lets every tensor be a *memory map* of the file (nothing is read until
 it is used, so a 5 GB checkpoint costs page cache, not 2x its size in RAM) and lets every
-corruption be reported with the file and tensor it concerns. bfloat16 comes from `ml_dtypes`
+corruption be reported with the file and tensor it concerns. The header is validated exactly as the
+`safetensors` library validates it (tests/test_hardening.py runs both on mutated files), and files are
+*written* by the library itself (`safetensors.numpy.save_file`). bfloat16 comes from `ml_dtypes`
 (the NumPy dtype extension maintained by the JAX team), not from bit tricks of our own.
 """
 
@@ -20,6 +22,8 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from .safeio import SERDE_MAX_DEPTH, check_plain_name, loads_json, model_file, open_regular, read_json_file
 
 __all__ = [
     "CheckpointError",
@@ -38,87 +42,170 @@ SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 bfloat16 = np.dtype(ml_dtypes.bfloat16)
 
-# safetensors dtype tag <-> NumPy dtype (little endian).
+# safetensors dtype tag <-> NumPy dtype (little endian): every tag with a NumPy dtype. The library also
+# knows F4 / F6_* (packed sub-byte) and F8_* floats; those are refused as unsupported (nothing in Gemma 2
+# uses them, and NumPy cannot view packed elements).
 _DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype("<f8"),
     "F32": np.dtype("<f4"),
     "F16": np.dtype("<f2"),
     "BF16": bfloat16,
+    "C64": np.dtype("<c8"),
     "I64": np.dtype("<i8"),
     "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"),
     "I8": np.dtype("i1"),
+    "U64": np.dtype("<u8"),
+    "U32": np.dtype("<u4"),
+    "U16": np.dtype("<u2"),
     "U8": np.dtype("u1"),
     "BOOL": np.dtype("?"),
 }
 _TAGS = {v: k for k, v in _DTYPES.items()}
+_KNOWN_UNSUPPORTED = ("F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ")
 
-_MAX_HEADER = 100 * 1024 * 1024  # the safetensors spec caps the header at 100 MB
+# The safetensors library (Rust, serde_json) refuses a header longer than 100,000,000 bytes (not 100 MiB).
+_MAX_HEADER = 100_000_000
+_USIZE_MAX = 2**64 - 1
 
 
 class CheckpointError(ValueError):
     """A checkpoint file or directory is missing, malformed, truncated or inconsistent."""
 
 
+class _Entries(dict):
+    """A JSON object that remembers which keys it saw twice (json keeps the last value, as serde does
+    for maps; serde refuses a repeated *struct* field, which is what `dups` lets us do too)."""
+
+    dups: frozenset = frozenset()
+
+
+def _pairs(pairs):
+    d = _Entries()
+    seen = set()
+    dups = set()
+    for k, v in pairs:
+        if k in seen:
+            dups.add(k)
+        seen.add(k)
+        d[k] = v
+    d.dups = frozenset(dups)
+    return d
+
+
+def _is_usize(x) -> bool:
+    # serde's usize: a JSON integer (never a float like 2.0, never a bool) in [0, 2**64)
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _USIZE_MAX
+
+
+def parse_safetensors_header(raw: bytes, file_size: int, path: str) -> tuple[dict, dict, int]:
+    """Validate a safetensors header exactly as the `safetensors` library does (read_metadata + validate).
+
+    raw: the n header bytes; file_size: the whole file's size. Returns ({name: (dtype, shape, begin, end)},
+    metadata, n). Refused, like the library: non-UTF-8 or non-JSON headers (serde_json rules: depth < 128,
+    no NaN, numbers in range, no lone surrogates), a non-object, `__metadata__` that is not null or a map of
+    strings (or given twice), an entry that is not {dtype, shape, data_offsets} (extra keys are ignored, a
+    repeated one is refused), an unknown dtype, shape or offsets that are not unsigned integers, offsets that
+    (sorted) do not start at 0, follow each other without a gap or overlap and end exactly at the end of the
+    file, a size that disagrees with dtype x shape, and a shape whose product overflows 64 bits.
+    """
+    n = len(raw)
+    header = loads_json(raw, CheckpointError, f"{path}: header", max_depth=SERDE_MAX_DEPTH,
+                        strict_numbers=True, object_pairs_hook=_pairs)
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    if "__metadata__" in header.dups:
+        raise CheckpointError(f"{path}: header has two __metadata__ entries")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: __metadata__ must map strings to strings, got {metadata!r:.200}")
+    entries = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r:.200}")
+        if getattr(info, "dups", frozenset()) & {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{path}: tensor {name!r} repeats a field ({sorted(info.dups)})")
+        tag, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(tag, str) or (tag not in _DTYPES and tag not in _KNOWN_UNSUPPORTED):
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r:.80} (not a safetensors dtype)")
+        if not (isinstance(shape, list) and all(_is_usize(s) for s in shape)):
+            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r:.200}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_usize(o) for o in offsets)):
+            raise CheckpointError(f"{path}: tensor {name!r} has invalid data_offsets {offsets!r:.200}")
+        entries.append((tuple(offsets), name, tag, shape))
+    # the library sorts by offsets, then requires each tensor to start where the previous one ended
+    entries.sort(key=lambda e: e[0])
+    tensors = {}
+    start = 0
+    for (begin, end), name, tag, shape in entries:
+        if begin != start or end < begin:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has offsets [{begin}, {end}) but the previous tensor ends at byte {start} "
+                "(tensors must tile the data section without gaps or overlaps: invalid offset)")
+        start = end
+        count = 1
+        for s in shape:  # checked product, as the library's usize arithmetic
+            count *= s
+            if count > _USIZE_MAX:
+                raise CheckpointError(f"{path}: tensor {name!r} shape {shape} overflows 64 bits")
+        if tag in _KNOWN_UNSUPPORTED:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag} (no NumPy equivalent)")
+        dtype = _DTYPES[tag]
+        nbytes = count * dtype.itemsize
+        if nbytes > _USIZE_MAX:
+            raise CheckpointError(f"{path}: tensor {name!r} size overflows 64 bits")
+        if end - begin != nbytes:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ({tag} {shape}) should take {nbytes} bytes but its offsets are "
+                f"[{begin}, {end})")
+        tensors[name] = (dtype, tuple(shape), begin, end)
+    data_size = file_size - 8 - n
+    if start != data_size:
+        how = "truncated file?" if start > data_size else "bytes not covered by any tensor"
+        raise CheckpointError(
+            f"{path}: the tensors end at byte {start} of the data section but the file has {data_size} bytes of "
+            f"data ({how}; the data section must be covered exactly)")
+    return tensors, metadata, n
+
+
 def read_safetensors(path: str | os.PathLike, mmap: bool = True) -> tuple[dict[str, np.ndarray], dict]:
     """Read one .safetensors file -> ({name: array}, metadata).
 
-    With mmap=True every array is a read-only view of a memory map of the file.
+    The file is validated as the `safetensors` library validates it (`parse_safetensors_header`; a test
+    runs both readers on mutated files). With mmap=True every array is a read-only view of a memory map of
+    the file (zero copy: nothing is read until used); mmap=False reads the data section into memory.
     """
     path = os.fspath(path)
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)"
-                )
-            raw = f.read(n)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file not found: {path}") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: header is not valid JSON ({exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    data_size = size - data_start
-    buffer = None
-    if header:
-        if mmap:
-            buffer = np.memmap(path, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,)) if data_size else np.zeros(0, np.uint8)
-        else:
-            with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, "checkpoint file") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: file is {size} bytes, too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise CheckpointError(
+                f"{path}: header length {n} does not fit in a file of {size} bytes (truncated or not safetensors)"
+            )
+        raw = f.read(n)
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: file shrank while being read")
+        entries, metadata, _ = parse_safetensors_header(raw, size, path)
+        data_start = 8 + n
+        data_size = size - data_start
+        buffer = np.zeros(0, np.uint8)
+        if entries and data_size:
+            if mmap:
+                # np.memmap maps through our already-open, checked file object (no second open by name)
+                buffer = np.memmap(f, dtype=np.uint8, mode="r", offset=data_start, shape=(data_size,))
+            else:
                 f.seek(data_start)
-                buffer = np.frombuffer(f.read(), dtype=np.uint8)
+                buffer = np.frombuffer(f.read(data_size), dtype=np.uint8)
+                if buffer.shape[0] != data_size:
+                    raise CheckpointError(f"{path}: file shrank while being read")
     tensors: dict[str, np.ndarray] = {}
-    for name, info in header.items():
-        try:
-            tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry {info!r}") from None
-        dtype = _DTYPES.get(tag)
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {tag!r}")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
-        nbytes = math.prod(shape) * dtype.itemsize
-        if not (isinstance(begin, int) and isinstance(end, int)) or end - begin != nbytes or begin < 0:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ({tag} {shape}) should take {nbytes} bytes but its offsets are "
-                f"[{begin}, {end})"
-            )
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: tensor {name!r} ends at byte {end} of the data section but the file only has "
-                f"{data_size} bytes of data (truncated file?)"
-            )
+    for name, (dtype, shape, begin, end) in entries.items():
         tensors[name] = buffer[begin:end].view(dtype).reshape(shape)
     return tensors, metadata
 
@@ -134,59 +221,69 @@ def _target_dtype(a: np.ndarray, dtype) -> np.dtype:
 def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: dict | None = None, dtype=None
 ) -> None:
-    """Write {name: array} as one .safetensors file (readable by the `safetensors` library and transformers).
+    """Write {name: array} as one .safetensors file with the `safetensors` library (safetensors.numpy), so the
+    format is the library's own for every other reader; metadata {"format": "pt"} as transformers expects.
 
-    dtype: convert floating-point tensors to it while writing, one tensor at a time (so converting a large
-    checkpoint never holds a second full copy in memory).
+    dtype: convert floating-point tensors to it while writing. The library writes from contiguous arrays in
+    memory: tensors already in the target dtype and C order (e.g. memory-mapped ones) are passed as they are,
+    converted ones are held for the duration of this file (one shard), not the whole checkpoint.
     """
-    header: dict = {"__metadata__": {"format": "pt", **(metadata or {})}}
-    offset = 0
-    names = sorted(tensors)
-    for name in names:
-        a = tensors[name]
+    from safetensors.numpy import save_file
+
+    meta = {"format": "pt", **(metadata or {})}
+    arrays = {}
+    for name in tensors:
+        a = np.asarray(tensors[name])
         dt = _target_dtype(a, dtype)
-        tag = _TAGS.get(dt)
-        if tag is None:
+        if dt not in _TAGS:
             raise CheckpointError(f"cannot write tensor {name!r}: dtype {dt} has no safetensors tag")
-        nbytes = math.prod(a.shape) * dt.itemsize
-        header[name] = {"dtype": tag, "shape": list(a.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as the reference writer does
+        arrays[name] = np.ascontiguousarray(a.astype(dt, copy=False))
     tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for name in names:
-            a = np.asarray(tensors[name])
-            a = np.ascontiguousarray(a.astype(_target_dtype(a, dtype), copy=False))
-            f.write(memoryview(a.reshape(-1).view(np.uint8)))
+    try:
+        save_file(arrays, tmp, metadata=meta)
+    except Exception:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)  # never leave a half-written file under the real name
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[str]:
-    """The safetensors files of an HF checkpoint directory, in index order."""
+    """The safetensors files of an HF checkpoint directory, in index order.
+
+    Every file is checked before any is opened (`safeio.model_file`): a shard named by the index must be a
+    plain file name whose real path stays inside the directory (``../x``, ``/etc/x``, ``sub/x`` and symlinks
+    out of it are refused; the Hugging Face cache's snapshot -> blobs links are allowed) and a regular file
+    (not /dev/urandom, a FIFO or a directory)."""
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
         raise CheckpointError(f"checkpoint directory not found: {directory!r}")
     index = os.path.join(directory, SAFE_WEIGHTS_INDEX_NAME)
     single = os.path.join(directory, SAFE_WEIGHTS_NAME)
-    if os.path.exists(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
+    if os.path.lexists(index):
+        model_file(directory, SAFE_WEIGHTS_INDEX_NAME, CheckpointError, "safetensors index")
+        data = read_json_file(index, CheckpointError, index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            got = type(data).__name__ if not isinstance(data, dict) else type(weight_map).__name__
+            raise CheckpointError(f"{index}: not a valid safetensors index (weight_map must be an object of "
+                                  f"tensor name -> shard file name, got {got})")
+        for tensor, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise CheckpointError(f"{index}: weight_map[{tensor!r:.100}] is {type(shard).__name__} "
+                                      f"{shard!r:.80}, not a shard file name")
         files = list(dict.fromkeys(weight_map.values()))
-        missing = [f for f in files if not os.path.exists(os.path.join(directory, f))]
+        for f in files:  # names first: nothing outside the directory is even stat()ed
+            check_plain_name(f, CheckpointError, f"shard named by {SAFE_WEIGHTS_INDEX_NAME}")
+        missing = [f for f in files if not os.path.lexists(os.path.join(directory, f))]
         if missing:
             raise CheckpointError(f"{index} names shard(s) that are missing: {', '.join(missing)}")
-        return [os.path.join(directory, f) for f in files]
-    if os.path.exists(single):
-        return [single]
+        return [model_file(directory, f, CheckpointError, f"shard named by {SAFE_WEIGHTS_INDEX_NAME}") for f in files]
+    if os.path.lexists(single):
+        return [model_file(directory, SAFE_WEIGHTS_NAME, CheckpointError, "checkpoint file")]
     others = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if others:
-        return [os.path.join(directory, f) for f in others]
+        return [model_file(directory, f, CheckpointError, "checkpoint file") for f in others]
     hint = ""
     if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(directory)):
         hint = " (PyTorch pickle checkpoints are not loaded directly: see `gemma2np convert`)"

@@ -20,109 +20,88 @@ import math
 import os
 import sys
 import time
-import warnings
 
-DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gemma2-shakespeare")
+from .safeio import read_json_file
+from .cli_models import DEFAULT_MODEL_DIR, ModelSource, UserError, add_model_args, load_config, load_model
+from .cli_models import load_tokenizer, one_line as _one_line, resolve_model, runtime_kwargs, system_info
 
 # (module, function) pairs that register further subcommands when the module is present
 _OPTIONAL_COMMANDS = [
     ("gemma2np.compare", "add_compare_parser"),
     ("gemma2np.convert", "add_convert_parser"),
     ("gemma2np.bench", "add_bench_parser"),
+    ("gemma2np.perplexity", "add_perplexity_parser"),
 ]
 
 
-class UserError(Exception):
-    """A mistake of the user's (bad path, bad value, prompt too long): reported in one line, exit status 2."""
-
-
 # ============================================================================ shared helpers
+# (the model options live in cli_models.py, shared with compare and perplexity)
 
 
 def _add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True) -> None:
-    p.add_argument("--model", metavar="DIR", default=None,
-                   help="Hugging Face-format model directory: config.json + model.safetensors (+ tokenizer.model). "
-                        "Default: the bundled Shakespeare model")
-    if not runtime:
-        return
-    p.add_argument("--tokenizer", metavar="DIR", default=None,
-                   help="directory holding tokenizer.model (default: the model directory)")
-    p.add_argument("--backend", choices=("numpy", "native"), default="numpy",
-                   help="numpy: the readable reference (default); native: the C/OpenMP kernels (faster)")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
-                   help="in-memory weight format of the native backend (default: as the checkpoint)")
-    p.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the native backend")
+    add_model_args(p, runtime=runtime)
+    if runtime:
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="print what runs (backend, weight format, SIMD path, OpenMP, threads) and the load time")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, default_new: int) -> None:
-    g = p.add_argument_group("decoding (greedy unless --do-sample or a sampling option is given)")
+def _add_sampling_args(p: argparse.ArgumentParser, default_new: int | None, from_checkpoint: bool = False) -> None:
+    title = ("decoding (default: the checkpoint's generation_config.json; --greedy or a sampling option overrides it)"
+             if from_checkpoint else "decoding (greedy unless --do-sample or a sampling option is given)")
+    g = p.add_argument_group(title)
     g.add_argument("--max-new-tokens", type=int, default=default_new, metavar="N",
-                   help=f"generate at most N tokens (default {default_new})")
+                   help=f"generate at most N tokens (default {default_new})" if default_new is not None else
+                   "generate at most N tokens (default: generation_config.json's max_new_tokens, else 200)")
     g.add_argument("--do-sample", action="store_true", help="sample instead of taking the most likely token")
+    if from_checkpoint:
+        g.add_argument("--greedy", action="store_true", help="always take the most likely token")
     g.add_argument("--temperature", type=float, default=None,
                    help="> 0; lower is more conservative (implies --do-sample; 0 means greedy)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens (implies --do-sample; "
                    "default 50, 0 disables)")
     g.add_argument("--top-p", type=float, default=None,
                    help="nucleus sampling, in (0, 1] (implies --do-sample; default 1.0 = off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than P times the most likely one, in [0, 1] (implies --do-sample)")
     g.add_argument("--repetition-penalty", type=float, default=None,
                    help="> 0; above 1 discourages repeating tokens (default 1.0 = off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=None, metavar="N",
+                   help="never repeat an N-gram of tokens (prompt included; default 0 = off)")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop once the text ends with TEXT (repeatable; a newline: --stop $'\\n' in bash)")
+    if not from_checkpoint:
+        g.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
+                       help="N sampled continuations of the prompt, printed one after another (needs sampling)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same sample")
 
 
-def _model_dir(args) -> str:
-    path = args.model or DEFAULT_MODEL_DIR
-    if not os.path.isdir(path):
-        if args.model is None:
-            raise UserError(f"the bundled model is not installed at {path}; pass --model DIR")
-        raise UserError(f"model directory not found: {path}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        if args.model is None:
-            raise UserError(f"the bundled model at {path} is incomplete (no config.json); pass --model DIR")
-        raise UserError(f"{path} is not a model directory (no config.json)")
-    return path
+def _model_source(args) -> ModelSource:
+    """The model named by --model / --gguf-file (default: the bundled one), checked to exist."""
+    return resolve_model(args)
 
 
-def _load_config(path: str):
-    from .config import Gemma2Config
-
-    try:
-        return Gemma2Config.from_pretrained(path)
-    except (ValueError, OSError) as e:  # ConfigError is a ValueError
-        raise UserError(f"cannot read the config of {path}: {_one_line(e)}") from None
+_model_dir = _model_source  # older name: its result is passed on to _load_tokenizer / _load_model
 
 
-def _load_model(args, path: str):
-    from .modeling import Gemma2ForCausalLM
+def _load_config(src: ModelSource):
+    return load_config(src)
 
+
+def _load_model(args, src: ModelSource):
     bar = _ProgressBar("loading") if sys.stderr.isatty() else None
+    t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = Gemma2ForCausalLM.from_pretrained(
-                path, backend=args.backend, weights=args.weights, n_threads=args.threads, progress=bar,
-                tensor_parallel=True,  # under mpiexec -n N > 1 (parallel/launch.py); one process: no effect
-            )
-    except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError/ConfigError are ValueErrors
-        raise UserError(f"cannot load the model from {path}: {_one_line(e)}") from None
+        model = load_model(args, src, progress=bar, tensor_parallel=True)  # under mpiexec (parallel/launch.py)
     finally:
         if bar is not None:
             bar.close()
+    if getattr(args, "verbose", False):
+        print(f"[loaded {src.label} in {time.perf_counter() - t0:.2f} s; {system_info(model)}]", file=sys.stderr)
     return model
 
 
-def _load_tokenizer(args, model_dir: str):
-    from .tokenizer import GemmaTokenizer
-
-    path = args.tokenizer or model_dir
-    try:
-        return GemmaTokenizer.from_pretrained(path)
-    except (ValueError, OSError) as e:  # TokenizerError is a ValueError
-        raise UserError(f"cannot load the tokenizer from {path}: {_one_line(e)}") from None
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
+def _load_tokenizer(args, src: ModelSource):
+    return load_tokenizer(args, src)
 
 
 class _ProgressBar:
@@ -143,21 +122,34 @@ class _ProgressBar:
             sys.stderr.flush()
 
 
-def _sampling_kwargs(args) -> dict:
-    """generate() keyword arguments from the decoding options, checked before anything runs."""
-    from .generation import GenerationConfig, _validate
+def _sampling_kwargs(args, from_checkpoint: bool = False) -> dict:
+    """generate() keyword arguments from the decoding options, checked before anything runs.
 
-    if args.max_new_tokens is None or args.max_new_tokens < 1:
+    from_checkpoint (chat): only the options given are passed, so the rest come from the checkpoint's
+    generation_config.json, as transformers does; otherwise (generate) decoding is greedy unless asked."""
+    from .generation import GenerationConfig, GenerationError, check_seed, validate
+
+    if (args.max_new_tokens is not None and args.max_new_tokens < 1) or (args.max_new_tokens is None and not from_checkpoint):
         raise UserError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    do_sample = args.do_sample or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
-    if args.temperature == 0:  # the common convention: temperature 0 = greedy
+    sampling_opts = (args.temperature, args.top_k, args.top_p, args.min_p)
+    do_sample = args.do_sample or any(v is not None for v in sampling_opts)
+    if args.temperature == 0 or getattr(args, "greedy", False):  # the common convention: temperature 0 = greedy
         do_sample = False
-    kw = dict(max_new_tokens=args.max_new_tokens, do_sample=do_sample, repetition_penalty=args.repetition_penalty)
+    if getattr(args, "greedy", False) and (args.do_sample or any(v not in (None, 0) for v in sampling_opts)):
+        raise UserError("--greedy contradicts --do-sample / --temperature / --top-k / --top-p / --min-p")
+    explicit = getattr(args, "greedy", False) or args.do_sample or any(v is not None for v in sampling_opts)
+    kw = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
+              no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop,
+              num_return_sequences=getattr(args, "num_return_sequences", None))
+    if explicit or not from_checkpoint:
+        kw["do_sample"] = do_sample
     if do_sample:
-        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+        kw.update(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
+    kw = {k: v for k, v in kw.items() if v is not None}
     try:
-        _validate(GenerationConfig(**{k: v for k, v in kw.items() if v is not None}))
-    except ValueError as e:
+        validate(GenerationConfig(**kw))
+        check_seed(args.seed)
+    except GenerationError as e:
         raise UserError(_one_line(e).replace("`", "").replace("_", "-")) from None
     if args.seed is not None:
         kw["seed"] = args.seed
@@ -232,8 +224,8 @@ examples:
   gemma2np generate --chat --prompt "Who art thou?"           # wrap in the chat template
   gemma2np generate --model ~/gemma-2-2b --backend native --weights int8 --prompt "Hello"
 
-The continuation is streamed to stdout as it is produced; timing (time to first token,
-tokens/s) goes to stderr.
+The prompt and its continuation are streamed to stdout as the text is produced (--no-echo: the
+continuation only); timing (time to first token, tokens/s) goes to stderr.
 """
 
 
@@ -248,15 +240,31 @@ def add_generate_parser(subparsers) -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE", help="read the prompt from FILE")
     p.add_argument("--chat", action="store_true",
                    help="wrap the prompt in the chat template (a user turn, then the model's turn)")
+    p.add_argument("--no-echo", dest="echo", action="store_false",
+                   help="print only the continuation, not the prompt before it (with --chat the "
+                        "template is never echoed: only the reply is printed)")
     _add_model_args(p)
     _add_sampling_args(p, default_new=100)
     p.set_defaults(func=run_generate)
     return p
 
 
+def _check_utf8(text: str, where: str) -> str:
+    """Text that came from bytes (argv, stdin, a terminal) must have been valid UTF-8. Python decodes argv and
+    (under a C/UTF-8 locale) stdin with surrogateescape: an invalid byte 0xNN becomes U+DCNN, which would only
+    fail later, deep in the tokenizer. Report it here in one line (exit 2), as --prompt-file does."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"U+{c:04X}"
+        raise UserError(f"{where} is not valid UTF-8 ({what} at character {e.start})") from None
+    return text
+
+
 def _read_prompt(args) -> str:
     if args.prompt is not None:
-        return args.prompt
+        return _check_utf8(args.prompt, "--prompt")
     if args.prompt_file is not None:
         try:
             with open(args.prompt_file, encoding="utf-8") as f:
@@ -266,7 +274,7 @@ def _read_prompt(args) -> str:
     if sys.stdin.isatty():
         print("reading the prompt from stdin (end with Ctrl-D); or pass --prompt TEXT", file=sys.stderr)
     try:
-        return sys.stdin.read()
+        return _check_utf8(sys.stdin.read(), "the prompt on stdin")
     except UnicodeDecodeError as e:
         raise UserError(f"the prompt on stdin is not UTF-8: {e}") from None
 
@@ -277,6 +285,7 @@ def run_generate(args) -> int:
     from .generation import TextStreamer
 
     kw = _sampling_kwargs(args)
+    runtime_kwargs(args)  # --threads / --weights mistakes before reading a prompt from stdin
     text = _read_prompt(args)
     if not text.strip() and not args.chat:
         raise UserError("the prompt is empty: pass --prompt TEXT, --prompt-file FILE or text on stdin")
@@ -296,9 +305,22 @@ def run_generate(args) -> int:
         raise UserError(f"the tokenizer produced id {int(ids.max())} but the model's vocabulary has "
                         f"{model.config.vocab_size} tokens: tokenizer and model do not match")
     kw["max_new_tokens"] = _fit_context(ids.shape[1], kw["max_new_tokens"], model.config.max_position_embeddings)
-    streamer = _TimedStreamer(TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
-    model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=_eos_ids(model, tok, args.chat) or [],
-                   streamer=streamer, **kw)
+    eos = _eos_ids(model, tok, args.chat) or []
+    # Echo: the streamer decodes prompt + continuation together (transformers' TextStreamer with
+    # skip_prompt=False), so stdout is exactly tok.decode(prompt + new tokens) and a continuation that
+    # starts with a space or mid-word joins the prompt as the model sees it.
+    echo = args.echo and not args.chat
+    if kw.get("num_return_sequences", 1) > 1:  # several rows: printed when done, one after another
+        t0 = time.perf_counter()
+        out = model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos, tokenizer=tok, **kw)
+        for i, row in enumerate(out):
+            print(f"--- sequence {i + 1} of {len(out)} ---")
+            print(tok.decode(row if echo else row[ids.shape[1]:], skip_special_tokens=True))
+        print(f"[{ids.shape[1]} prompt tokens, {len(out)} sequences in {time.perf_counter() - t0:.3f} s]",
+              file=sys.stderr)
+        return 0
+    streamer = _TimedStreamer(TextStreamer(tok, skip_prompt=not echo, skip_special_tokens=True))
+    model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos, streamer=streamer, tokenizer=tok, **kw)
     print(streamer.report(ids.shape[1]), file=sys.stderr)
     return 0
 
@@ -309,82 +331,104 @@ def run_generate(args) -> int:
 CHAT_EPILOG = """\
 In the session: type a message and press Enter. Commands:
   /reset   forget the conversation so far
-  /exit    leave (Ctrl-D and Ctrl-C leave too)
+  /exit    leave (Ctrl-D or Ctrl-C at the prompt leave too)
+Ctrl-C while the model replies stops the reply and returns to the prompt.
+
+The conversation stays in the KV cache: each turn only the new message is read.
+Decoding follows the checkpoint's generation_config.json (the bundled model samples with
+temperature 0.8, top-p 0.9, top-k 50, at most 80 tokens) unless options override it.
 
 examples:
   gemma2np chat
-  gemma2np chat --do-sample --temperature 0.7 --max-new-tokens 200
+  gemma2np chat --greedy --max-new-tokens 60
+  gemma2np chat --temperature 0.7 --seed 1 --stop $'\\n\\n'      # end each reply at a blank line
 """
 
 
 def add_chat_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "chat", help="interactive multi-turn chat with the chat template",
-        description="Talk to the model. The whole conversation is kept and re-sent each turn with Gemma 2's "
-                    "chat template; the oldest turns are dropped when it outgrows the context.",
+        description="Talk to the model with Gemma 2's chat template. The conversation is kept in the KV cache, so "
+                    "each turn only reads the new message; the oldest turns are dropped when it outgrows the context.",
         epilog=CHAT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p)
-    _add_sampling_args(p, default_new=200)
+    _add_sampling_args(p, default_new=None, from_checkpoint=True)
     p.set_defaults(func=run_chat)
     return p
 
 
+def _decoding_summary(model, kw: dict, max_new: int) -> str:
+    from .generation import GenerationConfig, get_generation_config
+
+    base = get_generation_config(model).to_dict()
+    gc = GenerationConfig(**{**{k: v for k, v in base.items() if k in GenerationConfig.__dataclass_fields__}, **kw})
+    if not gc.do_sample:
+        how = "greedy"
+    else:
+        parts = [f"temperature {gc.temperature if gc.temperature is not None else 1.0:g}"]
+        parts += [f"{n} {getattr(gc, a):g}" for n, a in (("top-k", "top_k"), ("top-p", "top_p"), ("min-p", "min_p"))
+                  if getattr(gc, a) is not None]
+        how = "sampling, " + ", ".join(parts)
+    if gc.repetition_penalty not in (None, 1.0):
+        how += f", repetition penalty {gc.repetition_penalty:g}"
+    return f"{how}; at most {max_new} tokens per reply"
+
+
 def run_chat(args) -> int:
-    import numpy as np
+    from .chat_session import ChatSession
+    from .generation import GenerationError, TextStreamer
 
-    from .generation import TextStreamer
-
-    kw = _sampling_kwargs(args)
+    kw = _sampling_kwargs(args, from_checkpoint=True)
     model_dir = _model_dir(args)
     tok = _load_tokenizer(args, model_dir)
+    t0 = time.perf_counter()
     model = _load_model(args, model_dir)
-    eos = _eos_ids(model, tok, chat=True)
-    context = model.config.max_position_embeddings
-    interactive = sys.stdin.isatty()
-    history: list[dict] = []
-    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D leaves", file=sys.stderr)
+    load_seconds = time.perf_counter() - t0
+    seed, max_new = kw.pop("seed", None), kw.pop("max_new_tokens", None)
     try:
-        while True:
-            try:
-                line = input("you> " if interactive else "")
-            except EOFError:
-                print(file=sys.stderr)
-                return 0
-            msg = line.strip()
-            if not msg:
-                continue
-            if msg in ("/exit", "/quit"):
-                return 0
-            if msg == "/reset":
-                history.clear()
-                print("(conversation cleared)", file=sys.stderr)
-                continue
-            turn = history + [{"role": "user", "content": msg}]
-            try:
-                while True:  # drop the oldest exchanges until the prompt fits
-                    ids = tok.apply_chat_template(turn, add_generation_prompt=True, return_dict=False)
-                    if len(ids) < context or len(turn) == 1:
-                        break
-                    turn = turn[2:]
-            except ValueError as e:
-                print(f"error: {_one_line(e)}", file=sys.stderr)
-                continue
-            if len(ids) >= context:
-                print(f"error: that message is {len(ids)} tokens; the context is {context}", file=sys.stderr)
-                continue
-            ids = np.asarray([ids], dtype=np.int64)
-            new = min(kw["max_new_tokens"], context - ids.shape[1])
-            sys.stdout.write("model> ")
-            sys.stdout.flush()
-            out = model.generate(ids, attention_mask=np.ones_like(ids), eos_token_id=eos or [],
-                                 streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True),
-                                 **{**kw, "max_new_tokens": new})
-            reply = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-            history = turn + [{"role": "assistant", "content": reply}]
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 0
+        session = ChatSession(model, tok, kw, max_new_tokens=max_new, seed=seed)
+    except GenerationError as e:
+        raise UserError(_one_line(e)) from None
+    print("chat with the model; /reset clears the conversation, /exit or Ctrl-D leaves, Ctrl-C stops a reply",
+          file=sys.stderr)
+    print(f"[model loaded in {load_seconds:.2f} s; {_decoding_summary(model, kw, session.max_new_tokens)}]",
+          file=sys.stderr)
+    interactive = sys.stdin.isatty()
+    while True:
+        try:
+            line = input("you> " if interactive else "")
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
+            print(file=sys.stderr)
+            return 0
+        except UnicodeDecodeError as e:  # stdin with errors="strict"
+            raise UserError(f"chat input is not UTF-8: {e}") from None
+        msg = _check_utf8(line, "chat input").strip()
+        if not msg:
+            continue
+        if msg in ("/exit", "/quit"):
+            return 0
+        if msg == "/reset":
+            session.reset()
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        sys.stdout.write("model> ")
+        sys.stdout.flush()
+        try:
+            r = session.send(msg, streamer=TextStreamer(tok, skip_prompt=True, skip_special_tokens=True))
+        except GenerationError as e:
+            print(f"\nerror: {_one_line(e)}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # Ctrl-C just outside the reply's generation: the reply is over anyway
+            session.cache = None
+            print("\n[interrupted]", file=sys.stderr)
+            continue
+        if r.interrupted:
+            print("\n[interrupted]", file=sys.stderr)
+        note = " (oldest turns dropped to fit the context)" if r.truncated_history else ""
+        print(f"[{r.prefilled} tokens read, {r.cached} from the cache{note}; {r.new_tokens} new tokens; "
+              f"time to first token {r.time_to_first_token:.3f} s; {r.tokens_per_second:.2f} tokens/s after it]",
+              file=sys.stderr)
 
 
 # ============================================================================ info
@@ -393,8 +437,11 @@ def run_chat(args) -> int:
 def add_info_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "info", help="config summary, layer types, parameter count, memory per weight format",
-        description="Describe a model directory without loading its weights.",
-        epilog="examples:\n  gemma2np info\n  gemma2np info --model ~/gemma-2-2b --json",
+        description="Describe a model (directory or GGUF file) without loading its weights: the checkpoint's "
+                    "headers are checked (a truncated or incomplete checkpoint is an error, exit status 2), and "
+                    "the last line says what the native backend runs here (SIMD path, OpenMP, threads).",
+        epilog="examples:\n  gemma2np info\n  gemma2np info --model ~/gemma-2-2b --json\n"
+               "  gemma2np info --model ~/models/gemma-2-2b-it-Q8_0.gguf",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_args(p, runtime=False)
@@ -434,16 +481,61 @@ def _runs(types: list[str]) -> str:
     return ", ".join(short)
 
 
+def _checkpoint_summary(src: ModelSource, cfg) -> tuple[list[str], int, dict[str, int]]:
+    """(weight files, bytes on disk, {tensor dtype/type: count}) of the checkpoint, after checking that it is
+    whole: every file's tensors lie inside it (a truncated download is refused) and every tensor the config
+    needs is there with its shape. Only headers are read (safetensors are memory-mapped, not paged in)."""
+    from collections import Counter
+
+    from .checkpoint import CheckpointError, check_state_dict, checkpoint_files, load_state_dict
+
+    expected = dict(cfg.parameter_shapes())
+    if not cfg.tie_word_embeddings:
+        expected["lm_head.weight"] = (cfg.vocab_size, cfg.hidden_size)
+    if src.gguf_file is not None:
+        return [os.path.basename(src.gguf_file)], os.path.getsize(src.gguf_file), _gguf_types(src.gguf_file)
+    try:
+        files = checkpoint_files(src.directory)
+        state = load_state_dict(src.directory, mmap=True)
+        if state and not any(k.startswith("model.") for k in state):  # a base-model checkpoint
+            state = {"model." + k: v for k, v in state.items()}
+        missing, _ = check_state_dict(state, expected)
+    except CheckpointError as e:
+        raise UserError(f"the checkpoint in {src.directory} is damaged or incomplete: {_one_line(e)}") from None
+    if missing:
+        raise UserError(f"the checkpoint in {src.directory} is incomplete: {len(missing)} tensor(s) the config "
+                        f"needs are missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    types = Counter(str(v.dtype) for v in state.values())
+    return [os.path.relpath(f, src.directory) for f in files], sum(os.path.getsize(f) for f in files), dict(types)
+
+
+def _gguf_types(path: str) -> dict[str, int]:
+    """{GGML tensor type: count} of a GGUF file, refusing one whose tensors run past its end."""
+    from collections import Counter
+
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path, "r")
+        size = os.path.getsize(path)
+        for t in reader.tensors:
+            if t.data_offset + t.n_bytes > size:
+                raise ValueError(f"tensor {t.name} runs past the end of the file (truncated)")
+        return dict(Counter(t.tensor_type.name for t in reader.tensors))
+    except Exception as e:  # the gguf reader raises ValueError / IndexError / struct errors on bad input
+        raise UserError(f"{path} is damaged or incomplete: {_one_line(e)}") from None
+
+
 def run_info(args) -> int:
-    path = _model_dir(args)
-    cfg = _load_config(path)
+    src = _model_source(args)
+    path = src.directory
+    cfg = _load_config(src)
     n = cfg.num_parameters("causal_lm")
-    files = [f for f in sorted(os.listdir(path)) if f.endswith((".safetensors", ".gguf"))]
-    on_disk = sum(os.path.getsize(os.path.join(path, f)) for f in files)
+    files, on_disk, types = _checkpoint_summary(src, cfg)
     wb = _weight_bytes(cfg)
     gen_path = os.path.join(path, "generation_config.json")
     info = {
-        "model": path,
+        "model": src.label,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
         "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
         "num_key_value_heads": cfg.num_key_value_heads, "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
@@ -452,15 +544,15 @@ def run_info(args) -> int:
         "query_pre_attn_scalar": cfg.query_pre_attn_scalar, "hidden_activation": cfg.hidden_activation,
         "rope_parameters": cfg.rope_parameters, "tie_word_embeddings": cfg.tie_word_embeddings,
         "layer_types": list(cfg.layer_types), "parameters": n, "weight_bytes": wb,
-        "checkpoint_files": files, "checkpoint_bytes": on_disk,
+        "checkpoint_files": files, "checkpoint_bytes": on_disk, "checkpoint_tensor_types": types,
         "tokenizer": os.path.isfile(os.path.join(path, "tokenizer.model")),
         "eos_token_id": cfg.eos_token_id,
+        "system": system_info(),
     }
     if os.path.isfile(gen_path):
         try:
-            with open(gen_path, encoding="utf-8") as f:
-                info["generation_config"] = json.load(f)
-        except (OSError, ValueError) as e:
+            info["generation_config"] = read_json_file(gen_path, UserError)
+        except UserError as e:
             raise UserError(f"cannot read {gen_path}: {_one_line(e)}") from None
     if args.json:
         print(json.dumps(info, indent=1))
@@ -477,10 +569,12 @@ def run_info(args) -> int:
     print(f"softcaps         attention {cfg.attn_logit_softcapping}, final {cfg.final_logit_softcapping}")
     print(f"activation       {cfg.hidden_activation}; tied embeddings {cfg.tie_word_embeddings}")
     print("weights need     " + ", ".join(f"{k} {_human(v)}" for k, v in wb.items()))
-    print(f"checkpoint       {', '.join(files) or '(no weight files)'} ({_human(on_disk)} on disk)")
+    print(f"checkpoint       {', '.join(files)} ({_human(on_disk)} on disk; "
+          + ", ".join(f"{k} x {v}" for k, v in sorted(types.items())) + " tensors)")
     print(f"tokenizer        {'tokenizer.model present' if info['tokenizer'] else 'none in this directory'}")
     eos = info.get("generation_config", {}).get("eos_token_id", cfg.eos_token_id)
     print(f"stops on         eos_token_id {eos}")
+    print(f"runs on          {info['system']}")
     return 0
 
 

@@ -21,8 +21,16 @@ Padded positions: when ``attention_mask`` is given, only positions where it is 1
 (along the token axis: axis 1 of (B, T, ...) tensors, axis 2 of q / k / v / attention
 probabilities). What a model computes at a pad position is implementation-defined garbage.
 
+llama.cpp's own output is read directly, no reference file needed: ``--llamacpp-log FILE`` (the text
+output of llama-eval-callback or llama-debug --verbose: gemma2np.llamacpp_log parses it,
+gemma2np.llamacpp_compare compares the printed corner values and sums) and ``--llamacpp-logits FILE``
+(llama-debug --save-logits' last-token logits, tokens from the -tokens.bin beside it, compared as
+``result_output``). Both default to atol = rtol = 1e-3 (measured, see gemma2np.llamacpp_compare).
+``--model`` may be a .gguf file.
+
 Exit status of the CLI: 0 all tensors within tolerance, 1 some are not, 2 bad input (unreadable
-file, no input_ids, unknown tensor name without --ignore-unknown, shape mismatch, missing model).
+file, no input_ids, unknown tensor name without --ignore-unknown, shape mismatch, missing model,
+a truncated or malformed llama.cpp log).
 """
 
 from __future__ import annotations
@@ -32,12 +40,13 @@ import json
 import math
 import os
 import sys
-import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .intermediates import IntermediatesError, forward_order, load_tensors, lookup, run_with_intermediates, token_axis
+from .llamacpp_compare import DEFAULT_LOG_ATOL, DEFAULT_LOG_RTOL, compare_llamacpp_log
+from .llamacpp_log import LlamaCppLogError, read_log, read_logits
 
 __all__ = [
     "CompareError",
@@ -297,12 +306,33 @@ def _compare_one(alias, ref, got, mask, config, atol, rtol) -> TensorReport:
 # ----------------------------------------------------------------------------- the command line
 
 
+COMPARE_EPILOG = """\
+examples:
+  gemma2np compare --reference my_port.npz                         # against the bundled model
+  gemma2np compare --model ~/gemma-2-2b --reference ref.safetensors --json report.json
+  gemma2np compare --model ~/gemma-2-2b --reference ref.npz --dtype float64   # a float64 ground truth
+  gemma2np compare --model ~/gemma-2-2b-Q8_0.gguf --reference ref.npz
+
+making a reference file: run your implementation on some token ids and save the ids and whatever
+tensors it computed, under our names (layers.{i}.attn_out, final_norm, logits, ...), transformers'
+(hidden_states.{i}, attentions.{i}, logits) or llama.cpp's (l_out-{il}, result_output, ...); see
+docs/intermediates.md for every name and layout. From Python:
+
+  import numpy as np
+  np.savez("ref.npz", input_ids=ids, logits=my_logits, **{"hidden_states.1": my_h1})
+
+(a .safetensors with the same keys works too). To see the format, dump gemma2np's own tensors:
+gemma2np.intermediates.run_with_intermediates + save_intermediates.
+"""
+
+
 def add_compare_parser(subparsers) -> argparse.ArgumentParser:
     """Register `compare` on an argparse subparsers object (gemma2np.cli); sets func=run_compare."""
     p = subparsers.add_parser(
         "compare",
-        help="compare another implementation's tensors (npz/safetensors) with gemma2np, tensor by tensor",
+        help="compare another implementation's tensors (npz/safetensors, llama.cpp logs) with gemma2np, tensor by tensor",
         description=__doc__.split("\n\n")[0] + " Exit status: 0 all within tolerance, 1 not, 2 bad input.",
+        epilog=COMPARE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_arguments(p)
     p.set_defaults(func=run_compare)
@@ -310,13 +340,24 @@ def add_compare_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p):
-    p.add_argument("--model", required=True, help="HF-format model directory (config.json + safetensors)")
-    p.add_argument("--reference", required=True, help=".npz or .safetensors with input_ids and named tensors")
+    from .cli_models import add_model_args
+
+    add_model_args(p, runtime=False)  # --model DIR|FILE.gguf (default: the bundled model), --gguf-file
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--reference", help=".npz or .safetensors with input_ids and named tensors")
+    src.add_argument("--llamacpp-log", metavar="FILE",
+                     help="the output of llama-eval-callback or llama-debug --verbose (stdout and stderr); "
+                          "tokens from the log")
+    src.add_argument("--llamacpp-logits", metavar="FILE",
+                     help="llama-debug --save-logits' llamacpp-<model>.bin (tokens from the -tokens.bin beside it)")
     p.add_argument("--json", metavar="OUT", help="also write the report as JSON to OUT")
-    p.add_argument("--atol", type=float, default=DEFAULT_ATOL, help=f"absolute tolerance (default {DEFAULT_ATOL:g})")
-    p.add_argument("--rtol", type=float, default=DEFAULT_RTOL, help=f"relative tolerance (default {DEFAULT_RTOL:g})")
-    p.add_argument("--backend", default="numpy", choices=("numpy", "native", "auto"),
-                   help="gemma2np backend (default numpy, the reference)")
+    p.add_argument("--atol", type=float, default=None,
+                   help=f"absolute tolerance (default {DEFAULT_ATOL:g}; llama.cpp logs and logits "
+                        f"{DEFAULT_LOG_ATOL:g}, see gemma2np.llamacpp_compare)")
+    p.add_argument("--rtol", type=float, default=None,
+                   help=f"relative tolerance (default {DEFAULT_RTOL:g}; llama.cpp logs and logits {DEFAULT_LOG_RTOL:g})")
+    p.add_argument("--backend", default=None, choices=("numpy", "native", "auto"),
+                   help="gemma2np backend (default numpy, the reference; --weights bfloat16/int8 imply native)")
     p.add_argument("--weights", default=None, choices=("float32", "bfloat16", "int8"),
                    help="weight format of the native backend")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
@@ -330,31 +371,57 @@ def _error(msg: str) -> int:
     return 2
 
 
+def _check_reference_file(path: str) -> None:
+    """Refuse, naming the problem, a file that is neither format (numpy's own message for a text file is
+    about allow_pickle). .npz files are zip archives; safetensors start with an 8-byte header length and '{'."""
+    if not os.path.isfile(path):
+        raise IntermediatesError(f"{path}: no such file (the --reference file)")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:6] == b"\x93NUMPY":
+        return  # .npz (a zip), or a bare .npy that load_tensors reports itself
+    if len(head) == 9 and head[8:9] == b"{":
+        return
+    raise IntermediatesError(f"{path} is not a reference file: expected an .npz (numpy.savez) or .safetensors "
+                             "holding input_ids and the tensors to check (see gemma2np compare --help)")
+
+
 def run_compare(args) -> int:
     """Run the comparison for parsed arguments; print the table; return the exit status (0 / 1 / 2)."""
-    if not os.path.isdir(args.model):
-        return _error(f"model directory not found: {args.model}")
-    try:
-        reference = load_tensors(args.reference)
-    except IntermediatesError as exc:
-        return _error(str(exc))
-    from .modeling import Gemma2ForCausalLM
+    from .cli_models import UserError, load_model, resolve_model
 
+    llama = args.llamacpp_log is not None or args.llamacpp_logits is not None
+    atol = args.atol if args.atol is not None else (DEFAULT_LOG_ATOL if llama else DEFAULT_ATOL)
+    rtol = args.rtol if args.rtol is not None else (DEFAULT_LOG_RTOL if llama else DEFAULT_RTOL)
+    log = None
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. a classification head's score.weight: irrelevant here
-            model = Gemma2ForCausalLM.from_pretrained(args.model, backend=args.backend, dtype=args.dtype,
-                                                      weights=args.weights)
-    except (ValueError, OSError, ImportError, KeyError) as exc:
-        return _error(f"cannot load the model from {args.model}: {exc}")
-    try:
-        report = compare_to_reference(model, reference, atol=args.atol, rtol=args.rtol,
-                                      ignore_unknown=args.ignore_unknown)
-    except CompareError as exc:
+        src = resolve_model(args)
+        if args.llamacpp_log is not None:
+            log = read_log(args.llamacpp_log)  # before loading the model: a bad log fails fast
+            log.evaluation()
+        elif args.reference is not None:
+            _check_reference_file(args.reference)
+            reference = load_tensors(args.reference)
+        model = load_model(args, src, dtype=args.dtype)  # quiet: e.g. a classification head's score.weight
+    except (UserError, IntermediatesError, LlamaCppLogError) as exc:
         return _error(str(exc))
-    ids = np.asarray(reference["input_ids"])
-    print(f"model: {args.model} (backend {model.backend.name}, {args.dtype})  reference: {args.reference}  "
-          f"input_ids: {tuple(ids.shape)}" + ("  attention_mask: yes (pads skipped)" if "attention_mask" in reference else ""))
+    source = args.reference or args.llamacpp_log or args.llamacpp_logits
+    try:
+        if log is not None:
+            report = compare_llamacpp_log(model, log, atol=atol, rtol=rtol)
+            ids = np.asarray([log.token_ids])
+        else:
+            if args.llamacpp_logits is not None:
+                logits, token_ids = read_logits(args.llamacpp_logits, model.config.vocab_size)
+                # the last token's logits, under llama.cpp's name: compared with our last position
+                reference = {"input_ids": token_ids[None], "result_output": logits[None]}
+            report = compare_to_reference(model, reference, atol=atol, rtol=rtol, ignore_unknown=args.ignore_unknown)
+            ids = np.asarray(reference["input_ids"])
+    except (CompareError, LlamaCppLogError) as exc:
+        return _error(str(exc))
+    print(f"model: {src.label} (backend {model.backend.name}, {args.dtype})  reference: {source}  "
+          f"input_ids: {tuple(ids.shape)}"
+          + ("  attention_mask: yes (pads skipped)" if args.reference and "attention_mask" in reference else ""))
     print()
     print(report.format_table())
     if args.json:

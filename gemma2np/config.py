@@ -22,6 +22,8 @@ import os
 import warnings
 from typing import Any
 
+from .safeio import read_json_file  # layer 0: strict JSON, regular files only
+
 __all__ = ["Gemma2Config", "ConfigError", "ACTIVATIONS", "LAYER_TYPES"]
 
 CONFIG_NAME = "config.json"
@@ -60,6 +62,22 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = dict(
     num_key_value_heads=4,
     query_pre_attn_scalar=256,
 )
+
+
+# Upper bounds on the sizes a config may declare. A config is read before any tensor, and some sizes build
+# Python structures at once (one layer_types entry per layer, one id2label entry per label) or arrays (RoPE
+# frequencies of head_dim / 2): a hostile `num_labels: 10**10` or `num_hidden_layers: 10**9` must be an error,
+# not a MemoryError or a hang. The bounds are far above every published model (Gemma 2 27B: 46 layers,
+# hidden 4608, vocab 256000) and the tensor shapes are checked against the file afterwards anyway.
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 20  # hidden_size, intermediate_size, head_dim, head counts
+MAX_VOCAB = 1 << 24
+MAX_LABELS = 1 << 18  # > any Gemma vocabulary: token classification over the vocabulary still fits
+_BOUNDS = dict(vocab_size=MAX_VOCAB, hidden_size=MAX_DIM, intermediate_size=MAX_DIM, num_hidden_layers=MAX_LAYERS,
+               num_attention_heads=MAX_DIM, num_key_value_heads=MAX_DIM, head_dim=MAX_DIM)
+
+
+_MAX_JSON_DEPTH = 100  # published configs nest 3 deep; deeper JSON would also break deepcopy / json.dumps
 
 
 class ConfigError(ValueError):
@@ -180,15 +198,17 @@ class Gemma2Config:
         self.rope_parameters = _standardize_rope(rope_parameters, rope_scaling, rope_theta, max_position_embeddings)
 
         # Default layer pattern (transformers: `bool((i + 1) % 2)`): layer 0, 2, 4, ... slide; odd layers are global.
-        if layer_types is None and _is_int(num_hidden_layers) and num_hidden_layers > 0:
+        if layer_types is None and _is_int(num_hidden_layers) and 0 < num_hidden_layers <= MAX_LAYERS:
             layer_types = [
                 "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(num_hidden_layers)
             ]
+        if layer_types is not None and not isinstance(layer_types, (list, tuple)):
+            raise ConfigError(f"layer_types must be a list of strings, got {type(layer_types).__name__}")
         self.layer_types = list(layer_types) if layer_types is not None else None
 
         # Labels: as PreTrainedConfig, id2label wins over num_labels; default 2 labels.
         if id2label is not None:
-            id2label = {int(k): v for k, v in dict(id2label).items()}
+            id2label = _label_map(id2label)
             if num_labels is not None and num_labels != len(id2label):
                 warnings.warn(
                     f"num_labels={num_labels} disagrees with id2label ({len(id2label)} entries); using id2label",
@@ -196,17 +216,22 @@ class Gemma2Config:
                 )
         else:
             n = 2 if num_labels is None else num_labels
-            if not _is_int(n) or n < 1:
-                raise ConfigError(f"num_labels must be a positive integer, got {num_labels!r}")
+            if not _is_int(n) or not 1 <= n <= MAX_LABELS:
+                raise ConfigError(f"num_labels must be an integer in [1, {MAX_LABELS}], got {num_labels!r}")
             id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.id2label = id2label
+        if label2id is not None and not isinstance(label2id, dict):
+            raise ConfigError(f"label2id must be an object of label -> id, got {type(label2id).__name__}")
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in id2label.items()}
 
         # Everything else (hidden_act, cache_implementation, torch_dtype, architectures, ...) is kept as an
         # attribute, as transformers does, so that save_pretrained writes it back. `hidden_act` has no effect
         # for Gemma 2: transformers' Gemma2MLP reads `hidden_activation` only.
         for key, value in kwargs.items():
-            setattr(self, key, value)
+            try:
+                setattr(self, key, value)
+            except (AttributeError, TypeError):  # a read-only property (num_key_value_groups), __class__, ...
+                raise ConfigError(f"config key {key!r:.80} cannot be set: it is derived or reserved") from None
         self.validate()
 
     # ------------------------------------------------------------------ derived values
@@ -220,6 +245,8 @@ class Gemma2Config:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
+        if not _is_int(n) or not 1 <= n <= MAX_LABELS:
+            raise ConfigError(f"num_labels must be an integer in [1, {MAX_LABELS}], got {n!r}")
         self.id2label = {i: f"LABEL_{i}" for i in range(n)}
         self.label2id = {v: k for k, v in self.id2label.items()}
 
@@ -274,6 +301,12 @@ class Gemma2Config:
             value = getattr(self, name)
             if not _is_int(value) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+            if name in _BOUNDS and value > _BOUNDS[name]:
+                raise ConfigError(f"{name} = {value} is beyond the supported maximum {_BOUNDS[name]}")
+        if self.head_dim % 2:
+            # RoPE rotates the two halves of every head (Gemma 2 has no pass-through part): an odd head_dim
+            # cannot be rotated. transformers refuses it above 4 and fails at the first forward below.
+            raise ConfigError(f"head_dim must be even (RoPE rotates pairs of dimensions), got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by num_key_value_heads "
@@ -327,7 +360,7 @@ class Gemma2Config:
             raise ConfigError(f"unknown problem_type {self.problem_type!r}")
         if self.classifier_dropout is not None and not _is_number(self.classifier_dropout):
             raise ConfigError(f"classifier_dropout must be a number or null, got {self.classifier_dropout!r}")
-        from_rope = _validate_rope_lazily(self.rope_parameters, self.head_dim)
+        from_rope = _validate_rope_lazily(self.rope_parameters, self.head_dim, self.max_position_embeddings)
         if from_rope:
             raise ConfigError(from_rope)
 
@@ -372,15 +405,12 @@ class Gemma2Config:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "Gemma2Config":
-        try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"no config.json at {os.fspath(path)!r}") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{os.fspath(path)} is not valid JSON: {exc}") from None
+        path = os.fspath(path)
+        if not os.path.lexists(path):
+            raise ConfigError(f"no config.json at {path!r}")
+        # non-UTF-8 bytes, nesting deeper than any config (RecursionError in json), integer literals past
+        # int()'s 4,300 digits, a FIFO or directory in place of the file: all ConfigError
+        data = read_json_file(path, ConfigError, path, max_depth=_MAX_JSON_DEPTH)
         return cls.from_dict(data)
 
     @classmethod
@@ -406,7 +436,59 @@ class Gemma2Config:
         return f"Gemma2Config {self.to_json_string()}"
 
 
-def _validate_rope_lazily(rope_parameters: dict, head_dim: int) -> str | None:
+def _label_map(id2label) -> dict[int, str]:
+    """id2label as {int: str}; keys are JSON strings of integers ("0", "1", ...) or ints, as transformers
+    turns them with int(key). Refused: keys int() cannot read ("1e9", "x"), non-string labels, too many."""
+    if not isinstance(id2label, dict):
+        raise ConfigError(f"id2label must be an object of id -> label, got {type(id2label).__name__}")
+    if len(id2label) > MAX_LABELS:
+        raise ConfigError(f"id2label has {len(id2label)} entries, beyond the supported maximum {MAX_LABELS}")
+    out = {}
+    for k, v in id2label.items():
+        if isinstance(k, bool) or not isinstance(k, (int, str)):
+            raise ConfigError(f"id2label key {k!r:.40} is not an integer")
+        try:
+            i = int(k) if isinstance(k, int) or len(k) <= 20 else None
+        except ValueError:
+            i = None
+        if i is None:
+            raise ConfigError(f"id2label key {k!r:.40} is not an integer (transformers reads the keys with int())")
+        if not isinstance(v, str):
+            raise ConfigError(f"id2label[{k!r:.40}] is {type(v).__name__} {v!r:.40}, not a label string")
+        out[i] = v
+    return out
+
+
+# RoPE fields that are numbers: NaN / inf in any of them, or a factor <= 0, makes the frequencies NaN or inf
+# (linear `inv_freq / 0`, yarn/llama3 divisions, longrope `1 / (ext * freq)`); transformers only warns.
+_ROPE_POSITIVE = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings", "rope_theta")
+_ROPE_NON_NEGATIVE = ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim")
+
+
+def _check_rope_numbers(p: dict) -> str | None:
+    for key in _ROPE_POSITIVE + _ROPE_NON_NEGATIVE + ("partial_rotary_factor",):
+        v = p.get(key)
+        if v is None or not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue  # absent / None (a default) / not a number: rope.validate_rope_parameters decides
+        if not math.isfinite(v):
+            return f"rope_parameters {key} must be finite, got {v!r}"
+        if key in _ROPE_POSITIVE and v <= 0:
+            return f"rope_parameters {key} must be > 0, got {v!r} (it would make the RoPE frequencies inf / NaN)"
+        if key in _ROPE_NON_NEGATIVE and v < 0:
+            return f"rope_parameters {key} must be >= 0, got {v!r}"
+        if key == "partial_rotary_factor" and not 0 < v <= 1:
+            return f"rope_parameters partial_rotary_factor must be in (0, 1], got {v!r}"
+    for key in ("short_factor", "long_factor"):
+        v = p.get(key)
+        if isinstance(v, (list, tuple)):
+            bad = [x for x in v if isinstance(x, (int, float)) and not isinstance(x, bool)
+                   and not (math.isfinite(x) and x > 0)]
+            if bad:
+                return f"rope_parameters {key} entries must be finite and > 0, got {bad[0]!r}"
+    return None
+
+
+def _validate_rope_lazily(rope_parameters: dict, head_dim: int, max_position_embeddings: int | None = None) -> str | None:
     """Run rope.validate_rope_parameters; return its message instead of raising (config imports no module
     of the package at import time; rope.py is a leaf module of pure functions)."""
     from . import rope  # local import: rope.py does not import the config
@@ -414,8 +496,33 @@ def _validate_rope_lazily(rope_parameters: dict, head_dim: int) -> str | None:
     validate = getattr(rope, "validate_rope_parameters", None)
     if validate is None:
         return None
+    bad = _check_rope_numbers(rope_parameters) if isinstance(rope_parameters, dict) else None
+    if bad:
+        return bad
     try:
         validate(rope_parameters, head_dim)
     except ValueError as exc:
         return f"invalid rope_parameters: {exc}"
+    return _probe_rope(rope, rope_parameters, head_dim, max_position_embeddings)
+
+
+def _probe_rope(rope, params: dict, head_dim: int, max_pos: int | None) -> str | None:
+    """Compute the frequencies the config implies (head_dim / 2 numbers: cheap) at the context length and past
+    it (dynamic / longrope change there): anything non-finite or any arithmetic error is a config error, found
+    now rather than as NaN logits. Only checks; the model computes its own."""
+    import numpy as np  # numpy is a dependency of the package; imported here to keep config light
+
+    compute = getattr(rope, "compute_inv_freq", None)
+    if compute is None or max_pos is None:
+        return None
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            for seq_len in (None, np.int64(2 * max_pos)):
+                inv, scale = compute(params, head_dim, max_pos, seq_len=seq_len)
+                if not (np.all(np.isfinite(inv)) and math.isfinite(scale)):
+                    return (f"rope_parameters {params!r:.200} give non-finite RoPE frequencies or scaling "
+                            f"(at sequence length {seq_len or max_pos})")
+    except (ArithmeticError, ValueError, TypeError, KeyError) as exc:
+        return f"invalid rope_parameters: computing the frequencies fails ({type(exc).__name__}: {exc})"
     return None

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CheckpointError, bfloat16
+from .safeio import check_regular
 
 __all__ = ["load_gguf", "read_gguf_config", "GGUF_TO_HF"]
 
@@ -77,8 +78,9 @@ def _open(path: str):
         import gguf
     except ImportError:  # pragma: no cover - a declared dependency
         raise CheckpointError("reading GGUF files needs the `gguf` package (pip install gguf)") from None
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"GGUF file not found: {path!r}")
+    check_regular(path, CheckpointError, "GGUF file")  # never open a FIFO / device / directory
     try:
         return gguf, gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError / IndexError / struct errors on bad input
@@ -89,27 +91,57 @@ def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.get_field(key)
     if f is None:
         return default
-    return f.contents()
+    try:
+        return f.contents()
+    except Exception as exc:  # the gguf package decoding a malformed value (bad string bytes, array types)
+        raise CheckpointError(f"GGUF metadata {key} cannot be read ({type(exc).__name__}: {exc})") from None
+
+
+def _typed(reader, path: str, key: str, kind: str, default: Any = None, required: bool = False) -> Any:
+    """A metadata value of the expected type, else CheckpointError naming the key and what it holds.
+
+    kind "int": an integer (not a bool; llama.cpp's per-layer arrays are not Gemma 2); "float": a finite
+    number; "str": a string. A wrong type (head_count stored as a string, ...) never reaches int()/float()."""
+    v = _field(reader, key)
+    if v is None:
+        if required:
+            raise CheckpointError(f"{path}: GGUF metadata lacks {key}")
+        return default
+    if kind == "int":
+        ok = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        v = int(v) if ok else v
+    elif kind == "float":
+        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        ok = ok and math.isfinite(float(v))
+        v = float(v) if ok else v
+    else:
+        ok = isinstance(v, str)
+    if not ok:
+        raise CheckpointError(f"{path}: GGUF metadata {key} should be {'a finite number' if kind == 'float' else 'an integer' if kind == 'int' else 'a string'}, "
+                              f"got {type(v).__name__} {v!r:.60}")
+    return v
 
 
 def _config_from_reader(reader, path: str, vocab_rows: int | None) -> dict[str, Any]:
     arch = _field(reader, "general.architecture")
     if arch != ARCH:
-        raise CheckpointError(f"{path}: GGUF architecture is {arch!r}, not 'gemma2' (only Gemma 2 is supported)")
+        raise CheckpointError(f"{path}: GGUF architecture is {arch!r:.60}, not 'gemma2' (only Gemma 2 is supported)")
 
-    def req(key):
-        v = _field(reader, f"{ARCH}.{key}")
-        if v is None:
-            raise CheckpointError(f"{path}: GGUF metadata lacks {ARCH}.{key}")
-        return v
+    def num(key, kind="int", default=None, required=False):
+        return _typed(reader, path, f"{ARCH}.{key}", kind, default, required)
 
-    hidden = int(req("embedding_length"))
-    n_layer = int(req("block_count"))
-    n_head = int(req("attention.head_count"))
-    n_kv = int(_field(reader, f"{ARCH}.attention.head_count_kv", n_head))
+    def positive(key, value):
+        if value <= 0:
+            raise CheckpointError(f"{path}: GGUF metadata {ARCH}.{key} must be positive, got {value}")
+        return value
+
+    hidden = positive("embedding_length", num("embedding_length", required=True))
+    n_layer = positive("block_count", num("block_count", required=True))
+    n_head = positive("attention.head_count", num("attention.head_count", required=True))
+    n_kv = num("attention.head_count_kv", default=n_head)
     # llama.cpp: n_embd_head_k = key_length if present, else n_embd / n_head
-    head_dim = int(_field(reader, f"{ARCH}.attention.key_length", hidden // n_head))
-    v_dim = int(_field(reader, f"{ARCH}.attention.value_length", head_dim))
+    head_dim = num("attention.key_length", default=hidden // n_head)
+    v_dim = num("attention.value_length", default=head_dim)
     if v_dim != head_dim:
         raise CheckpointError(f"{path}: key_length {head_dim} != value_length {v_dim}; Gemma 2 has one head_dim")
     # The query scale rule of llama.cpp (see the module docstring): 27B is recognised by its 46 layers.
@@ -117,9 +149,11 @@ def _config_from_reader(reader, path: str, vocab_rows: int | None) -> dict[str, 
 
     caps = {}
     for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
-        caps[key] = float(_field(reader, f"{ARCH}.{key}", default))
+        caps[key] = num(key, "float", default)
 
     tokens = _field(reader, "tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise CheckpointError(f"{path}: GGUF metadata tokenizer.ggml.tokens should be a list, got {type(tokens).__name__}")
     if vocab_rows is not None:
         vocab = vocab_rows  # the embedding is what the model computes with
     elif tokens is not None:
@@ -132,33 +166,34 @@ def _config_from_reader(reader, path: str, vocab_rows: int | None) -> dict[str, 
         "architectures": ["Gemma2ForCausalLM"],
         "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(req("feed_forward_length")),
+        "intermediate_size": num("feed_forward_length", required=True),
         "num_hidden_layers": n_layer,
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "max_position_embeddings": int(_field(reader, f"{ARCH}.context_length", 8192)),
-        "rms_norm_eps": float(_field(reader, f"{ARCH}.attention.layer_norm_rms_epsilon", 1e-6)),
+        "max_position_embeddings": num("context_length", default=8192),
+        "rms_norm_eps": num("attention.layer_norm_rms_epsilon", "float", 1e-6),
         # llama.cpp's Gemma 2 graph uses ggml_gelu, the tanh approximation
         "hidden_activation": "gelu_pytorch_tanh",
-        "rope_theta": float(_field(reader, f"{ARCH}.rope.freq_base", 10000.0)),
-        "sliding_window": int(_field(reader, f"{ARCH}.attention.sliding_window", 4096)),
+        "rope_theta": num("rope.freq_base", "float", 10000.0),
+        "sliding_window": num("attention.sliding_window", default=4096),
         "query_pre_attn_scalar": query_pre_attn_scalar,
         **caps,
     }
-    scaling = _field(reader, f"{ARCH}.rope.scaling.type")
+    scaling = num("rope.scaling.type", "str")
     if scaling not in (None, "none"):
         if scaling != "linear":
-            raise CheckpointError(f"{path}: unsupported rope scaling {scaling!r} for Gemma 2")
-        cfg["rope_scaling"] = {"rope_type": "linear", "factor": float(_field(reader, f"{ARCH}.rope.scaling.factor", 1.0))}
+            raise CheckpointError(f"{path}: unsupported rope scaling {scaling!r:.60} for Gemma 2")
+        # a factor <= 0 / NaN is refused by Gemma2Config (ConfigError), as for config.json
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": num("rope.scaling.factor", "float", 1.0)}
     for hf_key, gg_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                            ("pad_token_id", "padding_token_id")):
-        v = _field(reader, f"tokenizer.ggml.{gg_key}")
+        v = _typed(reader, path, f"tokenizer.ggml.{gg_key}", "int")
         if v is not None:
-            cfg[hf_key] = int(v)
-    name = _field(reader, "general.name")
+            cfg[hf_key] = v
+    name = _typed(reader, path, "general.name", "str")
     if name is not None:
-        cfg["_name_or_path"] = str(name)
+        cfg["_name_or_path"] = name
     return cfg
 
 

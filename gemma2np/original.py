@@ -27,18 +27,20 @@ from __future__ import annotations
 import _compat_pickle
 import collections
 import io
-import json
 import math
 import os
 import pickle
+import pickletools
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Mapping
 
 import numpy as np
 
 from .checkpoint import CheckpointError, bfloat16
+from .safeio import check_plain_name, model_file, open_regular, read_json_file
 
 __all__ = [
     "UnsafeCheckpointError",
@@ -201,72 +203,189 @@ def _member_data_offset(f, info: zipfile.ZipInfo) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
+# Bounds on what an archive may make us decompress (a zip "bomb" declares gigabytes for a tiny tensor).
+_DEFLATE_MAX_RATIO = 1032  # DEFLATE cannot expand more than ~1032:1 (258-byte matches from 2-bit codes)
+_MAX_PICKLE_BYTES = 256 << 20  # data.pkl of a 27B checkpoint is ~100 KB
+_CHUNK = 16 << 20  # compressed members are inflated in pieces of this size
+# Errors the zipfile / zlib / bz2 / lzma modules raise on damaged archives: all reported as CheckpointError.
+_ZIP_ERRORS = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, OSError, NotImplementedError,
+               RuntimeError, ValueError, struct.error, OverflowError)
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, nbytes: int, path: str, dtype=np.uint8) -> np.ndarray:
+    """Exactly `nbytes` bytes of a compressed member, inflated in bounded pieces into one preallocated array.
+
+    The member's declared size must be what the tensor needs (checked by the caller) and, for DEFLATE, within
+    what its compressed size can inflate to, so memory use is bounded by the bytes the tensor needs."""
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        raise CheckpointError(f"{path}: member {info.filename} uses zip compression method {info.compress_type}; "
+                              "torch.save writes members uncompressed (or DEFLATE-recompressed)")
+    if info.compress_type == zipfile.ZIP_DEFLATED and nbytes > _DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise CheckpointError(f"{path}: member {info.filename} declares {info.file_size} bytes from "
+                              f"{info.compress_size} compressed bytes, more than DEFLATE can produce (zip bomb?)")
+    out = np.empty(nbytes, np.uint8)
+    done = 0
+    try:
+        with zf.open(info) as f:
+            while done < nbytes:
+                piece = f.read(min(_CHUNK, nbytes - done))
+                if not piece:
+                    break
+                out[done:done + len(piece)] = np.frombuffer(piece, np.uint8)
+                done += len(piece)
+    except _ZIP_ERRORS as exc:
+        raise CheckpointError(f"{path}: cannot read {info.filename} ({type(exc).__name__}: {exc}; corrupt or "
+                              "truncated archive?)") from None
+    if done != nbytes:
+        raise CheckpointError(f"{path}: {info.filename} holds {done} bytes, {nbytes} expected (truncated?)")
+    return out.view(dtype)
+
+
 def _load_zip(path: str) -> Any:
     try:
         zf = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
+    except _ZIP_ERRORS as exc:
         raise CheckpointError(f"{path}: not a readable torch zip checkpoint ({exc}; truncated file?)") from None
     with zf:
-        names = zf.namelist()
-        pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1] or [n for n in names if n == "data.pkl"]
-        if len(pkls) != 1:
-            raise CheckpointError(f"{path}: a zip file but not a torch.save archive (no unique <name>/data.pkl)")
-        prefix = pkls[0][: -len("data.pkl")]
-        byteorder = "little"
-        if prefix + "byteorder" in names:
-            byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
-        if byteorder not in ("little", "big"):
-            raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r}")
-        size = os.path.getsize(path)
-
-        def load_storage(dtype: np.dtype, key: str, numel: int) -> np.ndarray:
-            member = f"{prefix}data/{key}"
-            try:
-                info = zf.getinfo(member)
-            except KeyError:
-                raise CheckpointError(f"{path}: storage {member} is missing from the archive (truncated?)") from None
-            nbytes = numel * dtype.itemsize
-            if info.file_size < nbytes:
-                raise CheckpointError(
-                    f"{path}: storage {member} holds {info.file_size} bytes, {numel} x {dtype} needs {nbytes}"
-                )
-            dt = dtype.newbyteorder(">") if byteorder == "big" and dtype.itemsize > 1 and dtype != bfloat16 else dtype
-            if info.compress_type == zipfile.ZIP_STORED:
-                # torch writes members uncompressed (and 64-byte aligned): memory-map them, so a 20 GB
-                # checkpoint costs page cache rather than RAM.
-                with open(path, "rb") as f:
-                    start = _member_data_offset(f, info)
-                if start + nbytes > size:
-                    raise CheckpointError(f"{path}: storage {member} runs past the end of the file (truncated)")
-                if nbytes == 0:
-                    return np.zeros(0, dt)
-                arr = np.memmap(path, dtype=dt, mode="r", offset=start, shape=(numel,))
-            else:
-                try:
-                    arr = np.frombuffer(zf.read(member)[:nbytes], dtype=dt)
-                except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                    raise CheckpointError(f"{path}: cannot read storage {member} ({exc})") from None
-            if byteorder == "big":
-                if dtype == bfloat16:
-                    arr = arr.view(np.uint16).byteswap().view(bfloat16)
-                else:
-                    arr = arr.astype(dtype)
-            return arr
-
         try:
-            raw = zf.read(pkls[0])
-        except (zipfile.BadZipFile, EOFError, OSError) as exc:
-            raise CheckpointError(f"{path}: cannot read {pkls[0]} ({exc}; truncated file?)") from None
-        return _unpickle(raw, load_storage, path)
+            return _load_zip_members(zf, path)
+        except CheckpointError:
+            raise
+        except _ZIP_ERRORS as exc:  # anything the zip layer raises once the central directory was read
+            raise CheckpointError(f"{path}: corrupt torch zip checkpoint ({type(exc).__name__}: {exc})") from None
 
 
-def _unpickle(raw: bytes | io.IOBase, load_storage, source: str) -> Any:
-    f = io.BytesIO(raw) if isinstance(raw, (bytes, bytearray)) else raw
+def _small_member(zf, name: str, limit: int, path: str) -> bytes:
+    info = zf.getinfo(name)
+    if info.file_size > limit:
+        raise CheckpointError(f"{path}: {name} declares {info.file_size} bytes, more than the {limit} such a "
+                              "record can need")
+    return _read_member(zf, info, info.file_size, path).tobytes()
+
+
+def _load_zip_members(zf: zipfile.ZipFile, path: str) -> Any:
+    names = zf.namelist()
+    pkls = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1] or [n for n in names if n == "data.pkl"]
+    if len(pkls) != 1:
+        raise CheckpointError(f"{path}: a zip file but not a torch.save archive (no unique <name>/data.pkl)")
+    prefix = pkls[0][: -len("data.pkl")]
+    byteorder = "little"
+    if prefix + "byteorder" in names:
+        byteorder = _small_member(zf, prefix + "byteorder", 16, path).decode("ascii", "replace").strip()
+    if byteorder not in ("little", "big"):
+        raise CheckpointError(f"{path}: unknown byteorder record {byteorder!r}")
+    size = os.path.getsize(path)
+
+    def load_storage(dtype: np.dtype, key: str, numel: int) -> np.ndarray:
+        member = f"{prefix}data/{key}"
+        try:
+            info = zf.getinfo(member)
+        except KeyError:
+            raise CheckpointError(f"{path}: storage {member} is missing from the archive (truncated?)") from None
+        nbytes = numel * dtype.itemsize
+        if info.file_size != nbytes:
+            # torch writes exactly numel x itemsize bytes per storage; a member declaring more is not a
+            # torch storage (and a DEFLATE member declaring gigabytes for 16 floats is a zip bomb)
+            raise CheckpointError(
+                f"{path}: storage {member} declares {info.file_size} bytes, {numel} x {dtype} needs {nbytes}"
+            )
+        # big-endian archives (torch.save on s390x / POWER BE): read the elements as big-endian and convert,
+        # as torch.load does (it byte-swaps each element; complex numbers component by component)
+        dt = dtype.newbyteorder(">") if byteorder == "big" and dtype.itemsize > 1 and dtype != bfloat16 else dtype
+        if info.compress_type == zipfile.ZIP_STORED:
+            # torch writes members uncompressed (and 64-byte aligned): memory-map them, so a 20 GB
+            # checkpoint costs page cache rather than RAM.
+            with open(path, "rb") as f:
+                start = _member_data_offset(f, info)
+            if start + nbytes > size:
+                raise CheckpointError(f"{path}: storage {member} runs past the end of the file (truncated)")
+            if nbytes == 0:
+                return np.zeros(0, dtype)
+            arr = np.memmap(path, dtype=dt, mode="r", offset=start, shape=(numel,))
+        else:
+            arr = _read_member(zf, info, nbytes, path, dt)
+        if byteorder == "big":
+            if dtype == bfloat16:
+                arr = arr.view(np.uint16).byteswap().view(bfloat16)
+            else:
+                arr = arr.astype(dtype)
+        return arr
+
+    raw = _small_member(zf, pkls[0], _MAX_PICKLE_BYTES, path)
+    return _unpickle(raw, load_storage, path)
+
+
+class _BoundedReader:
+    """A file for the unpickler whose read(n) never asks for more than the file has left: a corrupt length
+    (BINBYTES8 / FRAME / LONG4 of 2**40) would otherwise make the buffered reader allocate n bytes first."""
+
+    def __init__(self, f, size: int):
+        self._f, self._size = f, size
+
+    def _left(self) -> int:
+        return max(0, self._size - self._f.tell())
+
+    left = _left
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def seek(self, pos: int) -> int:
+        return self._f.seek(pos)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(self._left() if n is None or n < 0 else min(n, self._left()))
+
+    def readline(self, limit: int = -1) -> bytes:
+        return self._f.readline(self._left() if limit is None or limit < 0 else min(limit, self._left()))
+
+    def readinto(self, b) -> int:
+        view = memoryview(b)[: self._left()]
+        return self._f.readinto(view)
+
+
+def _scan_pickle(stream, source: str) -> int:
+    """Walk one pickle's opcodes (pickletools, pure Python, nothing built) up to STOP; returns the end offset.
+
+    CPython's C unpickler trusts lengths and indices before it has the data: BINBYTES8 / BINUNICODE8 / LONG4
+    allocate their declared size first, and a BINPUT / LONG_BINPUT index grows (and zero-fills) the memo table
+    to twice that index -- 2**32 means 64 GB. So a pickle is first checked here: counted lengths must be backed
+    by bytes in the stream (reads are capped to what is left, see _BoundedReader), memo indices cannot exceed
+    the number of opcodes so far (a pickler numbers its memo entries 0, 1, 2, ...), and a FRAME must fit."""
+    ops = 0
+    try:
+        for op, arg, pos in pickletools.genops(stream):
+            ops += 1
+            if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and not (isinstance(arg, int) and 0 <= arg <= ops):
+                raise CheckpointError(f"{source}: malformed pickle in checkpoint (memo index {arg!r:.40} at byte "
+                                      f"{pos} after only {ops} opcodes)")
+            if op.name == "FRAME" and isinstance(arg, int) and arg > stream.left():
+                raise CheckpointError(f"{source}: malformed pickle in checkpoint (frame of {arg} bytes at byte {pos} "
+                                      "runs past the end)")
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- ValueError (truncated / unknown opcode), UnicodeDecodeError, ...
+        raise CheckpointError(f"{source}: malformed pickle in checkpoint ({type(exc).__name__}: {exc})") from None
+    return stream.tell()
+
+
+def _unpickle(raw: bytes | _BoundedReader, load_storage, source: str) -> Any:
+    """One pickle, checked by _scan_pickle, then unpickled by RestrictedUnpickler from memory."""
+    if isinstance(raw, (bytes, bytearray)):
+        _scan_pickle(_BoundedReader(io.BytesIO(raw), len(raw)), source)
+        f = io.BytesIO(raw)
+    else:  # a legacy file: the pickle is the next bytes of the stream
+        start = raw.tell()
+        end = _scan_pickle(raw, source)
+        raw.seek(start)
+        f = io.BytesIO(raw.read(end - start))
     try:
         return RestrictedUnpickler(f, load_storage, source).load()
     except CheckpointError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- a corrupt pickle can raise nearly anything (OverflowError,
+        # RecursionError, UnicodeDecodeError, struct.error, MemoryError from a hostile length): each is malformed
+        # input. No foreign code runs (find_class refuses every global we do not own), so no other bug can hide here.
         raise CheckpointError(f"{source}: malformed pickle in checkpoint ({type(exc).__name__}: {exc})") from None
 
 
@@ -278,14 +397,20 @@ def _load_legacy(path: str) -> Any:
     """The non-zip format (torch.save(..., _use_new_zipfile_serialization=False)): four pickles
     (magic number, protocol version, sys info, the object) then, for each storage key listed by a fifth
     pickle, an int64 element count followed by the raw bytes."""
-    with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, "checkpoint file") as raw_file:
+        file_size = os.fstat(raw_file.fileno()).st_size
+        f = _BoundedReader(raw_file, file_size)
         storages: dict[str, tuple[np.dtype, int, np.ndarray]] = {}
 
-        file_size = os.path.getsize(path)
+        declared = [0]
 
         def declare(dtype, key, numel):  # data comes after the main pickle: fill in once it is read
-            if numel * dtype.itemsize > file_size:
-                raise CheckpointError(f"{path}: storage {key} declares {numel} elements, more than the file holds")
+            # all storages together must fit in the file (one per key: many keys each "as large as the file"
+            # would otherwise allocate many times the file's size before a byte of data is read)
+            declared[0] += numel * dtype.itemsize
+            if declared[0] > file_size:
+                raise CheckpointError(f"{path}: storage {key} declares {numel} elements; the storages declared "
+                                      f"so far need {declared[0]} bytes, more than the file holds ({file_size})")
             arr = np.empty(numel, dtype=dtype)
             storages[key] = (dtype, numel, arr)
             return arr
@@ -302,8 +427,10 @@ def _load_legacy(path: str) -> Any:
             raise CheckpointError(f"{path}: big-endian legacy checkpoints are not supported")
         obj = _unpickle(f, declare, path)
         keys = _unpickle(f, nothing, path)
+        if not isinstance(keys, list):
+            raise CheckpointError(f"{path}: legacy storage key list is a {type(keys).__name__}, not a list")
         for key in keys:
-            if key not in storages:
+            if not isinstance(key, str) or key not in storages:
                 raise CheckpointError(f"{path}: storage {key!r} listed but never referenced")
             dtype, numel, arr = storages[key]
             head = f.read(8)
@@ -322,9 +449,9 @@ def _load_legacy(path: str) -> Any:
 def load_torch_file(path: str | os.PathLike) -> Any:
     """Read one torch.save file (zip or legacy) without torch and without running pickle code."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"checkpoint file not found: {path!r}")
-    with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, "checkpoint file") as f:  # never a FIFO / device
         head = f.read(4)
     if head[:2] == b"PK":
         return _load_zip(path)
@@ -356,19 +483,23 @@ def load_original_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not os.path.isdir(path):
         raise CheckpointError(f"input checkpoint not found: {path!r}")
     index = os.path.join(path, "pytorch_model.bin.index.json")
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                files = list(dict.fromkeys(json.load(f)["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{index}: not a valid shard index ({exc!r})") from None
+    if os.path.lexists(index):
+        data = read_json_file(model_file(path, os.path.basename(index), CheckpointError, "shard index"),
+                              CheckpointError, index)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: not a valid shard index (weight_map must be an object of tensor name "
+                                  "-> shard file name)")
+        files = list(dict.fromkeys(weight_map.values()))
+        for name in files:  # every name checked before any shard is opened
+            check_plain_name(name, CheckpointError, "shard named by pytorch_model.bin.index.json")
     else:
         files = sorted(f for f in os.listdir(path) if f.endswith((".bin", ".ckpt", ".pt", ".pth")))
     if not files:
         raise CheckpointError(f"{path}: no .bin/.ckpt/.pt/.pth checkpoint files in this folder")
+    shards = [model_file(path, name, CheckpointError, "checkpoint shard") for name in files]
     state: dict[str, np.ndarray] = {}
-    for name in files:
-        shard = os.path.join(path, name)
+    for shard in shards:
         for k, v in _as_state_dict(load_torch_file(shard), shard).items():
             if k in state:
                 raise CheckpointError(f"tensor {k!r} appears in more than one shard ({shard})")

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .safeio import open_regular, read_json_file
 from .chat import GEMMA2_CHAT_TEMPLATE, ChatTemplateError, is_gemma2_template, render_gemma2_chat
 
 __all__ = ["GemmaTokenizer", "TokenizerError", "BatchEncoding", "ChatTemplateError"]
@@ -40,6 +41,22 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 class TokenizerError(ValueError):
     """Missing / broken tokenizer files, bad arguments, out-of-range ids."""
+
+
+# Most ids a padded batch may hold (batch x length): 2**26 int64 ids = 512 MiB per array. Far above any real
+# batch (Gemma's 8192-token context x 8192 sequences), low enough that a typo cannot exhaust memory.
+MAX_PADDED_ELEMENTS = 1 << 26
+
+
+def _check_encodable(text: str) -> None:
+    """Text must be encodable as UTF-8 for sentencepiece (C++): a lone surrogate ("a\ud800b", or bytes that
+    Python decoded with surrogateescape) would otherwise give sentencepiece's bare RuntimeError. transformers'
+    GemmaTokenizer refuses such text too (a TypeError from the tokenizers library)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise TokenizerError(f"text holds a lone surrogate U+{ord(text[e.start]):04X} at position {e.start}, "
+                             "which is not encodable as UTF-8 (invalid input bytes?)") from None
 
 
 class BatchEncoding(dict):
@@ -91,9 +108,9 @@ class GemmaTokenizer:
         if not os.path.isfile(vocab_file):
             raise TokenizerError(f"tokenizer.model not found: {vocab_file!r}")
         sp = spm.SentencePieceProcessor()
+        with open_regular(vocab_file, TokenizerError, "tokenizer.model") as f:  # never a FIFO / device
+            blob = f.read()
         try:
-            with open(vocab_file, "rb") as f:
-                blob = f.read()
             sp.LoadFromSerializedProto(blob)
         except Exception as e:  # sentencepiece raises RuntimeError / OSError on garbage
             raise TokenizerError(f"cannot load sentencepiece model {vocab_file!r}: {e}") from e
@@ -135,8 +152,16 @@ class GemmaTokenizer:
                 added[i] = (self._pieces[i], True)
         for i in self._user_defined_ids(blob):
             added.setdefault(i, (self._pieces[i], False))
+        if not isinstance(added_tokens_decoder or {}, Mapping):
+            raise TokenizerError(f"added_tokens_decoder must be an object of id -> token, got "
+                                 f"{type(added_tokens_decoder).__name__}")
         for k, v in (added_tokens_decoder or {}).items():
-            i = int(k)
+            try:
+                i = int(k) if not isinstance(k, bool) and (isinstance(k, int) or len(str(k)) <= 20) else None
+            except (TypeError, ValueError):
+                i = None
+            if i is None or i < 0:
+                raise TokenizerError(f"added_tokens_decoder key {k!r:.40} is not a token id")
             content = _token_str(v)
             special = bool(v.get("special", False)) if isinstance(v, Mapping) else False
             if content is None:
@@ -175,7 +200,10 @@ class GemmaTokenizer:
         except Exception:  # protobuf missing: rely on tokenizer_config.json's added_tokens_decoder
             return []
         proto = pb.ModelProto()
-        proto.ParseFromString(blob)
+        try:
+            proto.ParseFromString(blob)
+        except Exception:  # sentencepiece itself accepted the blob: fall back to tokenizer_config.json
+            return []
         ud = pb.ModelProto.SentencePiece.USER_DEFINED
         return [i for i, p in enumerate(proto.pieces) if p.type == ud]
 
@@ -196,24 +224,83 @@ class GemmaTokenizer:
         cfg: dict[str, Any] = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             p = os.path.join(d, name)
-            if os.path.isfile(p):
-                try:
-                    with open(p, encoding="utf-8") as f:
-                        data = json.load(f)
-                except (OSError, ValueError) as e:
-                    raise TokenizerError(f"cannot read {p!r}: {e}") from e
+            if os.path.lexists(p):
+                data = read_json_file(p, TokenizerError, repr(p))  # UTF-8, bounded depth, regular file
                 if not isinstance(data, dict):
                     raise TokenizerError(f"{p!r} must hold a JSON object")
                 cfg.update(data)
         tpl_file = os.path.join(d, "chat_template.jinja")
-        if "chat_template" not in cfg and os.path.isfile(tpl_file):
-            with open(tpl_file, encoding="utf-8") as f:
-                cfg["chat_template"] = f.read()
+        if "chat_template" not in cfg and os.path.lexists(tpl_file):
+            with open_regular(tpl_file, TokenizerError, "chat_template.jinja") as f:
+                try:
+                    cfg["chat_template"] = f.read().decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise TokenizerError(f"{tpl_file!r} is not UTF-8: {e}") from None
         if isinstance(cfg.get("chat_template"), list):  # [{"name": "default", "template": ...}, ...]
             named = {t.get("name"): t.get("template") for t in cfg["chat_template"] if isinstance(t, Mapping)}
             cfg["chat_template"] = named.get("default")
         cfg.update(kwargs)
         return cls(model, **cfg)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
+        """Write what `from_pretrained` (here and transformers' GemmaTokenizer) reads back as this tokenizer:
+        tokenizer.model, tokenizer_config.json, special_tokens_map.json and, as transformers 5 does,
+        chat_template.jinja for the chat template. Returns the paths written.
+
+        The model's generation defaults (generation_config.json) belong to the model, not the tokenizer:
+        `model.save_pretrained(d)` and `tok.save_pretrained(d)` into the same d make a complete directory."""
+        d = os.fspath(save_directory)
+        if os.path.exists(d) and not os.path.isdir(d):
+            raise TokenizerError(f"save_directory {d!r} is a file, not a directory")
+        os.makedirs(d, exist_ok=True)
+        specials = {name: getattr(self, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token")}
+        config: dict[str, Any] = {
+            "tokenizer_class": "GemmaTokenizer",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            **specials,
+            "additional_special_tokens": list(self.additional_special_tokens),
+            # transformers' AddedToken fields; gemma2np reads content and special
+            "added_tokens_decoder": {
+                str(i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                         "special": sp}
+                for i, (c, sp) in sorted(self._added.items())
+            },
+            "padding_side": self.padding_side,
+            "truncation_side": self.truncation_side,
+            "model_max_length": self.model_max_length,
+            # the published gemma-2 values (transformers' GemmaTokenizer defaults)
+            "clean_up_tokenization_spaces": False,
+            "spaces_between_special_tokens": False,
+            "sp_model_kwargs": {},
+        }
+        written = []
+        model_path = os.path.join(d, "tokenizer.model")
+        if not (os.path.exists(model_path) and os.path.samefile(model_path, self.vocab_file)):
+            if os.path.isfile(self.vocab_file):  # byte for byte the file we loaded
+                with open(self.vocab_file, "rb") as f:
+                    blob = f.read()
+            else:  # it went away since: the model sentencepiece holds (transformers does the same)
+                blob = self.sp_model.serialized_model_proto()
+            with open(model_path, "wb") as f:
+                f.write(blob)
+        written.append(model_path)
+        template_path = os.path.join(d, "chat_template.jinja")
+        if isinstance(self.chat_template, str):
+            with open(template_path, "w", encoding="utf-8") as f:
+                f.write(self.chat_template)
+            written.append(template_path)
+        elif os.path.isfile(template_path):  # a stale template would be read back as this tokenizer's
+            os.remove(template_path)
+        for name, data in (("tokenizer_config.json", config),
+                           ("special_tokens_map.json", {**{k: v for k, v in specials.items() if v is not None},
+                                                        "additional_special_tokens": list(self.additional_special_tokens)})):
+            path = os.path.join(d, name)
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(data, f, indent=2, sort_keys=True, ensure_ascii=False)
+                f.write("\n")
+            written.append(path)
+        return tuple(written)
 
     # ------------------------------------------------------------------ vocabulary
     @property
@@ -274,9 +361,16 @@ class GemmaTokenizer:
         if isinstance(ids, np.ndarray):
             if ids.ndim != 1:
                 raise TokenizerError(f"expected a 1-D sequence of ids, got shape {ids.shape} (use batch_decode)")
+            if not np.issubdtype(ids.dtype, np.integer) or ids.dtype == np.bool_:
+                raise TokenizerError(f"token ids must be integers, got an array of {ids.dtype}")
             return [int(x) for x in ids]
+        if isinstance(ids, (bool, np.bool_)):
+            raise TokenizerError("token ids must be integers, got bool")
         if isinstance(ids, (int, np.integer)):
             return [int(ids)]
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TokenizerError(f"token ids must be an int, a sequence of ints or a 1-D int array, got "
+                                 f"{type(ids).__name__}")
         out = []
         for x in ids:
             if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
@@ -291,6 +385,7 @@ class GemmaTokenizer:
     def _encode_text(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TokenizerError(f"text must be a str, got {type(text).__name__}")
+        _check_encodable(text)
         ids: list[int] = []
         pos = 0
         if self._added_re is not None:
@@ -373,6 +468,13 @@ class GemmaTokenizer:
             limit = None
         if strategy == "max_length" and max_length is None:
             max_length = self.model_max_length
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer))
+                                       or max_length < 0):
+            raise TokenizerError(f"max_length must be a non-negative integer, got {max_length!r}")
+        if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool)
+                                               or not isinstance(pad_to_multiple_of, (int, np.integer))
+                                               or pad_to_multiple_of < 0):
+            raise TokenizerError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
 
         seqs = []
         for t in texts:
@@ -398,6 +500,10 @@ class GemmaTokenizer:
             target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
         if strategy is not None and self.pad_token_id is None:
             raise TokenizerError("padding needs a pad_token")
+        if len(seqs) * target > MAX_PADDED_ELEMENTS:
+            # checked before allocating: max_length=10**10 would otherwise ask NumPy for 74.5 GiB
+            raise TokenizerError(f"padding {len(seqs)} sequence(s) to length {target} needs {len(seqs) * target} "
+                                 f"ids, more than the supported {MAX_PADDED_ELEMENTS}: pass a smaller max_length")
         ids_arr = np.full((len(seqs), target), self.pad_token_id if self.pad_token_id is not None else 0, dtype=np.int64)
         mask = np.zeros((len(seqs), target), dtype=np.int64)
         for b, s in enumerate(seqs):
@@ -450,6 +556,8 @@ class GemmaTokenizer:
     def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs: Any) -> list[str]:
         if isinstance(sequences, Mapping):
             sequences = sequences["input_ids"]
+        if isinstance(sequences, (str, bytes, int, np.integer)) or not isinstance(sequences, Iterable):
+            raise TokenizerError(f"batch_decode takes a batch of id sequences, got {type(sequences).__name__}")
         if isinstance(sequences, np.ndarray) and sequences.ndim == 1:
             sequences = sequences[None]
         return [self.decode(s, skip_special_tokens=skip_special_tokens, **kwargs) for s in sequences]

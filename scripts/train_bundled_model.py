@@ -254,6 +254,10 @@ def main(argv=None):
     model.generation_config.bos_token_id = bos
     model.generation_config.eos_token_id = MODEL_CONFIG["eos_token_id"]
     model.generation_config.pad_token_id = MODEL_CONFIG["pad_token_id"]
+    # chat / generate() defaults: greedy decoding of this toy soon repeats a line; these give a sampled,
+    # non-looping first reply (gemma2np's tests/test_chat_session.py checks it)
+    for k, v in dict(do_sample=True, temperature=0.8, top_p=0.9, top_k=50, max_new_tokens=80).items():
+        setattr(model.generation_config, k, v)
     model.save_pretrained(str(out), safe_serialization=True)
 
     # 5. reload with transformers, evaluate the bf16 weights upcast to f32, and sample

@@ -61,6 +61,24 @@ def run(*args, stdin: str | None = None, timeout: float = 240) -> subprocess.Com
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+@pytest.fixture
+def cli(capsys):
+    """`gemma2np ARGS` run in this process (gemma2np.cli.main), as a CompletedProcess: the same exit status
+    and output as the subprocess, without a new interpreter each time (for the many user-mistake checks)."""
+    from gemma2np.cli import main
+
+    def call(*args) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        try:
+            rc = main([str(a) for a in args])
+        except SystemExit as e:  # argparse's own errors
+            rc = e.code
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out.out, out.err)
+
+    return call
+
+
 def assert_user_error(r: subprocess.CompletedProcess, match: str):
     assert r.returncode == 2, (r.returncode, r.stderr)
     assert "Traceback" not in r.stderr
@@ -70,13 +88,14 @@ def assert_user_error(r: subprocess.CompletedProcess, match: str):
     assert lines[0].startswith("gemma2np ")
 
 
-def _expected_text(model_dir: Path, prompt_ids, n: int) -> str:
+def _expected_text(model_dir: Path, prompt_ids, n: int, echo: bool = False) -> str:
     model = Gemma2ForCausalLM.from_pretrained(model_dir)
     tok = GemmaTokenizer.from_pretrained(model_dir)
     ids = np.asarray([prompt_ids])
     eos = get_generation_config(model).eos_token_id
-    out = model.generate(ids, max_new_tokens=n, eos_token_id=eos if eos is not None else [])
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    # do_sample=False: the CLI's generate is greedy unless asked, whatever generation_config.json says
+    out = model.generate(ids, max_new_tokens=n, eos_token_id=eos if eos is not None else [], do_sample=False)
+    return tok.decode(out[0, 0 if echo else ids.shape[1]:], skip_special_tokens=True)
 
 
 # ---------------------------------------------------------------------------- generate
@@ -86,10 +105,20 @@ def test_generate_prompt_streams_greedy_text(model_dir):
     r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 8)
     assert r.returncode == 0, r.stderr
     tok = GemmaTokenizer.from_pretrained(model_dir)
-    # stdout holds exactly the greedy continuation that the Python API produces, then a newline
-    assert r.stdout == _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8) + "\n"
+    # stdout holds exactly the prompt and the greedy continuation the Python API produces, decoded
+    # together, then a newline
+    full = _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8, echo=True)
+    assert full.startswith("ROMEO:")
+    assert r.stdout == full + "\n"
     assert "time to first token" in r.stderr and "tokens/s" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_generate_no_echo_prints_the_continuation_only(model_dir):
+    r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 8, "--no-echo")
+    assert r.returncode == 0, r.stderr
+    tok = GemmaTokenizer.from_pretrained(model_dir)
+    assert r.stdout == _expected_text(model_dir, tok("ROMEO:")["input_ids"], 8) + "\n"
 
 
 def test_generate_from_stdin_and_file(model_dir, tmp_path):
@@ -110,6 +139,7 @@ def test_generate_chat_template(model_dir):
     ids = tok.apply_chat_template([{"role": "user", "content": "Who art thou?"}], add_generation_prompt=True,
                                   return_dict=False)
     assert f"[{len(ids)} prompt tokens" in r.stderr  # the template was applied (bos + turn markers)
+    assert "Who art thou?" not in r.stdout and "model\n" not in r.stdout  # the template is not echoed
 
 
 def test_generate_sampling_reproducible(model_dir):
@@ -179,11 +209,224 @@ def test_no_command_and_unknown_option():
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("cmd", [(), ("generate",), ("chat",), ("info",)])
+@pytest.mark.parametrize("cmd", [(), ("generate",), ("chat",), ("info",), ("compare",), ("convert",)])
 def test_help_has_examples(cmd):
     r = run(*cmd, "--help")
     assert r.returncode == 0
     assert "examples:" in r.stdout and "gemma2np" in r.stdout
+
+
+# ---------------------------------------------------------------------------- runtime options
+
+
+def test_weights_int8_implies_native_backend(cli, model_dir):
+    pytest.importorskip("gemma2np._native")
+    r = cli("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 3, "--weights", "int8", "-v")
+    assert r.returncode == 0, r.stderr
+    assert "backend native, weights int8" in r.stderr
+    assert_user_error(cli("generate", "--model", model_dir, "--prompt", "x", "--weights", "int8", "--backend", "numpy"),
+                      "--weights int8 runs on the native backend")
+
+
+@pytest.mark.parametrize("n", ["0", "-2"])
+def test_threads_must_be_positive(cli, model_dir, n):
+    assert_user_error(cli("generate", "--model", model_dir, "--prompt", "x", "--threads", n),
+                      f"--threads must be at least 1, got {n}")
+
+
+def test_verbose_says_what_runs(model_dir):
+    r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 2, "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "backend numpy" in r.stderr and "loaded " in r.stderr
+    from gemma2np.kernels import native_available
+
+    if native_available():
+        import gemma2np._native as nat
+
+        r = run("generate", "--model", model_dir, "--prompt", "ROMEO:", "--max-new-tokens", 2, "--backend", "native",
+                "--threads", 1, "-v")
+        assert r.returncode == 0, r.stderr
+        line = next(x for x in r.stderr.splitlines() if x.startswith("[loaded"))
+        assert "backend native" in line and "1 threads" in line
+        assert f"OpenMP {'on' if nat.have_openmp() else 'off'}" in line
+        simd = ("scalar" if nat.get_simd() == 0 else
+                "AVX-512 + AVX-512 BF16" if "avx512bf16" in nat.cpu_features() and nat.get_simd() == 1 else "AVX-512")
+        assert f"SIMD {simd}" in line
+
+
+# ---------------------------------------------------------------------------- GGUF
+
+
+def _write_gguf(path: Path, model_dir: Path) -> Path:
+    """The model as llama.cpp's converter writes Gemma 2 (F32 weights, norms stored as 1 + w), with
+    gguf's own writer and gemma2np's name map inverted."""
+    gguf = pytest.importorskip("gguf")
+    from gemma2np.gguf_io import GGUF_TO_HF
+
+    model = Gemma2ForCausalLM.from_pretrained(model_dir)
+    cfg = model.config
+    names = {hf: gg for gg, (hf, _) in GGUF_TO_HF["global"].items()}
+    layer = {hf: gg for gg, (hf, _) in GGUF_TO_HF["layer"].items()}
+    w = gguf.GGUFWriter(str(path), "gemma2")
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_bos_token_id(cfg.bos_token_id)
+    w.add_eos_token_id(cfg.eos_token_id)
+    for hf, value in model.state_dict().items():
+        value = np.asarray(value, dtype=np.float32)
+        base, kind = hf.rsplit(".", 1)
+        if base.startswith("model.layers."):
+            i, rest = base[len("model.layers."):].split(".", 1)
+            gg = f"blk.{i}.{layer[rest]}"
+        else:
+            gg = names[base]
+        if base.endswith("norm"):
+            value = value + np.float32(1.0)
+        w.add_tensor(f"{gg}.{kind}", value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module")
+def gguf_dir(model_dir, tmp_path_factory) -> Path:
+    """model.gguf + the tokenizer files, and no config.json: everything comes from the GGUF."""
+    d = tmp_path_factory.mktemp("gguf")
+    _write_gguf(d / "model.gguf", model_dir)
+    for f in TOKENIZER_FILES:
+        shutil.copy(Path(model_dir) / f, d / f)
+    return d
+
+
+def test_generate_from_a_gguf_file(gguf_dir):
+    model = Gemma2ForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")
+    tok = GemmaTokenizer.from_pretrained(gguf_dir)
+    ids = np.asarray([tok("ROMEO:")["input_ids"]])
+    eos = get_generation_config(model).eos_token_id
+    want = tok.decode(model.generate(ids, max_new_tokens=6, eos_token_id=eos)[0], skip_special_tokens=True) + "\n"
+    a = run("generate", "--model", gguf_dir / "model.gguf", "--prompt", "ROMEO:", "--max-new-tokens", 6)
+    assert a.returncode == 0, a.stderr
+    b = run("generate", "--model", gguf_dir, "--gguf-file", "model.gguf", "--prompt", "ROMEO:", "--max-new-tokens", 6)
+    assert b.returncode == 0, b.stderr
+    assert a.stdout == b.stdout == want
+
+
+def test_info_and_compare_on_a_gguf_file(cli, gguf_dir, model_dir, tmp_path):
+    r = cli("info", "--model", gguf_dir / "model.gguf", "--json")
+    assert r.returncode == 0, r.stderr
+    j = json.loads(r.stdout)
+    cfg = Gemma2Config.from_pretrained(model_dir)
+    assert j["parameters"] == cfg.num_parameters("causal_lm")
+    assert j["checkpoint_files"] == ["model.gguf"] and j["checkpoint_tensor_types"] == {"F32": len(
+        Gemma2ForCausalLM.from_pretrained(model_dir).state_dict())}
+    # a reference made from the GGUF model passes against the GGUF and names the model it ran
+    from gemma2np.intermediates import run_with_intermediates, save_intermediates
+
+    model = Gemma2ForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")
+    ids = np.asarray([[2, 17, 5, 60, 33, 9]])
+    save_intermediates(tmp_path / "ref.npz", {"input_ids": ids, **run_with_intermediates(model, ids)})
+    r = cli("compare", "--model", gguf_dir / "model.gguf", "--reference", tmp_path / "ref.npz")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert str(gguf_dir / "model.gguf") in r.stdout
+
+
+def test_gguf_mistakes(cli, gguf_dir, model_dir, tmp_path):
+    assert_user_error(cli("generate", "--model", gguf_dir / "model.gguf", "--gguf-file", "x.gguf", "--prompt", "x"),
+                      "give one of them")
+    assert_user_error(cli("info", "--model", gguf_dir, "--gguf-file", "nope.gguf"), "GGUF file not found")
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not gguf")
+    assert_user_error(cli("info", "--model", fake), "does not start with the GGUF magic")
+    # a directory with a .gguf but no config.json: the hint says how to load it
+    assert_user_error(cli("info", "--model", gguf_dir), f"--model {gguf_dir / 'model.gguf'}")
+    # a safetensors file instead of its directory
+    assert_user_error(cli("info", "--model", Path(model_dir) / "model.safetensors"), "pass its directory")
+    # no tokenizer beside the GGUF
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(gguf_dir / "model.gguf", lone / "model.gguf")
+    assert_user_error(cli("generate", "--model", lone / "model.gguf", "--prompt", "x"), "pass --tokenizer DIR")
+    r = cli("generate", "--model", lone / "model.gguf", "--tokenizer", gguf_dir, "--prompt", "ROMEO:",
+            "--max-new-tokens", 2)
+    assert r.returncode == 0, r.stderr
+    # truncated GGUF
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes((gguf_dir / "model.gguf").read_bytes()[:-1000])
+    r = cli("info", "--model", cut)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cut.gguf" in r.stderr
+
+
+def test_convert_gguf_to_hf_directory(cli, gguf_dir, tmp_path):
+    out = tmp_path / "hf"
+    r = cli("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", out, "--tokenizer", gguf_dir)
+    assert r.returncode == 0, r.stderr
+    ids = np.asarray([[2, 17, 5, 60, 33, 9, 71]])
+    want = Gemma2ForCausalLM.from_pretrained(gguf_dir, gguf_file="model.gguf")(input_ids=ids).logits
+    got = Gemma2ForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    np.testing.assert_array_equal(got, want)  # float32 written: the same numbers the GGUF gives
+    assert GemmaTokenizer.from_pretrained(out)("ROMEO:")["input_ids"] == GemmaTokenizer.from_pretrained(gguf_dir)(
+        "ROMEO:")["input_ids"]
+    # a GGUF carries its config
+    r = cli("convert", "--input-checkpoint", gguf_dir / "model.gguf", "--output-dir", tmp_path / "o2",
+            "--model-size", "2B")
+    assert_user_error(r, "carries its own config")
+
+
+# ---------------------------------------------------------------------------- convert, compare: user mistakes
+
+
+def test_convert_mistakes_name_the_problem(cli, model_dir, tmp_path):
+    st = Path(model_dir) / "model.safetensors"
+    assert_user_error(cli("convert", "--input-checkpoint", st, "--model-size", "2B", "--output-dir", tmp_path / "o"),
+                      "is a safetensors file")
+    assert_user_error(cli("convert", "--input-checkpoint", model_dir, "--model-size", "2B", "--output-dir",
+                          tmp_path / "o"), "already a Hugging Face model directory")
+    assert not (tmp_path / "o").exists()
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    ckpt = ROOT / "tests" / "data" / "original" / "model_f32.ckpt"
+    config = ROOT / "tests" / "data" / "original" / "config.json"
+    r = cli("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full)
+    assert_user_error(r, "exists and is not empty")
+    assert sorted(os.listdir(full)) == ["keep.txt"]
+    r = cli("convert", "--input-checkpoint", ckpt, "--config", config, "--output-dir", full, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert (full / "model.safetensors").is_file()
+    assert_user_error(cli("convert", "--input-checkpoint", ckpt, "--output-dir", tmp_path / "o3"),
+                      "one of --model-size or --config is required")
+
+
+def test_compare_defaults_to_the_bundled_model_and_explains_references(cli, tmp_path):
+    r = cli("compare", "--help")
+    assert r.returncode == 0
+    assert "examples:" in r.stdout and "np.savez(" in r.stdout and "making a reference file" in r.stdout
+    text = tmp_path / "notes.txt"
+    text.write_text("these are not tensors\n")
+    assert_user_error(cli("compare", "--reference", text), "is not a reference file")
+    if not _bundled_ready():
+        pytest.skip("the bundled model is not installed")
+    from gemma2np.intermediates import run_with_intermediates, save_intermediates
+
+    model = Gemma2ForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
+    ids = np.asarray([[2, 40, 41, 42]])
+    save_intermediates(tmp_path / "ref.npz", {"input_ids": ids, "logits": run_with_intermediates(model, ids)["logits"]})
+    r = cli("compare", "--reference", tmp_path / "ref.npz")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert DEFAULT_MODEL_DIR in r.stdout
 
 
 # ---------------------------------------------------------------------------- chat
@@ -217,6 +460,29 @@ def test_chat_exit_command_and_ctrl_c(model_dir):
 
 
 # ---------------------------------------------------------------------------- info
+
+
+def test_info_refuses_a_damaged_checkpoint(cli, small_dir, tmp_path):
+    bad = tmp_path / "trunc"
+    shutil.copytree(small_dir, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[: len(data) // 2])  # an interrupted download
+    assert_user_error(cli("info", "--model", bad), "damaged or incomplete")
+    # a whole file that lacks a tensor the config needs
+    from gemma2np.checkpoint import read_safetensors, write_safetensors
+
+    tensors, _ = read_safetensors(small_dir / "model.safetensors", mmap=False)
+    tensors.pop("model.layers.1.mlp.up_proj.weight")
+    write_safetensors(bad / "model.safetensors", tensors)
+    assert_user_error(cli("info", "--model", bad), "model.layers.1.mlp.up_proj.weight")
+
+
+def test_info_says_what_runs(cli, model_dir):
+    from gemma2np.cli_models import system_info
+
+    r = cli("info", "--model", model_dir)
+    assert r.returncode == 0, r.stderr
+    assert f"runs on          {system_info()}" in r.stdout
 
 
 def test_info(model_dir):

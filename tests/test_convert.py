@@ -242,7 +242,7 @@ def test_cli_exit_codes(tmp_path, capsys):
     rc = main(["--input-checkpoint", os.path.join(DATA, "model_bf16.ckpt"), "--model-size", "9b",
                "--output-dir", str(tmp_path / "o2")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert rc == 2 and err.startswith("gemma2np convert: error: ") and err.count("\n") == 1, err
     rc = main(["--input-checkpoint", str(tmp_path / "missing.ckpt"), "--model-size", "2B",
                "--output-dir", str(tmp_path / "o3")])
     assert rc == 2 and "not found" in capsys.readouterr().err

@@ -20,6 +20,7 @@ import gemma2np
 REF = Path(__file__).resolve().parent.parent / "reference_outputs"
 
 from conftest import BACKENDS  # noqa: E402  (numpy, plus native when the extension is built)
+from golden_warnings import generate_warnings, load_warnings  # noqa: E402  (the warnings a case must give)
 
 
 def _gen_params():
@@ -50,8 +51,10 @@ def test_greedy_generate_matches_transformers(case_dir, gen_name, backend):
         attention_mask = z[gen["inputs"]["attention_mask"]]
         want = z[gen["sequences"]]
     extra = {"weights": "float32"} if backend == "native" else {}  # greedy tokens must match exactly
-    model = getattr(gemma2np, case["class"]).from_pretrained(case_dir, backend=backend, **extra)
-    got = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen["kwargs"])
+    with load_warnings(case_dir):
+        model = getattr(gemma2np, case["class"]).from_pretrained(case_dir, backend=backend, **extra)
+    with generate_warnings(case_dir, want):
+        got = model.generate(input_ids=input_ids, attention_mask=attention_mask, **gen["kwargs"])
     got = np.asarray(getattr(got, "sequences", got))  # a plain array, or an output with .sequences
     print(f"\n{case_dir.name} {gen_name} [{backend}] {gen['kwargs']} {gen.get('note', '')}")
     print("  want", want.tolist())

@@ -26,6 +26,7 @@ CASE_DIRS = sorted(p.parent for p in REF.glob("*/case.json"))
 
 # backends the model can run on: the pure-NumPy reference always, the C/Cython one when it is built
 from conftest import BACKENDS  # noqa: E402  (numpy, plus native when the extension is built)
+from golden_warnings import call_warnings, load_warnings  # noqa: E402  (the warnings a case must give)
 
 
 def load_case(case_dir: Path):
@@ -42,7 +43,8 @@ def load_model(case_dir: Path, case: dict, backend: str):
     # native runs with float32 weights here (bound 1e-4, like NumPy); bf16/int8 are measured against
     # float32 in tests/test_native_formats.py
     extra = {"weights": "float32"} if backend == "native" else {}
-    return cls.from_pretrained(case_dir, backend=backend, **extra)
+    with load_warnings(case_dir):
+        return cls.from_pretrained(case_dir, backend=backend, **extra)
 
 
 def call_args(call: dict, data: dict) -> dict:
@@ -125,8 +127,9 @@ def test_forward_matches_golden(case_dir, call_name, backend):
     call = _find_call(case, call_name)
     model = load_model(case_dir, case, backend)
     print(f"\n{case_dir.name} {call_name} [{backend}] {call.get('note', '')}")
-    out = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
-                output_attentions=call["output_attentions"])
+    with call_warnings(case_dir, call, data):
+        out = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
+                    output_attentions=call["output_attentions"])
     compare_outputs(lambda f: getattr(out, f), call, data, case["tolerance"], f"{case_dir.name}/{call_name}")
 
 
@@ -136,8 +139,9 @@ def test_output_indexing(case_dir, call_name, backend):
     case, data = load_case(case_dir)
     call = _find_call(case, call_name)
     model = load_model(case_dir, case, backend)
-    out = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
-                output_attentions=call["output_attentions"])
+    with call_warnings(case_dir, call, data):
+        out = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
+                    output_attentions=call["output_attentions"])
     tol = case["tolerance"]
     main = "logits" if "logits" in call["outputs"] else "last_hidden_state"
     assert compare(f'out["{main}"]', out[main], data[call["outputs"][main]], tol) <= tol
@@ -154,8 +158,9 @@ def test_return_dict_false(case_dir, call_name, backend):
     case, data = load_case(case_dir)
     call = _find_call(case, call_name)
     model = load_model(case_dir, case, backend)
-    t = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
-              output_attentions=call["output_attentions"], return_dict=False)
+    with call_warnings(case_dir, call, data):
+        t = model(**call_args(call, data), output_hidden_states=call["output_hidden_states"],
+                  output_attentions=call["output_attentions"], return_dict=False)
     assert isinstance(t, tuple), type(t)
     fields = call["return_tuple_fields"]
     assert len(t) == len(fields), f"tuple of {len(t)} items, transformers gives {len(fields)}: {fields}"

@@ -36,6 +36,16 @@ def simd(request):
     nat.set_simd(1)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _always_fan_out():
+    """Fan out whatever the work size (threshold 0), so the small shapes of these tests run the
+    threaded code at n_threads 2 and 3; tests/test_threading.py covers the default threshold."""
+    before = nat.get_parallel_threshold()
+    nat.set_parallel_threshold(0)
+    yield
+    nat.set_parallel_threshold(before)
+
+
 def _rng(seed):
     return np.random.default_rng(seed)
 
@@ -207,15 +217,41 @@ def test_quantize_int8_roundtrip():
         ref.quantize_int8(w, 24)
 
 
-def test_f32_to_bf16_matches_ml_dtypes():
+def test_f32_to_bf16_matches_ml_dtypes(simd):
+    """Bitwise x.astype(ml_dtypes.bfloat16) on both paths: random values, ties, denormals, the
+    extremes, every 65,537th bit pattern and NaNs with payloads (ml_dtypes gives 0x7FC0 / 0xFFC0;
+    an all-2**32 sweep of both paths matched too, see csrc/g2_elementwise.c)."""
     r = _rng(4)
     x = np.concatenate([r.standard_normal(1000, dtype=np.float32) * 1e3,
                         np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, -1e-40, 3.4e38], np.float32),
                         # exact ties: even and odd mantissa below the cut
-                        np.array([0x3F808000, 0x3F818000, 0x3F80C000], np.uint32).view(np.float32)])
-    np.testing.assert_array_equal(nat.f32_to_bf16(x), ref.f32_to_bf16(x))
-    b = nat.f32_to_bf16(np.array([np.nan], np.float32))
-    assert np.isnan(ref.bf16_to_f32(b))[0]
+                        np.array([0x3F808000, 0x3F818000, 0x3F80C000], np.uint32).view(np.float32),
+                        np.arange(0, 2**32, 65537, dtype=np.uint64).astype(np.uint32).view(np.float32),
+                        np.array([0x7F800001, 0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF, 0xFF800001, 0x7FA5A5A5,
+                                  0x7F8100FF], np.uint32).view(np.float32)])
+    with np.errstate(invalid="ignore"):
+        want = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(nat.f32_to_bf16(x, n_threads=threads), want)
+    # a size past the threading threshold, with a ragged tail
+    y = r.standard_normal(70001, dtype=np.float32)
+    np.testing.assert_array_equal(nat.f32_to_bf16(y, n_threads=2), y.astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_set_simd_zero_really_runs_the_scalar_path():
+    """tanh is a polynomial on the AVX-512 path and libm's tanhf on the scalar one: forcing the
+    scalar path must change some results (else the `simd` fixture would test one path twice)."""
+    if SIMD_LEVELS == [0]:
+        pytest.skip("no AVX-512: only the scalar path exists")
+    x = _rng(9).standard_normal(100000, dtype=np.float32) * 3
+    try:
+        a = nat.tanh(x)
+        assert nat.set_simd(0) == 0 and nat.get_simd() == 0
+        b = nat.tanh(x)
+    finally:
+        nat.set_simd(1)
+    assert not np.array_equal(a, b)
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_linear_rejects_bad_input():
@@ -371,7 +407,7 @@ def test_geglu(simd, n, approx, threads, seed):
     np.testing.assert_allclose(out, ref.geglu(g, u, approx), rtol=1e-5, atol=1e-6)
 
 
-def test_geglu_large_matches_ops_and_threads():
+def test_geglu_large_matches_ops_and_threads(simd):
     r = _rng(7)
     g = r.standard_normal((3, 30000), dtype=np.float32) * 5
     u = r.standard_normal((3, 30000), dtype=np.float32)
@@ -527,6 +563,8 @@ def _ulp_error(got, x, f):
         return np.abs(got - ref) / sp
 
 
+# the range includes x > 88.72, where the NumPy twin's float32 exp overflows to inf on purpose
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("name", ["tanh", "exp"])
 def test_tanh_exp_max_ulp_over_float_range(simd, name):
     """Every 997th float32 bit pattern (all of them: denormals, saturation, overflow). Measured
@@ -548,10 +586,10 @@ def test_tanh_exp_max_ulp_over_float_range(simd, name):
     assert np.signbit(out[4]) == np.signbit(f(special)[4])
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(N=st.integers(1, 40), K=st.integers(1, 300), block=st.sampled_from([16, 32, 64]),
        bf16=st.booleans(), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
-def test_quantize_int8_native_matches_twin(N, K, block, bf16, threads, seed):
+def test_quantize_int8_native_matches_twin(simd, N, K, block, bf16, threads, seed):
     r = _rng(seed)
     w = (r.standard_normal((N, K), dtype=np.float32) * np.float32(r.choice([1e-3, 1.0, 50.0]))).astype(np.float32)
     w[0, : min(K, block)] = 0.0  # an all-zero block

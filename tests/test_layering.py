@@ -10,14 +10,15 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 
 # module -> layer, as in the ARCHITECTURE table (4a/4b/4c as 4.0/4.1/4.2)
 LAYERS = {
+    "safeio": 0,  # strict JSON and model-directory file checks, used by every loader
     "config": 1, "rope": 1,
     "checkpoint": 2, "gguf_io": 2, "original": 2,
     "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3, "parallel": 3,
-    "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
+    "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.embeddings": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
     "generation": 4.1,
     "model.heads": 4.2, "modeling": 4.2, "model": 4.2,
-    "chat": 5, "tokenizer": 5,
-    "cli": 6, "compare": 6, "convert": 6, "__main__": 6, "__init__": 6,
+    "chat": 5, "chat_session": 5, "tokenizer": 5,
+    "cli": 6, "cli_models": 6, "compare": 6, "llamacpp_log": 6, "llamacpp_compare": 6, "perplexity": 6, "convert": 6, "__main__": 6, "__init__": 6,
 }
 
 

@@ -164,3 +164,30 @@ def test_head_missing_from_checkpoint_is_initialised_with_a_warning(model, tmp_p
     assert seq.state_dict()["score.weight"].shape == (seq.config.num_labels, 32)
     out = seq(input_ids=IDS, attention_mask=MASK)
     assert out.logits.shape == (2, seq.config.num_labels) and np.isfinite(out.logits).all()
+
+
+def test_causal_lm_save_pretrained_keeps_generation_config(tmp_path):
+    """save_pretrained writes generation_config.json beside the weights (as transformers does), so a saved copy
+    of the bundled model keeps its sampling defaults, and a model without a file gets config.json's token ids."""
+    import json
+    import os
+
+    from gemma2np import Gemma2ForCausalLM
+    from gemma2np.cli import DEFAULT_MODEL_DIR
+    from gemma2np.generation import get_generation_config
+
+    m = Gemma2ForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
+    m.save_pretrained(tmp_path / "copy")
+    with open(os.path.join(DEFAULT_MODEL_DIR, "generation_config.json"), encoding="utf-8") as f:
+        original = json.load(f)
+    with open(tmp_path / "copy" / "generation_config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved == original
+    again = Gemma2ForCausalLM.from_pretrained(tmp_path / "copy")
+    assert get_generation_config(again).to_dict() == get_generation_config(m).to_dict()
+
+    fresh = Gemma2ForCausalLM.from_config(m.config, seed=0)
+    fresh.save_pretrained(tmp_path / "fresh")
+    with open(tmp_path / "fresh" / "generation_config.json", encoding="utf-8") as f:
+        assert json.load(f) == {"bos_token_id": m.config.bos_token_id, "eos_token_id": m.config.eos_token_id,
+                                "pad_token_id": m.config.pad_token_id}

@@ -29,6 +29,10 @@ CASES = sorted(p.parent for p in ROOT.glob("*/case.json")
 BOUNDS = {"bfloat16": (0.5, 0.03, 0.95), "int8": (2.5, 0.1, 0.9)}
 
 
+# every causal-LM golden, including those that run past their tiny max_position_embeddings or load longrope
+# without `factor` on purpose (their warnings are asserted in test_goldens.py; here they are beside the point)
+@pytest.mark.filterwarnings("ignore:position .* past max_position_embeddings:UserWarning")
+@pytest.mark.filterwarnings("ignore:longrope .*without `factor`:UserWarning")
 @pytest.mark.parametrize("weights", sorted(BOUNDS))
 def test_distance_from_float32(weights):
     max_abs, mean_abs, agree, n = 0.0, [], [], 0

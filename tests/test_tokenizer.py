@@ -227,8 +227,10 @@ def _TOK():
     return _CACHE["t"]
 
 
+# U+2581 ("▁") is sentencepiece's own word-boundary symbol: it decodes to a space, in transformers'
+# GemmaTokenizer as here, so text containing it does not round-trip (test_meta_symbol_decodes_as_space).
 @settings(max_examples=300, deadline=None)
-@given(st.text(max_size=60))
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\u2581"), max_size=60))
 def test_round_trip_arbitrary_text(s):
     t = _TOK()
     ids = t.encode(s)
@@ -237,6 +239,11 @@ def test_round_trip_arbitrary_text(s):
     assert t.decode(t.encode(s, add_special_tokens=False)) == s
     if not any(sp in s for sp in t.all_special_tokens):
         assert t.decode(ids, skip_special_tokens=True) == s
+
+
+def test_meta_symbol_decodes_as_space():
+    t = _TOK()
+    assert t.decode(t.encode("a\u2581b", add_special_tokens=False)) == "a b"
 
 
 @settings(max_examples=100, deadline=None)

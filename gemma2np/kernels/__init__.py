@@ -41,6 +41,8 @@ def _try_import():
     global _import_error, _checked
     if not _checked:
         _checked = True
+        from ._openmp_env import apply_defaults
+        apply_defaults()  # bounded OpenMP spinning unless the user chose; before libgomp loads (issue 13)
         try:
             from .. import _native  # noqa: F401
         except Exception as e:  # ImportError, or a broken build

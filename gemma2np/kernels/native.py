@@ -28,7 +28,7 @@ def _tune_allocator_once(nat):
     """Process-wide, once, when the first native backend is made (opt out: GEMMA2NP_NO_MALLOPT=1):
     glibc's malloc keeps freed blocks up to 32 MB in the heap instead of unmapping them, so the
     activations of each forward pass are not page-faulted in afresh (0.3 s of a 1.8 s prefill of
-    gemma-2-2b with bf16 weights; see csrc/gemma2np_kernels.c, g2_tune_malloc)."""
+    gemma-2-2b with bf16 weights; see csrc/g2_dispatch.c, g2_tune_malloc)."""
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:
         return

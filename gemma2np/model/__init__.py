@@ -4,6 +4,7 @@
     pretrained.py  Gemma2PreTrainedModel: load / save / random init, the recording hook
     decoder.py     Gemma2Model: the decoder math (read it beside gemma2np/ops.py)
     heads.py       the causal-LM, sequence- and token-classification heads and their losses
+    embeddings.py  resize_token_embeddings' procedure (transformers' mean resizing)
 
 Import the public names from gemma2np (or gemma2np.modeling, transformers' module name).
 """

@@ -20,7 +20,7 @@ import numpy as np
 from .. import intermediates, ops
 from ..outputs import BaseModelOutputWithPast
 from .pretrained import Gemma2PreTrainedModel, no_tap
-from .validation import check_inputs, reject_unknown, resolve_cache
+from .validation import check_cache_fits, check_inputs, check_position_embeddings, flag, reject_unknown, resolve_cache
 
 __all__ = ["Gemma2Model", "layer_visibility"]
 
@@ -45,19 +45,21 @@ class Gemma2Model(Gemma2PreTrainedModel):
         output_hidden_states=None,
         return_dict=None,
         cache_position=None,
+        position_embeddings=None,
         **kwargs,
     ):
         c, be, tap = self.config, self.backend, self._tap
         reject_unknown(kwargs, ())
-        output_attentions = c.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
-        use_cache = c.use_cache if use_cache is None else use_cache
-        return_dict = c.return_dict if return_dict is None else return_dict
+        output_attentions = flag(output_attentions, "output_attentions", c.output_attentions)
+        output_hidden_states = flag(output_hidden_states, "output_hidden_states", c.output_hidden_states)
+        use_cache = flag(use_cache, "use_cache", c.use_cache)
+        return_dict = flag(return_dict, "return_dict", c.return_dict)
         cache, legacy = resolve_cache(past_key_values, use_cache, c)
         past_len = cache.get_seq_length() if cache is not None else 0
         input_ids, inputs_embeds, mask, position_ids, cache_position, batch, seq = check_inputs(
             c, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past_len
         )
+        check_cache_fits(cache, batch, c, self.tp.n_kv_heads)  # tensor-parallel: the cache holds the rank's heads
 
         # 1. embeddings (B, T) ids -> (B, T, E), scaled by sqrt(E) only when we look them up: transformers'
         #    Gemma2Model does not scale user-supplied inputs_embeds (the scale lives in its embedding module).
@@ -67,8 +69,13 @@ class Gemma2Model(Gemma2PreTrainedModel):
             h = inputs_embeds.astype(self.dtype)
         tap(intermediates.EMBEDDINGS, h)
 
-        # 2. RoPE tables for these positions, shared by every layer: cos, sin (1|B, T, D).
-        cos, sin = self.rotary_emb(position_ids)
+        # 2. RoPE tables for these positions, shared by every layer: cos, sin (1|B, T, D). The seed's
+        #    position_embeddings replace them (transformers 5.23 documents it but its outer forward raises a
+        #    TypeError; we do what its layers do with it: rotate q and k by the given tables, nothing else).
+        if position_embeddings is None:
+            cos, sin = self.rotary_emb(position_ids)
+        else:
+            cos, sin = check_position_embeddings(position_embeddings, batch, seq, c.head_dim, self.dtype)
 
         # 3. the decoder layers; hidden_states collects transformers' tuple, attentions each layer's probs
         all_hidden = [h] if output_hidden_states else None

@@ -1,23 +1,27 @@
 """The heads on top of Gemma2Model (transformers' Gemma2ForCausalLM / ForSequenceClassification /
 ForTokenClassification): one more linear layer each, and their losses.
 
-This layer sits above gemma2np/generation.py: Gemma2ForCausalLM.generate is generation.generate
+This layer sits above gemma2np/generation/: Gemma2ForCausalLM.generate is generation.generate
 (as transformers' GenerationMixin puts generate on the model), imported here, never the other way.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import warnings
 
 import numpy as np
 
 from .. import intermediates, ops
 from ..config import Gemma2Config
-from ..generation import generate
+from ..generation import generate, get_generation_config
+from ..generation.configuration import GENERATION_CONFIG_NAME
 from ..outputs import CausalLMOutputWithPast, SequenceClassifierOutputWithPast, TokenClassifierOutput
 from .decoder import Gemma2Model
 from .pretrained import Gemma2PreTrainedModel
-from .validation import InputError, as_int_array, check_labels, reject_unknown
+from .validation import (InputError, as_array, as_int_array, check_labels, check_num_items, flag, keep_logits,
+                         reject_unknown)
 
 __all__ = ["Gemma2ForCausalLM", "Gemma2ForSequenceClassification", "Gemma2ForTokenClassification"]
 
@@ -37,12 +41,12 @@ class _WithBase(Gemma2PreTrainedModel):
         return self.model
 
     def _run_base(self, output_attentions, output_hidden_states, use_cache, past_key_values, input_ids,
-                  attention_mask, position_ids, inputs_embeds, cache_position):
+                  attention_mask, position_ids, inputs_embeds, cache_position, position_embeddings=None):
         return self.model.forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            return_dict=True, cache_position=cache_position,
+            return_dict=True, cache_position=cache_position, position_embeddings=position_embeddings,
         )
 
 
@@ -50,6 +54,15 @@ class Gemma2ForCausalLM(_WithBase):
     """Gemma2Model + the language-model head (tied to the embedding by default) + the final logit soft-cap."""
 
     head_kind = "causal_lm"
+
+    def save_pretrained(self, save_directory, dtype: str | None = None, max_shard_size: int | str | None = None):
+        """As Gemma2PreTrainedModel.save_pretrained, plus generation_config.json (the generation defaults this
+        model uses: the checkpoint's file, unknown keys kept, or the token ids of config.json), as
+        transformers' save_pretrained writes `model.generation_config` beside a generative model."""
+        super().save_pretrained(save_directory, dtype=dtype, max_shard_size=max_shard_size)
+        gc = get_generation_config(self)
+        with open(os.path.join(save_directory, GENERATION_CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump({**gc.extra, **gc.to_dict()}, f, indent=2, sort_keys=True)
 
     def _load_head(self, state, lin):
         c = self.config
@@ -75,27 +88,26 @@ class Gemma2ForCausalLM(_WithBase):
         return_dict=None,
         cache_position=None,
         logits_to_keep: int | np.ndarray = 0,
+        position_embeddings=None,
         **kwargs,
     ):
         c = self.config
-        num_items = kwargs.pop("num_items_in_batch", None)
+        num_items = check_num_items(kwargs.pop("num_items_in_batch", None))
         reject_unknown(kwargs, ())
-        return_dict = c.return_dict if return_dict is None else return_dict
+        return_dict = flag(return_dict, "return_dict", c.return_dict)
         if labels is not None:
             labels = as_int_array(labels, "labels")
-            shape = np.shape(input_ids) if input_ids is not None else np.shape(inputs_embeds)[:2]
-            if labels.shape != tuple(shape):
-                raise InputError(f"labels must have shape {tuple(shape)} like the input, got {labels.shape}")
+            # checked before the forward pass (fail fast); a missing or bad input is the base model's to report
+            name, given = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+            shape = as_array(given, name).shape[:2]
+            if given is not None and labels.shape != shape:
+                raise InputError(f"labels must have shape {shape} like the input, got {labels.shape}")
         out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
-                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position,
+                             position_embeddings)
         h = out.last_hidden_state
-        # logits_to_keep: an int keeps the last n positions (0 = all), an array selects positions.
-        if isinstance(logits_to_keep, (int, np.integer)):
-            if logits_to_keep < 0:
-                raise InputError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
-            h = h[:, -logits_to_keep:] if logits_to_keep else h
-        else:
-            h = h[:, np.asarray(logits_to_keep)]
+        # logits_to_keep: an int keeps the last n positions (0 = all), an array selects positions (keep_logits).
+        h = keep_logits(h, logits_to_keep)
         # (B, T', E) -> (B, T', V); tensor-parallel: each rank's vocabulary rows, gathered into the full logits
         logits = self.tp.gather_vocab(self.backend.linear(h, self.lm_head))
         self.model._tap(intermediates.LOGITS_RAW, logits)
@@ -103,7 +115,7 @@ class Gemma2ForCausalLM(_WithBase):
         self.model._tap(intermediates.LOGITS, logits)
         loss = None
         if labels is not None:
-            if logits.shape[1] != labels.shape[1]:
+            if logits.ndim != 3 or logits.shape[:2] != labels.shape:
                 raise InputError("labels need logits at every position: do not combine labels with logits_to_keep")
             check_labels(labels, c.vocab_size)
             loss = ops.causal_lm_loss(logits, labels, num_items_in_batch=num_items)
@@ -114,7 +126,7 @@ class Gemma2ForCausalLM(_WithBase):
         return result if return_dict else result.to_tuple()
 
     def generate(self, *args, **kwargs):
-        """transformers' generate() (gemma2np/generation.py): greedy, sampling, streamers, stopping."""
+        """transformers' generate() (gemma2np/generation/): greedy, sampling, streamers, stopping."""
         return generate(self, *args, **kwargs)
 
 
@@ -139,13 +151,15 @@ class Gemma2ForSequenceClassification(_WithBase):
         output_hidden_states=None,
         return_dict=None,
         cache_position=None,
+        position_embeddings=None,
         **kwargs,
     ):
         c = self.config
         reject_unknown(kwargs, ())
-        return_dict = c.return_dict if return_dict is None else return_dict
+        return_dict = flag(return_dict, "return_dict", c.return_dict)
         out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
-                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position,
+                             position_embeddings)
         logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
         batch = logits.shape[0]
         if c.pad_token_id is None and batch != 1:
@@ -162,7 +176,7 @@ class Gemma2ForSequenceClassification(_WithBase):
         pooled = logits[np.arange(batch), last]  # (B, num_labels)
         loss = None
         if labels is not None:
-            loss = _sequence_classification_loss(pooled, np.asarray(labels), c)
+            loss = _sequence_classification_loss(pooled, as_array(labels, "labels"), c)
         result = SequenceClassifierOutputWithPast(
             loss=loss, logits=pooled, past_key_values=out.past_key_values,
             hidden_states=out.hidden_states, attentions=out.attentions,
@@ -174,6 +188,9 @@ def _sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, c: Gem
     """transformers' ForSequenceClassificationLoss: the problem type is config.problem_type, else inferred:
     one label -> regression (MSE); integer labels -> single-label (cross-entropy); otherwise multi-label (BCE)."""
     n = c.num_labels
+    if labels.dtype == object or not (np.issubdtype(labels.dtype, np.number) or labels.dtype == bool) \
+            or np.issubdtype(labels.dtype, np.complexfloating):
+        raise InputError(f"labels must be a numeric array, got dtype {labels.dtype}")
     problem = c.problem_type
     if problem is None:
         if n == 1:
@@ -182,20 +199,31 @@ def _sequence_classification_loss(pooled: np.ndarray, labels: np.ndarray, c: Gem
             problem = "single_label_classification"
         else:
             problem = "multi_label_classification"
+    if problem == "single_label_classification":
+        labels = as_int_array(labels, "labels").reshape(-1)
+        if labels.shape[0] != pooled.shape[0]:
+            raise InputError(f"single-label labels must hold one class per row ({pooled.shape[0]}), got {labels.size}")
+        check_labels(labels, n)
+    else:
+        want = pooled.shape
+        got = labels.shape
+        if problem == "regression" and n == 1:
+            want, got = np.squeeze(pooled).shape, np.squeeze(labels).shape  # transformers squeezes both
+        if got != want:
+            raise InputError(f"{problem} labels must have shape {want}, got {labels.shape}")
+        labels = labels.astype(pooled.dtype)
+        if not np.isfinite(labels).all():
+            raise InputError("labels contain NaN or infinite values")
+    if c.problem_type is None:
         # transformers writes the inferred type into the config on the first call, so later calls keep it
+        # (here only once the labels passed the checks, so a refused call leaves the config alone)
         c.problem_type = problem
     if problem == "regression":
-        labels = labels.astype(pooled.dtype)
         if n == 1:
             return ops.mse_loss(np.squeeze(pooled), np.squeeze(labels))
         return ops.mse_loss(pooled, labels)
     if problem == "single_label_classification":
-        labels = as_int_array(labels, "labels").reshape(-1)
-        check_labels(labels, n)
         return ops.cross_entropy(pooled.reshape(-1, n), labels)
-    labels = labels.astype(pooled.dtype)
-    if labels.shape != pooled.shape:
-        raise InputError(f"multi-label labels must have shape {pooled.shape}, got {labels.shape}")
     return ops.bce_with_logits(pooled, labels)
 
 
@@ -220,13 +248,15 @@ class Gemma2ForTokenClassification(_WithBase):
         output_hidden_states=None,
         return_dict=None,
         cache_position=None,
+        position_embeddings=None,
         **kwargs,
     ):
         c = self.config
         reject_unknown(kwargs, ())
-        return_dict = c.return_dict if return_dict is None else return_dict
+        return_dict = flag(return_dict, "return_dict", c.return_dict)
         out = self._run_base(output_attentions, output_hidden_states, use_cache, past_key_values,
-                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position)
+                             input_ids, attention_mask, position_ids, inputs_embeds, cache_position,
+                             position_embeddings)
         logits = self.backend.linear(out.last_hidden_state, self.score)  # (B, T, num_labels)
         loss = None
         if labels is not None:

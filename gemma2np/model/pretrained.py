@@ -23,6 +23,7 @@ from ..gguf_io import load_gguf
 from ..kernels import get_backend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
+from .embeddings import resized_rows, resolve_new_num_tokens
 from .validation import CacheError, InputError
 
 __all__ = ["Gemma2PreTrainedModel", "no_tap"]
@@ -94,6 +95,8 @@ class Gemma2PreTrainedModel:
             if hasattr(self, "generate"):
                 self.generate = self.tp.follow_root_generate(self.generate, _CHECK_ERRORS)
             self.save_pretrained = self.tp.root_only(self.save_pretrained)  # one writer of the (whole) files
+            for name in ("resize_token_embeddings", "set_input_embeddings"):  # would rebuild a whole LM head
+                setattr(self, name, self.tp.refuse(name))
 
     # ------------------------------------------------------------------ names and shapes
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -319,6 +322,93 @@ class Gemma2PreTrainedModel:
 
     def num_parameters(self) -> int:
         return self.config.num_parameters(self.head_kind)
+
+    # ------------------------------------------------------------------ token embeddings (PreTrainedModel's API)
+    def get_input_embeddings(self) -> np.ndarray:
+        """The token embedding matrix (vocab_size, hidden_size), in the checkpoint's dtype (transformers returns
+        the nn.Embedding module; here the array itself, read-only when memory-mapped)."""
+        return self.embed_tokens
+
+    def get_output_embeddings(self) -> np.ndarray | None:
+        """The LM head's weight (vocab_size, hidden_size) -- the embedding matrix itself when tied -- or None for
+        the classes without an LM head (Gemma2Model and the classification heads), as transformers."""
+        if self.head_kind != "causal_lm":
+            return None
+        return self.embed_tokens if self._head_is_tied() else self._state["lm_head.weight"]
+
+    def set_input_embeddings(self, value) -> None:
+        """Replace the token embedding matrix by `value` (vocab_size, hidden_size), any float dtype; a tied LM
+        head follows it (transformers re-ties on tie_weights()). To change the vocabulary size use
+        resize_token_embeddings: a matrix of another size is refused here, since the config, the id checks and
+        the head all go by config.vocab_size."""
+        c = self.config
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"the embedding matrix must be an array, got {type(value).__name__} ({exc})") from None
+        if not np.issubdtype(value.dtype, np.floating) and value.dtype != bfloat16:
+            raise InputError(f"the embedding matrix must be floating point, got dtype {value.dtype}")
+        if value.shape != (c.vocab_size, c.hidden_size):
+            raise InputError(f"the embedding matrix must have shape (vocab_size, hidden_size) = "
+                             f"({c.vocab_size}, {c.hidden_size}), got {value.shape}; use resize_token_embeddings "
+                             "to change the vocabulary size")
+        if not np.isfinite(value.astype(np.float32)).all():
+            raise InputError("the embedding matrix contains NaN or infinite values")
+        self._replace_vocab_tensors(value, None)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True, *, seed: int | None = None) -> np.ndarray:
+        """transformers' PreTrainedModel.resize_token_embeddings: the embedding matrix (and an untied LM head)
+        get new_num_tokens rows (rounded up to a multiple of pad_to_multiple_of), the first rows kept bitwise,
+        added rows initialised around the old rows' mean (mean_resizing, the default) or normal(0,
+        initializer_range); a tied head follows; config.vocab_size is updated. Returns the new matrix.
+        seed (gemma2np only): the NumPy generator of the added rows (transformers uses torch's global one).
+        The procedure and its fallbacks: gemma2np/model/embeddings.py."""
+        old = self.embed_tokens
+        n = resolve_new_num_tokens(new_num_tokens, pad_to_multiple_of, old.shape[0])
+        if n is None or n == old.shape[0]:
+            return old  # transformers returns the module unchanged in both cases
+        if not isinstance(mean_resizing, (bool, np.bool_)):
+            raise InputError(f"mean_resizing must be True or False, got {mean_resizing!r}")
+        rng = np.random.default_rng(seed)
+        init = self.config.initializer_range
+        try:
+            embed = resized_rows(old, n, bool(mean_resizing), init, rng)
+            head = None
+            if self.head_kind == "causal_lm" and not self._head_is_tied():
+                # transformers' _get_resized_lm_head: the same initialisation from the head's own rows
+                head = resized_rows(self._state["lm_head.weight"], n, bool(mean_resizing), init, rng)
+        except MemoryError:
+            raise InputError(f"cannot allocate a ({n}, {old.shape[1]}) embedding matrix") from None
+        self.config.vocab_size = n  # transformers: config.get_text_config().vocab_size = new size
+        self._replace_vocab_tensors(embed, head)
+        return embed
+
+    def _head_is_tied(self) -> bool:
+        # as _load_head decides it: tied by the config, or no lm_head tensor to load
+        return self.config.tie_word_embeddings or "lm_head.weight" not in self._state
+
+    def _replace_vocab_tensors(self, embed: np.ndarray, head: np.ndarray | None) -> None:
+        """Swap in a new embedding matrix (and LM head weight) on this model and on a head's .model view, and
+        re-prepare the LM head handle for the backend, in the format it was loaded with."""
+        p = self._prefix()
+        tied = self._head_is_tied()
+        state = dict(self._state)
+        state[p + "embed_tokens.weight"] = embed
+        if head is not None:
+            state["lm_head.weight"] = head
+        elif tied:
+            state.pop("lm_head.weight", None)  # a tied head has no tensor of its own (state_dict drops it too)
+        views = [self] + [m for m in (getattr(self, "model", None),) if m is not None and m is not self]
+        lm_head = None
+        if self.head_kind == "causal_lm":
+            lm_head = self.backend.prepare_linear(embed if tied else state["lm_head.weight"], None,
+                                                  weights=self.weights_format)
+        for m in views:
+            m._state = state
+            m.embed_tokens = embed
+            if lm_head is not None:
+                m.lm_head = lm_head
 
     # ------------------------------------------------------------------ transformers-compatible odds and ends
     def eval(self):

@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from . import launch
-from .comm import Communicator, RankError, get_comm, install_abort_on_error
+from .comm import Communicator, ParallelError, RankError, get_comm, install_abort_on_error
 from .sharding import ShardPlan
 
 __all__ = ["Unsplit", "TensorParallel", "make_tensor_parallel", "weight_bytes", "load_collectively"]
@@ -115,6 +115,13 @@ class TensorParallel:
         """fn run by rank 0 alone (save_pretrained writes the whole checkpoint, from the memory-mapped
         files every rank loaded); the others wait, and an error there is raised on every rank."""
         return _root_only(self.comm, fn)
+
+    def refuse(self, name):
+        """A method that cannot run on a shard (it rebuilds a whole tensor): a typed error, on every rank."""
+        def call(*args, **kwargs):
+            raise ParallelError(f"{name}() does not run on a tensor-parallel model: call it in one process, "
+                                "save_pretrained, and load the result with tensor_parallel=True")
+        return call
 
     # ------------------------------------------------------------------ every rank follows rank 0
     def follow_root(self, forward, collective_errors=(ValueError, TypeError)):

@@ -31,8 +31,9 @@ for backend, dtype, weights in runs:
     a2 = tp(input_ids=nxt, past_key_values=a.past_key_values).logits
     b2 = one(input_ids=nxt, past_key_values=b.past_key_values).logits
     d = max(float(np.abs(a.logits - b.logits).max()), float(np.abs(a2 - b2).max()))
-    g_tp = tp.generate(input_ids=ids[:, :8], max_new_tokens=16, min_new_tokens=16)
-    g_one = one.generate(input_ids=ids[:, :8], max_new_tokens=16, min_new_tokens=16)
+    greedy = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False)  # (the bundled model samples by default)
+    g_tp = tp.generate(input_ids=ids[:, :8], **greedy)
+    g_one = one.generate(input_ids=ids[:, :8], **greedy)
     res[f"{backend}/{dtype}/{weights}"] = {"max_diff": d, "greedy_equal": bool(np.array_equal(g_tp, g_one)),
                                            "max_abs_logit": float(np.abs(b.logits).max()),
                                            # the format's own error, one process against float32
@@ -69,6 +70,11 @@ saved = comm.bcast_obj(__import__("tempfile").mkdtemp(prefix="g2-tp-save-") if c
 Gemma2ForCausalLM.from_config(small, seed=5, tensor_parallel=True).save_pretrained(saved)
 c = Gemma2ForCausalLM.from_pretrained(saved)(input_ids=x).logits
 res["save_pretrained"] = {"max_diff": float(np.abs(c - b).max()), "greedy_equal": True, "max_abs_logit": 1e-6}
+try:  # resizing the vocabulary would rebuild a whole LM head on every rank: refused, on every rank
+    Gemma2ForCausalLM.from_config(small, seed=5, tensor_parallel=True).resize_token_embeddings(300)
+    res["resize_refused"] = False
+except ValueError as e:
+    res["resize_refused"] = "does not run on a tensor-parallel model" in str(e)
 comm.barrier()
 if comm.rank == 0:
     __import__("shutil").rmtree(saved)

@@ -1,21 +1,18 @@
-"""Run under mpiexec by tests/test_mpi.py: resident weight memory per rank, measured (not counted).
-
-Rank 0 writes a random float32 checkpoint (hidden 512, 4 layers, intermediate 4096, vocab 32000: 181 MB);
-every rank loads it tensor-parallel on the NumPy reference (memory-mapped) and runs a forward pass that
-touches every weight it holds; the growth of its resident set (/proc/self/status RssFile + RssAnon) is
-its resident weight bytes. The same in one process (tensor_parallel=False) gives the whole. Rank 0
-writes {whole, ranks: [...]} in bytes to argv[1]."""
+"""Run by tests/test_mpi.py, under mpiexec (argv[3] = "tp") or as one process ("one"): resident weight memory,
+measured (not counted). Every rank loads the float32 checkpoint argv[1] memory-mapped on the NumPy
+reference, tensor-parallel or not, and runs a forward pass that touches every weight it holds; the growth of
+its resident set (/proc/self/status RssFile + RssAnon) over load + forward is its resident weight bytes.
+Rank 0 writes {"ranks": [bytes per rank]} to argv[2]. One process per measurement, so no mapping of an
+earlier model can be shared with a later one."""
 import json
-import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 
-from gemma2np import Gemma2Config, Gemma2ForCausalLM
+from gemma2np import Gemma2ForCausalLM
 from gemma2np.parallel import get_comm
 
+directory, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 comm = get_comm()
 
 
@@ -29,30 +26,10 @@ def rss():
     return out["RssFile"] + out["RssAnon"]
 
 
-cfg = Gemma2Config(hidden_size=512, intermediate_size=4096, num_hidden_layers=4, num_attention_heads=8,
-                   num_key_value_heads=4, head_dim=64, vocab_size=32000, sliding_window=64)
-d = None
+before = rss()
+model = Gemma2ForCausalLM.from_pretrained(directory, tensor_parallel=(mode == "tp"))
+model(input_ids=np.arange(5, 37)[None])
+ranks = comm.gather_obj(rss() - before)
 if comm.rank == 0:
-    d = tempfile.mkdtemp(prefix="g2-resident-")
-    Gemma2ForCausalLM.from_config(cfg, seed=0).save_pretrained(d)
-d = comm.bcast_obj(d)
-ids = np.arange(5, 37)[None]
-
-
-def resident(tp):
-    before = rss()
-    model = Gemma2ForCausalLM.from_pretrained(d, tensor_parallel=tp)
-    model(input_ids=ids)
-    grown = rss() - before
-    weights = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.endswith(".safetensors"))
-    del model
-    return grown, weights
-
-
-tp_grown, weights = resident(True)
-one_grown, _ = resident(False) if comm.rank == 0 else (None, None)
-ranks = comm.gather_obj(tp_grown)
-if comm.rank == 0:
-    shutil.rmtree(d)
-    with open(sys.argv[1], "w") as f:
-        json.dump({"file_bytes": weights, "whole": one_grown, "ranks": ranks}, f)
+    with open(out, "w") as f:
+        json.dump({"ranks": ranks}, f)
