@@ -243,16 +243,17 @@ def flag(value, name: str, default: bool) -> bool:
 
 def check_cache_fits(cache, batch: int, c) -> None:
     """A cache that already holds keys must have this call's batch size and the config's kv heads / head_dim
-    (else the concatenation in Gemma2Cache.update would fail mid-forward)."""
+    (else Gemma2Cache.update would fail mid-forward)."""
     if cache is None:
         return
-    if len(cache.keys) != c.num_hidden_layers:
+    if len(cache) != c.num_hidden_layers:
         # (only the count: a cache's layer types may differ on purpose, see tests/test_cache.py)
-        raise InputError(f"past_key_values holds {len(cache.keys)} layers, this model has {c.num_hidden_layers}: "
+        raise InputError(f"past_key_values holds {len(cache)} layers, this model has {c.num_hidden_layers}: "
                          "use a cache made for this model")
-    for i, k in enumerate(cache.keys):
-        if k is not None and (k.shape[0] != batch or k.shape[1] != c.num_key_value_heads or k.shape[3] != c.head_dim):
-            raise InputError(f"past_key_values layer {i} holds keys of shape {k.shape}, this call needs "
+    for i in range(len(cache)):
+        shape = cache.layer_shape(i)  # (not cache.keys: that would copy every sliding layer's ring per call)
+        if shape is not None and (shape[0] != batch or shape[1] != c.num_key_value_heads or shape[3] != c.head_dim):
+            raise InputError(f"past_key_values layer {i} holds keys of shape {shape}, this call needs "
                              f"({batch}, {c.num_key_value_heads}, L, {c.head_dim}): batch size, kv heads and head_dim "
                              "must match the cache")
 
