@@ -183,10 +183,12 @@ class Gemma2Cache:
             return kb[:, :, :need], vb[:, :, :need], pb[:need]
         # a sliding layer that is full or fills up now: kept + new in positional order is a fresh array
         # (at most W - 1 old rows copied), then the ring keeps the last W - 1 of them
-        full_k = np.empty(k.shape[:2] + (need,) + k.shape[3:], kdtype)
-        full_v = np.empty(full_k.shape, vdtype)
-        full_p = np.empty(need, np.int64)
-        if n:
+        if n == 0:  # nothing kept (a first prefill longer than the window): the new arrays themselves, no copy
+            full_k, full_v, full_p = k, v, k_pos
+        else:
+            full_k = np.empty(k.shape[:2] + (need,) + k.shape[3:], kdtype)
+            full_v = np.empty(full_k.shape, vdtype)
+            full_p = np.empty(need, np.int64)
             at = 0
             for a, b in self._segments(i):
                 full_k[:, :, at:at + b - a] = self._k[i][:, :, a:b]
@@ -194,13 +196,13 @@ class Gemma2Cache:
                 full_p[at:at + b - a] = self._p[i][a:b]
                 at += b - a
             self.rows_copied += n
-        full_k[:, :, n:], full_v[:, :, n:], full_p[n:] = k, v, k_pos
+            full_k[:, :, n:], full_v[:, :, n:], full_p[n:] = k, v, k_pos
         cap = 0 if self._k[i] is None else self._k[i].shape[2]
         if T >= keep or cap < keep or not self._owned[i] or self._v[i].dtype != vdtype:
             # a fresh ring of exactly W - 1 rows from the tail (prefill longer than the window, first fill)
             self._k[i] = full_k[:, :, need - keep:].copy()
             self._v[i] = full_v[:, :, need - keep:].copy()
-            self._p[i] = full_p[need - keep:].copy()
+            self._p[i] = np.array(full_p[need - keep:], dtype=np.int64)
             self._start[i], self._owned[i] = 0, True
         else:
             # T < W - 1 new rows overwrite the oldest ones, at ring slots (start + n + j) mod (W - 1)

@@ -301,3 +301,19 @@ def test_generate_allocates_max_length_once(backend):
     assert cache.layer_shape(1) == (1, 2, 17, 8)
     # only the sliding layer's ring copied old rows (its W - 1 = 3 kept rows, once per step past the window)
     assert full_copies <= 3 * 12
+
+
+def test_a_reused_cache_grows_once_to_the_next_max_length():
+    """A chat's next turn (generate with past_key_values) reserves its max_length: the global layer grows once
+    to it, and the tokens equal those of a fresh generate over the whole sequence."""
+    model = _model("numpy", "float32", 4, ("sliding_attention", "full_attention"))
+    ids = np.random.default_rng(4).integers(3, 61, size=(1, 5))
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None, return_dict_in_generate=True)
+    cache = first.past_key_values
+    assert cache._k[1].shape[2] == 9
+    turn = np.concatenate([first.sequences, [[7, 8, 9]]], axis=1)  # 12 tokens, 8 of them cached
+    second = model.generate(turn, max_new_tokens=10, do_sample=False, eos_token_id=None, past_key_values=cache,
+                            return_dict_in_generate=True)
+    assert second.past_key_values is cache and cache._k[1].shape[2] == 22 and cache.layer_shape(1)[2] == 21
+    fresh = model.generate(turn, max_new_tokens=10, do_sample=False, eos_token_id=None)
+    np.testing.assert_array_equal(second.sequences, fresh)
