@@ -45,7 +45,11 @@ class Gemma2Cache:
     capacity: an optional hint, the total number of tokens this cache will hold (generate() passes
     max_length): global layers allocate that many rows at their first update instead of growing by
     doubling; sliding layers never hold more than sliding_window - 1. np.empty leaves untouched rows
-    unbacked by memory, so a generous hint costs address space, not RSS."""
+    unbacked by memory, so a generous hint costs address space, not RSS.
+
+    keys / values / positions are built on access, in positional order: views of the filled rows for a
+    layer that keeps everything, copies for a sliding layer (its ring overwrites rows later); either way
+    they stay valid as the cache moves on. For shapes alone use layer_shape(i), which builds nothing."""
 
     def __init__(self, layer_types, sliding_window: int | None, capacity: int | None = None):
         self.layer_types = list(layer_types)
