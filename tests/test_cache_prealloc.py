@@ -317,3 +317,25 @@ def test_a_reused_cache_grows_once_to_the_next_max_length():
     assert second.past_key_values is cache and cache._k[1].shape[2] == 22 and cache.layer_shape(1)[2] == 21
     fresh = model.generate(turn, max_new_tokens=10, do_sample=False, eos_token_id=None)
     np.testing.assert_array_equal(second.sequences, fresh)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["twins"])
+@pytest.mark.parametrize("kv_heads,groups", [(1, 1), (2, 2)])
+def test_longer_decode_at_a_wider_head_is_bitwise_the_same(backend, kv_heads, groups):
+    """head_dim 64, a 40-token window, 100 tokens decoded one by one after a 30-token prefill (crossing the
+    window edge, ring wrap-around and three capacity doublings): bitwise-equal logits on the old cache. With
+    one kv head per query head the reference attention multiplies the cache views themselves (no repeat_kv copy)."""
+    cfg = Gemma2Config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=kv_heads * groups, num_key_value_heads=kv_heads, head_dim=64, sliding_window=40,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256, query_pre_attn_scalar=64,
+        initializer_range=0.2, attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    model = Gemma2ForCausalLM.from_config(cfg, seed=1, backend=backend)
+    ids = np.random.default_rng(5).integers(3, 97, size=(1, 130))
+    caches = [Gemma2Cache(cfg.layer_types, 40), ConcatCache(cfg.layer_types, 40)]
+    a, b = (model(input_ids=ids[:, :30], past_key_values=c, use_cache=True).logits for c in caches)
+    _same(a, b, "prefill")
+    for t in range(30, 130):
+        a, b = (model(input_ids=ids[:, t:t + 1], past_key_values=c, use_cache=True).logits for c in caches)
+        _same(a, b, f"token {t}")
+    assert caches[0]._k[1].shape[2] == 30 * 8 and caches[0]._k[0].shape[2] == 39
