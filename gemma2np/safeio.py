@@ -167,7 +167,11 @@ def read_json_file(path: str, error: type[Exception], what: str | None = None, *
         size = os.fstat(f.fileno()).st_size
         if size > MAX_JSON_FILE:
             raise error(f"{what} is {size} bytes, more than the {MAX_JSON_FILE} a JSON metadata file may have")
-        data = f.read(MAX_JSON_FILE + 1)
+        # read what fstat reported (+1 byte to see a file that grew meanwhile), not MAX_JSON_FILE: a read of
+        # n bytes reserves an n-byte buffer first, 256 MiB for every small config.json otherwise
+        data = f.read(size + 1)
+        if len(data) > MAX_JSON_FILE:
+            raise error(f"{what} grew past the {MAX_JSON_FILE} bytes a JSON metadata file may have while being read")
     return loads_json(data, error, what, **kw)
 
 

@@ -216,7 +216,8 @@ class DecodeState:
     cache: Gemma2Cache | None
 
 
-def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Gemma2Cache | None = None):
+def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Gemma2Cache | None = None,
+            capacity: int | None = None):
     """The prompt in ONE forward pass -> (state, output with the last position's logits).
 
     position ids from the mask: a row's first real token is position 0 whatever its left padding
@@ -228,15 +229,18 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Ge
     generate() call, e.g. the earlier turns of a chat): only the tokens after them are fed, at their absolute
     cache positions, with the attention mask of the whole sequence -- as transformers does when generate() is
     given past_key_values.
+    capacity: the most tokens the cache will hold (generate's max_length), so it is allocated once instead of
+    growing by doubling (gemma2np/cache.py).
     """
     cfg = model.config
     pos = np.cumsum(mask, axis=-1) - 1
     pos[mask == 0] = 0
     if cache is None:
-        cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window) if use_cache else None
+        cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=capacity) if use_cache else None
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=use_cache, logits_to_keep=1, return_dict=True)
         return DecodeState(ids, mask, pos, cache), out
+    cache.reserve(capacity)
     seen = cache.get_seq_length()
     out = model(input_ids=ids[:, seen:], attention_mask=mask, position_ids=pos[:, seen:], past_key_values=cache,
                 use_cache=True, cache_position=np.arange(seen, ids.shape[1], dtype=np.int64), logits_to_keep=1,
@@ -257,7 +261,7 @@ def check_past_cache(cache, ids: np.ndarray, use_cache: bool, num_return_sequenc
     if not 0 <= seen < ids.shape[1]:
         raise GenerationError(f"past_key_values holds {seen} tokens but input_ids has {ids.shape[1]}: input_ids must "
                               "hold the cached tokens plus at least one new token")
-    batches = {k.shape[0] for k in cache.keys if k is not None}
+    batches = {s[0] for s in map(cache.layer_shape, range(len(cache))) if s is not None}
     if batches and batches != {ids.shape[0]}:
         raise GenerationError(f"past_key_values has batch size {sorted(batches)} but input_ids has {ids.shape[0]} rows")
 
@@ -395,7 +399,10 @@ def generate(
     if streamer is not None:
         streamer.put(ids.copy())
 
-    state, out = prefill(model, ids, mask, use_cache, past_key_values)
+    # the cache is allocated once for max_length tokens (capped at the context the model was made for: a
+    # max_new_tokens of 10**6 must not reserve gigabytes up front; past the cap the cache grows by doubling)
+    capacity = min(max_length, model.config.max_position_embeddings)
+    state, out = prefill(model, ids, mask, use_cache, past_key_values, capacity=capacity)
     unfinished = np.ones(B, dtype=bool)
     all_scores, all_logits = [], []
     try:

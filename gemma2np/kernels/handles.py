@@ -1,9 +1,12 @@
-"""Prepared weights of a linear layer for the twins and native backends (the storage formats).
+"""Prepared weights of a linear layer: LinearHandle for the twins and native backends (the storage
+formats), ReferenceLinear for the reference backend (the stored weight, converted at use).
 
 Formats ("float32", "bfloat16", "bfloat16_dp", "int8") and their exact semantics: kernels/twins.py
 (twins.pack makes a handle; the native backend packs with its bitwise-equal C converters).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import numpy as np
 
@@ -48,3 +51,26 @@ def as_2d(x, in_features):
         raise ValueError("x has %d features, the layer expects %d" % (x.shape[-1], in_features))
     lead = x.shape[:-1]
     return np.ascontiguousarray(x.reshape(-1, in_features), dtype=np.float32), lead
+
+
+class ReferenceLinear(NamedTuple):
+    """A linear layer of the reference backend (kernels/ops_backend.py): y = x @ W^T + bias.
+
+    `w` is the weight as the checkpoint stores it (a memory-mapped bf16/f16/f32 array, or a GGUF view):
+    it is converted to `dtype` at each use and the converted copy dropped after, so a bf16 model never
+    holds a float copy of its weights. `row_block`: None converts the whole weight per call (a decoder
+    layer's projection); an int converts and multiplies `row_block` output rows at a time (the LM head,
+    whose float copy is the largest tensor of the model). Indexing [0] gives the stored weight.
+    """
+
+    w: np.ndarray                  # (out, in) as stored
+    bias: np.ndarray | None        # (out,) in the compute dtype, or None
+    dtype: np.dtype                # the compute dtype (float32 or float64)
+    row_block: int | None = None   # rows converted at a time, or None: all of them
+
+    @property
+    def out_features(self):
+        return self.w.shape[0]
+
+    def arrays(self):
+        return [a for a in (self.w, self.bias) if a is not None]

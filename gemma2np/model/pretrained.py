@@ -3,6 +3,7 @@ saving, and the hook that records named intermediates. The decoder math is decod
 
 Loading prepares each weight once for the chosen backend (kernels/protocol.py): linear layers become
 backend handles (memory-mapped where the format allows), norm weights arrays of the compute dtype.
+The reference ("numpy") keeps the stored weights and converts them at use (kernels/ops_backend.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from ..checkpoint import (CheckpointError, bfloat16, check_state_dict, copy_to_r
 from ..config import CONFIG_NAME, Gemma2Config
 from ..gguf_io import load_gguf
 from ..kernels import get_backend
+from ..kernels.ops_backend import VOCAB_ROW_BLOCK, ReferenceBackend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
 from .embeddings import resized_rows, resolve_new_num_tokens
@@ -181,12 +183,12 @@ class Gemma2PreTrainedModel:
 
         tp = self.tp
 
-        def lin(name, bias_name=None):
+        def lin(name, bias_name=None, head=False):
             w = tp.shard(name, state[name])  # tensor-parallel: this rank's rows / columns (else w itself)
             if not self._mmap:
                 w = copy_to_ram(w)  # mmap=False: private copy (huge pages), file pages released as it goes
             b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
-            handle = be.prepare_linear(w, b, weights=weights)
+            handle = be.prepare_linear(w, b, weights=weights, **(_head_options(be) if head else {}))
             if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
                 release_pages(w)  # converted copy in use: let the file pages leave our resident set
             return handle
@@ -205,7 +207,7 @@ class Gemma2PreTrainedModel:
             if progress is not None:  # (layers prepared, total): lets a CLI draw a loading bar
                 progress(i + 1, c.num_hidden_layers)
         self.norm = _to_compute(state[p + "norm.weight"], dt)
-        self._load_head(state, lin)
+        self._load_head(state, lambda name, bias_name=None: lin(name, bias_name, head=True))
         self.rotary_emb = RotaryEmbedding(c.rope_parameters, c.head_dim, c.max_position_embeddings, dtype=dt)
         self._state = state  # for save_pretrained / state_dict (memory-mapped: costs no RAM)
 
@@ -403,7 +405,7 @@ class Gemma2PreTrainedModel:
         lm_head = None
         if self.head_kind == "causal_lm":
             lm_head = self.backend.prepare_linear(embed if tied else state["lm_head.weight"], None,
-                                                  weights=self.weights_format)
+                                                  weights=self.weights_format, **_head_options(self.backend))
         for m in views:
             m._state = state
             m.embed_tokens = embed
@@ -444,6 +446,13 @@ class Gemma2PreTrainedModel:
     def _base(self):
         """The Gemma2Model whose forward pass records (the model itself, or a head's .model)."""
         return self
+
+
+def _head_options(be) -> dict:
+    """prepare_linear options of a head (LM head, classification score). The reference converts a head
+    VOCAB_ROW_BLOCK rows at a time (kernels/ops_backend.py): a bf16 model never holds the float copy of
+    its 256000-row matrix. The other backends pack their weights at load and take no such option."""
+    return {"row_block": VOCAB_ROW_BLOCK} if isinstance(be, ReferenceBackend) else {}
 
 
 def _arrays_of(handle) -> list:

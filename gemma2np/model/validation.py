@@ -243,18 +243,19 @@ def flag(value, name: str, default: bool) -> bool:
 
 def check_cache_fits(cache, batch: int, c, kv_heads: int | None = None) -> None:
     """A cache that already holds keys must have this call's batch size and the model's kv heads / head_dim
-    (else the concatenation in Gemma2Cache.update would fail mid-forward). kv_heads: the heads this model
-    caches (tensor-parallel: the rank's), default the config's."""
+    (else Gemma2Cache.update would fail mid-forward). kv_heads: the heads this model caches (tensor-parallel:
+    the rank's), default the config's."""
     if cache is None:
         return
     K = c.num_key_value_heads if kv_heads is None else kv_heads
-    if len(cache.keys) != c.num_hidden_layers:
+    if len(cache) != c.num_hidden_layers:
         # (only the count: a cache's layer types may differ on purpose, see tests/test_cache.py)
-        raise InputError(f"past_key_values holds {len(cache.keys)} layers, this model has {c.num_hidden_layers}: "
+        raise InputError(f"past_key_values holds {len(cache)} layers, this model has {c.num_hidden_layers}: "
                          "use a cache made for this model")
-    for i, k in enumerate(cache.keys):
-        if k is not None and (k.shape[0] != batch or k.shape[1] != K or k.shape[3] != c.head_dim):
-            raise InputError(f"past_key_values layer {i} holds keys of shape {k.shape}, this call needs "
+    for i in range(len(cache)):
+        shape = cache.layer_shape(i)  # (not cache.keys: that would copy every sliding layer's ring per call)
+        if shape is not None and (shape[0] != batch or shape[1] != K or shape[3] != c.head_dim):
+            raise InputError(f"past_key_values layer {i} holds keys of shape {shape}, this call needs "
                              f"({batch}, {K}, L, {c.head_dim}): batch size, kv heads and head_dim "
                              "must match the cache")
 
