@@ -37,6 +37,7 @@ maps names, shapes and metadata, and undoes llama.cpp's conventions:
 from __future__ import annotations
 
 import math
+import mmap
 import os
 import re
 from typing import Any
@@ -73,6 +74,103 @@ GGUF_TO_HF = {"global": _GLOBAL_MAP, "layer": _LAYER_MAP}
 _BLK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
+# GGUF value types (ggml's gguf.h): fixed element sizes; 8 = string (u64 length + bytes), 9 = array
+# (u32 element type, u64 count, elements)
+_GGUF_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_MAX_DEPTH = 8
+
+
+class _Scan:
+    """A bounds-checked walk over a GGUF header, before the `gguf` package reads it.
+
+    The package trusts every count in the file: an array declaring 2**62 elements past the end of the data
+    makes it loop, appending empty views, until memory runs out (found by tests/test_fuzz.py). Here every
+    count is checked against the bytes that remain before anything is built, so a hostile header is a
+    CheckpointError naming what is wrong, at a cost of one pass over the metadata."""
+
+    def __init__(self, data, path: str):
+        self.data, self.path, self.pos = data, path, 0
+
+    def fail(self, what: str):
+        raise CheckpointError(f"{self.path}: not a readable GGUF file ({what} at byte {self.pos})")
+
+    def take(self, n: int, what: str) -> memoryview:
+        if n < 0 or n > len(self.data) - self.pos:
+            self.fail(f"{what} needs {n} bytes, {len(self.data) - self.pos} remain")
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def u32(self, what: str) -> int:
+        return int.from_bytes(self.take(4, what), "little")
+
+    def u64(self, what: str) -> int:
+        return int.from_bytes(self.take(8, what), "little")
+
+    def string(self, what: str) -> None:
+        self.take(self.u64(what + " length"), what)
+
+    def value(self, vtype: int, what: str, depth: int = 0) -> None:
+        if vtype in _GGUF_FIXED:
+            self.take(_GGUF_FIXED[vtype], what)
+        elif vtype == 8:
+            self.string(what)
+        elif vtype == 9:
+            if depth >= _GGUF_MAX_DEPTH:
+                self.fail(f"{what}: arrays nested deeper than {_GGUF_MAX_DEPTH}")
+            etype = self.u32(what + " element type")
+            count = self.u64(what + " element count")
+            if etype in _GGUF_FIXED:
+                self.take(count * _GGUF_FIXED[etype], f"{what} ({count} elements)")
+                return
+            # strings take >= 8 bytes each, arrays >= 12: a count the rest of the file cannot hold is refused
+            # before walking it
+            smallest = 8 if etype == 8 else 12
+            if count * smallest > len(self.data) - self.pos:
+                self.fail(f"{what} declares {count} elements, more than the file holds")
+            for _ in range(count):
+                self.value(etype, what, depth + 1)
+        else:
+            self.fail(f"{what}: unknown value type {vtype}")
+
+
+def _prescan(path: str) -> None:
+    """Check a GGUF file's header (magic, version, every key/value and tensor record) against its size."""
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError):  # an empty file cannot be mapped
+            raise CheckpointError(f"{path}: not a readable GGUF file (empty)") from None
+    data = memoryview(mm)
+    try:
+        _scan_header(_Scan(data, path))
+    finally:
+        data.release()
+        mm.close()
+
+
+def _scan_header(sc: _Scan) -> None:
+    data = sc.data
+    if bytes(sc.take(4, "magic")) != b"GGUF":
+        sc.fail("no GGUF magic")
+    version = sc.u32("version")
+    if version not in (2, 3):
+        sc.fail(f"GGUF version {version} (2 and 3 are read)")
+    n_tensors, n_kv = sc.u64("tensor count"), sc.u64("metadata count")
+    # every key/value takes >= 8 + 4 + 1 bytes and every tensor record >= 8 + 4 + 8 + 4 + 8
+    if n_kv * 13 + n_tensors * 32 > len(data) - sc.pos:
+        sc.fail(f"{n_kv} metadata entries and {n_tensors} tensors declared, more than the file holds")
+    for i in range(n_kv):
+        sc.string(f"metadata key {i}")
+        sc.value(sc.u32(f"metadata {i} type"), f"metadata value {i}")
+    for i in range(n_tensors):
+        sc.string(f"tensor {i} name")
+        n_dims = sc.u32(f"tensor {i} dimension count")
+        if n_dims > 4:  # GGML_MAX_DIMS
+            sc.fail(f"tensor {i} has {n_dims} dimensions (at most 4)")
+        sc.take(8 * n_dims + 4 + 8, f"tensor {i} record")
+
+
 def _open(path: str):
     try:
         import gguf
@@ -81,6 +179,7 @@ def _open(path: str):
     if not os.path.lexists(path):
         raise CheckpointError(f"GGUF file not found: {path!r}")
     check_regular(path, CheckpointError, "GGUF file")  # never open a FIFO / device / directory
+    _prescan(path)
     try:
         return gguf, gguf.GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError / IndexError / struct errors on bad input

@@ -49,9 +49,27 @@ def _typed(exc: BaseException) -> bool:
     return isinstance(exc, ValueError) and type(exc).__module__.split(".")[0] == "gemma2np"
 
 
+_WARM = []
+
+
+def _warm_up():
+    """Start the thread pools once, before any cap: OpenBLAS and OpenMP reserve address space for each
+    worker thread (stacks, buffers, malloc arenas) on their first call. Started under the cap, that first
+    call could fail to allocate -- a MemoryError that depends on test order, or a crash inside the BLAS
+    library, which does not check its allocations -- whatever the input under test."""
+    if not _WARM:
+        a = np.ones((64, 64), np.float32)
+        for _ in range(2):
+            a @ a
+        cfg = Gemma2Config(**_MICRO)
+        Gemma2ForCausalLM.from_config(cfg, seed=0)(input_ids=np.array([[1, 2, 3]]))
+        _WARM.append(True)
+
+
 @contextlib.contextmanager
 def _memory_cap(extra=2 << 30):
     """RLIMIT_AS = what the process maps now + `extra`, restored afterwards."""
+    _warm_up()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     with _REAL_OPEN("/proc/self/statm") as f:  # not through a test's open() recorder
         now = int(f.read().split()[0]) * resource.getpagesize()

@@ -1077,3 +1077,38 @@ def test_hostile_generation_config_is_a_typed_error(tmp_path):
                            text=True, timeout=120)
         assert r.returncode == 2, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "generation_config.json" in r.stderr
+
+
+@pytest.mark.parametrize("etype, count", [(8, 2**62), (4, 2**62), (9, 2**40), (8, 7885070015651643392)])
+def test_gguf_array_counts_past_the_file_are_refused_before_reading(tmp_path, etype, count):
+    """An array whose declared element count the file cannot hold: the `gguf` package would loop on it
+    (appending empty views until memory ran out; found by tests/test_fuzz.py). Refused up front, quickly."""
+    import time
+
+    from gemma2np.checkpoint import CheckpointError
+    from gemma2np.gguf_io import load_gguf
+
+    key = b"tokenizer.ggml.tokens"
+    raw = (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key
+           + struct.pack("<IIQ", 9, etype, count) + b"\0" * 64)
+    p = tmp_path / "m.gguf"
+    p.write_bytes(raw)
+    t0 = time.monotonic()
+    with pytest.raises(CheckpointError, match="elements"):
+        load_gguf(p)
+    assert time.monotonic() - t0 < 5
+
+
+def test_gguf_header_walk_accepts_valid_files(tmp_path):
+    """The header walk refuses no valid file: GGUFs written by the gguf package (llama.cpp's own writer) in
+    F32 / F16 / Q8_0 with the full metadata. (Checked by hand on llama.cpp's convert_hf_to_gguf.py output of
+    the bundled model, F32 / BF16 / Q8_0 / Q4_0, which is too large to commit.)"""
+    from gemma2np.gguf_io import _prescan, load_gguf
+    from test_gguf import Q, make_model, write_gguf
+
+    for qtype in (Q.F32, Q.F16, Q.Q8_0):
+        cfg, state = make_model()
+        p = tmp_path / f"m-{qtype.name}.gguf"
+        write_gguf(p, cfg, state, qtype=qtype)
+        _prescan(str(p))
+        load_gguf(p)
