@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .parallel import get_comm, map_windows
+
 __all__ = ["PerplexityError", "WindowScore", "make_windows", "score_windows", "summarize",
            "add_perplexity_parser", "run_perplexity"]
 
@@ -223,7 +225,17 @@ def run_perplexity(args) -> int:
     except PerplexityError as exc:
         return _error(str(exc))
     bar = _Bar("scoring") if sys.stderr.isatty() else None  # like the loading bar of gemma2np.cli
-    res = summarize(score_windows(model, windows, reference, progress=bar), args.ctx)
+    comm = get_comm()
+    if comm.size > 1:
+        # under mpiexec: data-parallel, each rank scores windows rank, rank + N, ... with its whole model;
+        # rank 0 gathers them in window order, so summarize adds exactly what one process adds
+        scores = map_windows(lambda w: score_windows(model, [w], reference)[0], windows, comm,
+                             broadcast_items=False)  # every rank tokenized the same text
+        if comm.rank != 0:
+            return 0
+    else:
+        scores = score_windows(model, windows, reference, progress=bar)
+    res = summarize(scores, args.ctx)
     print(f"model: {path} (backend {model.backend.name}, {args.weights or 'as stored'}, {args.dtype})  "
           f"text: {args.text} ({len(ids)} tokens)")
     print(f"{res['windows']} windows of {res['ctx']} tokens (<bos> + {res['ctx'] - 1}), {res['tokens_scored']} tokens "

@@ -213,3 +213,23 @@ def test_each_rank_maps_only_its_slices(n, tmp_path, f32_checkpoint):
     print(f"\n-n {n}: resident per rank {[f'{r / 1e6:.0f} MB' for r in ranks]} = {[f'{s:.2f}' for s in shares]}"
           f" of one process ({whole / 1e6:.0f} MB)")
     assert all(s < 1 / n + 0.2 for s in shares), shares
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_cli_perplexity_is_data_parallel_under_mpiexec(n, tmp_path):
+    """`mpiexec -n N gemma2np perplexity ...`: windows spread over the ranks (each holding the whole model),
+    gathered on rank 0 in window order: the same JSON, bit for bit, as one process; printed once."""
+    from test_perplexity import TEXT
+
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 3, encoding="utf-8")
+    outs = {}
+    for ranks in (0, n):
+        out = tmp_path / f"ppl{ranks}.json"
+        p = run_mpi(ranks, "-m", "gemma2np", "perplexity", "--text", text, "--ctx", "24", "--max-windows", "7",
+                    "--against", "float32", "--backend", "native", "--json", out, timeout=180)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert p.stdout.count(" windows of ") == 1, p.stdout  # printed by rank 0 only
+        outs[ranks] = json.loads(out.read_text())
+    assert outs[0]["windows"] == 7
+    assert outs[n] == outs[0]

@@ -20,9 +20,10 @@ import sys
 
 from .comm import RankError, get_comm, install_abort_on_error, mpi_world_size
 
-__all__ = ["cli_session", "TP_COMMANDS", "is_collective"]
+__all__ = ["cli_session", "TP_COMMANDS", "DP_COMMANDS", "is_collective"]
 
-TP_COMMANDS = ("generate",)
+TP_COMMANDS = ("generate",)  # tensor-parallel: every rank holds a slice of the model
+DP_COMMANDS = ("perplexity",)  # data-parallel: every rank holds the whole model and scores its share of windows
 SILENCED = False  # True on ranks > 0 once their stdout / stderr go to /dev/null (they keep their streamer)
 
 
@@ -46,10 +47,11 @@ def cli_session(args):
     comm = get_comm()
     install_abort_on_error(comm)
     command = getattr(args, "command", None)
-    if command not in TP_COMMANDS:
+    if command not in TP_COMMANDS + DP_COMMANDS:
         if comm.rank == 0:
             print(f"gemma2np {command}: error: under mpiexec ({comm.size} processes) only "
-                  f"{', '.join(TP_COMMANDS)} runs (tensor-parallel); run {command} as one process", file=sys.stderr)
+                  f"{', '.join(TP_COMMANDS)} runs (tensor-parallel), and {', '.join(DP_COMMANDS)} (data-parallel); "
+                  f"run {command} as one process", file=sys.stderr)
         sys.stderr.flush()
         raise SystemExit(2)
     if comm.rank != 0:
