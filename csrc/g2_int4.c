@@ -1,0 +1,109 @@
+/* linear with int4 weights (the layout of gemma2np/kernels/int4.py: Q4_K-like super-blocks of 256
+ * inputs, 4-bit codes, 6-bit sub-block scales/mins against an f16 d / dmin; 4.5 bits per weight).
+ *
+ * First cut, no arithmetic of its own beyond the dequantisation: W is cut into fixed blocks of rows
+ * (independent of the thread count); each block is widened into per-thread scratch -- to float32
+ * (x with fewer than G2_DP_MIN_M rows: decode keeps x in float32, like int8) or to bf16 (RNE) of
+ * those float32 values (prefill: vdpbf16ps, like int8) -- and run through g2_linear on one thread
+ * (G2_W_F32 / G2_W_BF16DP), whose outputs do not depend on tiling or batch size. So every output is
+ * computed by one fixed instruction sequence whatever the thread count. */
+#include "g2_internal.h"
+
+/* IEEE half -> float32, exact (denormals included; inf/NaN kept) */
+static inline float f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu, u;
+    if (e == 31u) u = sign | 0x7F800000u | (m << 13);
+    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else { /* denormal: normalise */
+        e = 113u;
+        while (!(m & 0x400u)) { m <<= 1; e--; }
+        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* one row: codes (K/2 bytes), meta (K/256 * 16 bytes) -> dst float32 (K):
+ * w = (d * ls_j) * u - dmin * lm_j, both products exact, one rounding (the subtraction) */
+static void widen_i4_row(const uint8_t *codes, const uint8_t *meta, int64_t K, float *dst) {
+    for (int64_t s = 0; s < K / 256; s++) {
+        const uint8_t *mb = meta + s * 16;
+        const float d = f16_to_f32((uint16_t)(mb[0] | (mb[1] << 8)));
+        const float dmin = f16_to_f32((uint16_t)(mb[2] | (mb[3] << 8)));
+        int v[16];
+        for (int g = 0; g < 4; g++) {
+            const uint32_t word = (uint32_t)mb[4 + 3 * g] | ((uint32_t)mb[5 + 3 * g] << 8) | ((uint32_t)mb[6 + 3 * g] << 16);
+            for (int t = 0; t < 4; t++) v[4 * g + t] = (int)((word >> (6 * t)) & 63u);
+        }
+        for (int j = 0; j < 8; j++) {
+            const float D = d * (float)v[j], Mn = dmin * (float)v[8 + j];
+            const uint8_t *c = codes + s * 128 + j * 16;
+            float *o = dst + s * 256 + j * 32;
+            for (int i = 0; i < 16; i++) {
+                o[2 * i] = D * (float)(c[i] & 15) - Mn;
+                o[2 * i + 1] = D * (float)(c[i] >> 4) - Mn;
+            }
+        }
+    }
+}
+
+void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, int64_t K, float *out,
+                        int n_threads) {
+    const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * G2_NS_PER_ELEM);
+    int64_t n;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (n = 0; n < N; n++) widen_i4_row(codes + n * (K / 2), meta + n * (K / 256) * 16, K, out + n * K);
+}
+
+int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
+                   int64_t N, float *y, int n_threads) {
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0 || K % 256) return -2;
+    const int dp = M >= G2_DP_MIN_M;
+    /* rows per block: ~256 KB of widened float32 rows (stays in L2 while x runs over it), a
+     * multiple of 4 (the f32 tiles' NR); fixed by K alone, so never by the thread count */
+    int64_t R = (256 * 1024) / (K * 4);
+    R = R / 4 * 4;
+    if (R < 4) R = 4;
+    const int64_t nblk = (N + R - 1) / R;
+    /* streaming the 4.5-bit weights plus the widening and the multiply-adds */
+    const double macs = (double)M * (double)N * (double)K;
+    int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * (0.5625 * G2_NS_PER_WBYTE + G2_NS_PER_ELEM * 0.25) +
+                                               macs * (dp ? G2_NS_PER_MAC_BF16DP : G2_NS_PER_MAC_F32));
+    if (nt > nblk) nt = (int)nblk;
+    const size_t wbytes = (size_t)(R * K) * sizeof(float), ybytes = (size_t)(M * R) * sizeof(float);
+    char *scratch_all = (char *)malloc((size_t)nt * (wbytes + (dp ? wbytes / 2 : 0) + ybytes));
+    if (!scratch_all) return -1;
+    int fail = 0;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+    {
+        char *mine = scratch_all + (size_t)g2_thread_id() * (wbytes + (dp ? wbytes / 2 : 0) + ybytes);
+        float *wf = (float *)mine;
+        float *yt = (float *)(mine + wbytes);
+        uint16_t *wb = dp ? (uint16_t *)(mine + wbytes + ybytes) : NULL;
+        int64_t b;
+#pragma omp for schedule(static)
+        for (b = 0; b < nblk; b++) {
+            const int64_t n0 = b * R, nr = G2_MIN(R, N - n0);
+            for (int64_t r = 0; r < nr; r++)
+                widen_i4_row(codes + (n0 + r) * (K / 2), meta + (n0 + r) * (K / 256) * 16, K, wf + r * K);
+            int rc;
+            if (dp) { /* prefill: bf16(w) (RNE) on vdpbf16ps, x rounded to bf16 by g2_linear */
+                for (int64_t i = 0; i < nr * K; i++) wb[i] = f32_to_bf16(wf[i]);
+                rc = g2_linear(x, M, K, G2_W_BF16DP, wb, NULL, 0, nr, NULL, yt, 1);
+            } else {
+                rc = g2_linear(x, M, K, G2_W_F32, wf, NULL, 0, nr, NULL, yt, 1);
+            }
+            if (rc) {
+#pragma omp atomic write
+                fail = 1;
+            }
+            for (int64_t m = 0; m < M; m++) memcpy(y + m * N + n0, yt + m * nr, (size_t)nr * sizeof(float));
+        }
+    }
+    free(scratch_all);
+    return fail ? -1 : 0;
+}
