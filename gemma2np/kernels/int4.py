@@ -153,14 +153,14 @@ def dequantize_int4(codes, meta):
     return (D[:, :, None] * u - M[:, :, None]).reshape(N, K)
 
 
-def quantize_rows(w, chunk_bytes=32 << 20, release=None):
+def quantize_rows(w, chunk_bytes=4 << 20, release=None):
     """quantize_int4 in chunks of rows (a memory-mapped checkpoint tensor is read, quantised and,
     with release(chunk), its pages dropped chunk by chunk: no float copy of the whole tensor)."""
     N, K = w.shape
     check_shape(N, K)
     codes = np.empty((N, K // 2), np.uint8)
     meta = np.empty((N, K // SUPER * META_BYTES), np.uint8)
-    rows = max(1, chunk_bytes // max(1, K * w.dtype.itemsize))
+    rows = max(1, chunk_bytes // (K * 4))  # rows of float32 per chunk (the search holds ~10 such temporaries)
     for r0 in range(0, N, rows):
         chunk = w[r0:r0 + rows]
         codes[r0:r0 + rows], meta[r0:r0 + rows] = quantize_int4(np.asarray(chunk, np.float32))
