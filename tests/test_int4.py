@@ -143,14 +143,14 @@ def test_quantize_rows_equals_whole_and_checks_shape():
 @SETTINGS
 @given(N=st.integers(1, 45), nsb=st.integers(1, 3), kind=st.sampled_from(["normal", "scaled", "positive", "sparse"]),
        threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
-def test_dequantize_native_matches_twin(N, nsb, kind, threads, seed):
+def test_dequantize_native_matches_twin(simd, N, nsb, kind, threads, seed):
     r = np.random.default_rng(seed)
     codes, meta = int4.quantize_int4(_weights(r, N, 256 * nsb, kind))
     np.testing.assert_array_equal(nat.dequantize_int4(codes, meta, n_threads=threads),
                                   int4.dequantize_int4(codes, meta))
 
 
-def test_dequantize_native_f16_special_values():
+def test_dequantize_native_f16_special_values(simd):
     """every f16 bit pattern of d (denormals, inf, NaN) widens as numpy's float16 -> float32 does"""
     codes = np.full((1, 128), 0x5A, np.uint8)
     meta = np.zeros((1, 16), np.uint8)
