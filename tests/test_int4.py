@@ -127,9 +127,10 @@ def test_quantize_rows_equals_whole_and_checks_shape():
     released = []
     chunked = int4.quantize_rows(w.astype(ref.BF16).astype(np.float32), chunk_bytes=256 * 4 * 8,
                                  release=released.append)
-    c2, m2 = int4.quantize_rows(w, chunk_bytes=256 * 4 * 8)
-    np.testing.assert_array_equal(c2, whole[0])
-    np.testing.assert_array_equal(m2, whole[1])
+    for t in (1, 3):
+        c2, m2 = int4.quantize_rows(w, chunk_bytes=256 * 4 * 8, n_threads=t)
+        np.testing.assert_array_equal(c2, whole[0])
+        np.testing.assert_array_equal(m2, whole[1])
     assert len(released) == 7 and chunked[0].shape == whole[0].shape
     with pytest.raises(ValueError, match="multiple of 256"):
         int4.quantize_int4(np.zeros((2, 320), np.float32))

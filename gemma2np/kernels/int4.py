@@ -43,42 +43,53 @@ def _nearest(a):
 
 def _qkx2(x, w):
     """make_qkx2_quants(32, 15, x, w, rmin=-1, rdelta=0.1, nstep=20, use_mad=False) on rows of x
-    (R, 32), float32 -> (scale (R,), min_pos (R,)) with w ~= scale * L - min_pos."""
-    f = np.float32
+    (R, 32), float32 -> (scale (R,), min_pos (R,)) with w ~= scale * L - min_pos.
+
+    The candidate codes L are rounded in float32 as llama.cpp does; the weighted sums are taken in
+    float64 and each candidate's squared error is expanded from them,
+    sum w (s L + m - x)^2 = s^2 Swll + m^2 Sw + Swxx + 2 s m Swl - 2 s Swxl - 2 m Swx,
+    which needs no pass over the weights beyond the three products w L, w L L, w L x (the direct
+    form took ~3x the time; the float64 sums keep the expansion's cancellation ~1e-12 of Swxx, far
+    below the differences between candidates it decides)."""
+    f, g = np.float32, np.float64
     mn = np.minimum(x.min(axis=1), f(0))
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1, dtype=f)
-    sum_x = (w * x).sum(axis=1, dtype=f)
-    rng_ = mx - mn
-    flat = rng_ == 0
-    safe = np.where(flat, f(1), rng_)
+    sum_w = w.sum(axis=1, dtype=g)
+    sum_x = (w * x).sum(axis=1, dtype=g)
+    sum_xx = (w * x * x).sum(axis=1, dtype=g)
+    flat = mx == mn
+    safe = np.where(flat, f(1), mx - mn)
+    xm = x - mn[:, None]
+
+    def sums(isc):
+        L = np.rint(isc[:, None] * xm)
+        np.clip(L, 0, _NMAX, out=L)
+        wl = w * L
+        return L, wl.sum(axis=1, dtype=g), (wl * L).sum(axis=1, dtype=g), (wl * x).sum(axis=1, dtype=g)
+
+    def err(s, m, sl, sl2, sxl):
+        return s * s * sl2 + m * m * sum_w + sum_xx + 2 * s * m * sl - 2 * s * sxl - 2 * m * sum_x
+
     iscale = f(_NMAX) / safe
-    scale = f(1) / iscale
-    L = np.clip(_nearest(iscale[:, None] * (x - mn[:, None])), 0, _NMAX).astype(f)
-    diff = scale[:, None] * L + mn[:, None] - x
-    best = (w * diff * diff).sum(axis=1, dtype=f)
-    best_scale, best_min = scale.copy(), mn.copy()
+    _, sl, sl2, sxl = sums(iscale)
+    best_scale, best_min = (f(1) / iscale).astype(g), mn.astype(g)
+    best = err(best_scale, best_min, sl, sl2, sxl)
     for i in range(_NSTEP + 1):
-        isc = f(_RMIN + _RDELTA * i + _NMAX) / safe
-        La = np.clip(_nearest(isc[:, None] * (x - mn[:, None])), 0, _NMAX).astype(f)
-        sum_l = (w * La).sum(axis=1, dtype=f)
-        sum_l2 = (w * La * La).sum(axis=1, dtype=f)
-        sum_xl = (w * La * x).sum(axis=1, dtype=f)
-        D = sum_w * sum_l2 - sum_l * sum_l
+        _, sl, sl2, sxl = sums(f(_RMIN + _RDELTA * i + _NMAX) / safe)
+        D = sum_w * sl2 - sl * sl
         ok = D > 0
-        Ds = np.where(ok, D, f(1))
-        ts = (sum_w * sum_xl - sum_x * sum_l) / Ds
-        tm = (sum_l2 * sum_x - sum_l * sum_xl) / Ds
+        Ds = np.where(ok, D, 1.0)
+        ts = (sum_w * sxl - sum_x * sl) / Ds
+        tm = (sl2 * sum_x - sl * sxl) / Ds
         pos = tm > 0  # the min is clamped to <= 0 (so it is a non-negative offset), scale refitted
-        tm = np.where(pos, f(0), tm)
-        ts = np.where(pos, sum_xl / np.where(sum_l2 > 0, sum_l2, f(1)), ts)
-        d2 = ts[:, None] * La + tm[:, None] - x
-        mad = (w * d2 * d2).sum(axis=1, dtype=f)
+        tm = np.where(pos, 0.0, tm)
+        ts = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1.0), ts)
+        mad = err(ts, tm, sl, sl2, sxl)
         better = ok & (mad < best)
         best = np.where(better, mad, best)
         best_scale = np.where(better, ts, best_scale)
         best_min = np.where(better, tm, best_min)
-    best_scale = np.where(flat, f(0), best_scale)
+    best_scale = np.where(flat, 0.0, best_scale)
     return best_scale.astype(f), (-best_min).astype(f)
 
 
@@ -153,17 +164,29 @@ def dequantize_int4(codes, meta):
     return (D[:, :, None] * u - M[:, :, None]).reshape(N, K)
 
 
-def quantize_rows(w, chunk_bytes=4 << 20, release=None):
+def quantize_rows(w, chunk_bytes=4 << 20, release=None, n_threads=1):
     """quantize_int4 in chunks of rows (a memory-mapped checkpoint tensor is read, quantised and,
-    with release(chunk), its pages dropped chunk by chunk: no float copy of the whole tensor)."""
+    with release(chunk), its pages dropped chunk by chunk: no float copy of the whole tensor).
+    n_threads > 1 quantises that many chunks at a time (NumPy releases the GIL in its loops); every
+    chunk's result depends on its rows alone, so the output is the same for any n_threads."""
     N, K = w.shape
     check_shape(N, K)
     codes = np.empty((N, K // 2), np.uint8)
     meta = np.empty((N, K // SUPER * META_BYTES), np.uint8)
     rows = max(1, chunk_bytes // (K * 4))  # rows of float32 per chunk (the search holds ~10 such temporaries)
-    for r0 in range(0, N, rows):
+
+    def one(r0):
         chunk = w[r0:r0 + rows]
         codes[r0:r0 + rows], meta[r0:r0 + rows] = quantize_int4(np.asarray(chunk, np.float32))
         if release is not None:
             release(chunk)
+
+    starts = range(0, N, rows)
+    if n_threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(one, starts))
+    else:
+        for r0 in starts:
+            one(r0)
     return codes, meta

@@ -63,7 +63,7 @@ class NativeBackend:
             # quantised in NumPy (kernels/int4.py: the RMSE search is not ported to C), in chunks of
             # rows with the checkpoint's pages released behind them, as int8 is
             b = check_bias(bias, np.shape(w)[0])
-            codes, meta = int4.quantize_rows(w, release=release_pages)
+            codes, meta = int4.quantize_rows(w, release=release_pages, n_threads=self.n_threads)
             return LinearHandle("int4", codes, meta, int4.SUPER, bias=b)
         if weights == "int4":  # 2-D check / the int8 stand-in of a matrix int4 cannot hold: twins.pack
             return self.prepare_linear(w, bias, "int8") if np.ndim(w) == 2 else twins.pack(w, bias, weights, self.int8_block)
