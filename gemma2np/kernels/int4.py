@@ -164,6 +164,24 @@ def dequantize_int4(codes, meta):
     return (D[:, :, None] * u - M[:, :, None]).reshape(N, K)
 
 
+def magnitudes_int4(codes, meta):
+    """float32 (N, K): |(d * ls) * u| + |dmin * lm| per weight, the size of the two terms the fused
+    decode kernel sums separately (sum_j (d ls_j) sum x u - (dmin lm_j) sum x): its rounding errors
+    are relative to these, not to |w| (tests/test_int4.py's bound)."""
+    codes = np.asarray(codes, np.uint8)
+    N, K2 = codes.shape
+    m = np.asarray(meta, np.uint8).reshape(-1, META_BYTES)
+    d = np.ascontiguousarray(m[:, 0:2]).view("<f2")[:, 0]
+    dmin = np.ascontiguousarray(m[:, 2:4]).view("<f2")[:, 0]
+    v = _unpack6(m[:, 4:])
+    D, M = _sub_scales(d, dmin, v[:, :NSUB], v[:, NSUB:])
+    u = np.empty((N, 2 * K2), np.uint8)
+    u[:, 0::2] = codes & 15
+    u[:, 1::2] = codes >> 4
+    u = u.reshape(-1, NSUB, SUB).astype(np.float32)
+    return (np.abs(D[:, :, None] * u) + np.abs(M[:, :, None])).reshape(N, 2 * K2)
+
+
 def quantize_rows(w, chunk_bytes=4 << 20, release=None, n_threads=1):
     """quantize_int4 in chunks of rows (a memory-mapped checkpoint tensor is read, quantised and,
     with release(chunk), its pages dropped chunk by chunk: no float copy of the whole tensor).
