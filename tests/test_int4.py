@@ -283,3 +283,22 @@ def test_from_pretrained_int4_native_equals_twins_and_keeps_the_head_int8():
         np.testing.assert_allclose(a, b, atol=5e-2 if n_tok >= ref.DP_MIN_M else 1e-3, rtol=0)
         assert np.max(np.abs(a - c)) > 1e-3  # it is not float32 ...
         assert np.mean(np.argmax(a, -1) == np.argmax(c, -1)) >= 0.8  # ... but close to it
+
+
+def test_cli_weights_int4_runs_native_and_info_counts_its_bytes(capsys):
+    import json
+
+    from gemma2np.cli import main
+    from gemma2np import Gemma2ForCausalLM
+    assert main(["generate", "--model", str(BUNDLED), "--weights", "int4", "--prompt", "To be",
+                 "--max-new-tokens", "4", "-v"]) == 0
+    out = capsys.readouterr()
+    assert "int4" in out.out + out.err
+    assert main(["info", "--model", str(BUNDLED), "--json"]) == 0
+    wb = json.loads(capsys.readouterr().out)["weight_bytes"]
+    m = Gemma2ForCausalLM.from_pretrained(BUNDLED, backend="native", weights="int4")
+    mats = [getattr(l, n) for l in m.layers for n in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                      "up_proj", "down_proj")] + [m.lm_head]
+    vec_bytes = wb["float32"] - 4 * sum(h.out_features * h.in_features for h in mats)
+    assert wb["int4"] == sum(h.nbytes for h in mats) + vec_bytes  # the handles' bytes exactly
+    assert wb["int4"] < wb["int8"]
