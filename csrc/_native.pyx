@@ -28,6 +28,10 @@ cdef extern from "gemma2np_kernels.h" nogil:
     int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, const void **w,
                         const float **scales, const int64_t *N, int64_t block, float **y,
                         int n_threads)
+    void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, int64_t K, float *out,
+                            int n_threads)
+    int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
+                       int64_t N, float *y, int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
@@ -244,6 +248,58 @@ def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threa
                        block, N, bp, <float *>cnp.PyArray_DATA(ya), nt)
     if rc != 0:
         raise MemoryError("g2_linear: out of memory")
+    return y
+
+
+def _check_int4(codes, meta):
+    _check(codes, "codes", np.uint8, 2)
+    _check(meta, "meta", np.uint8, 2)
+    cdef int64_t N = codes.shape[0], K = 2 * codes.shape[1]
+    if K == 0 or K % 256:
+        raise ValueError("int4 codes must have shape (N, K/2) with K a multiple of 256, got %s" % (codes.shape,))
+    if meta.shape[0] != N or meta.shape[1] != K // 256 * 16:
+        raise ValueError("int4 meta must have shape (%d, %d), got %s" % (N, K // 256 * 16, meta.shape))
+    return N, K
+
+
+def dequantize_int4(codes, meta, n_threads=None):
+    """int4 (codes uint8 (N, K/2), meta uint8 (N, K/256*16)) -> float32 (N, K); exactly
+    kernels.int4.dequantize_int4."""
+    N, K = _check_int4(codes, meta)
+    cdef int nt = _threads(n_threads)
+    out = np.empty((N, K), dtype=np.float32)
+    cdef cnp.ndarray ca = codes, ma = meta, oa = out
+    cdef int64_t n = N, k = K
+    with nogil:
+        g2_dequantize_int4(<const uint8_t *>cnp.PyArray_DATA(ca), <const uint8_t *>cnp.PyArray_DATA(ma), n, k,
+                           <float *>cnp.PyArray_DATA(oa), nt)
+    return out
+
+
+def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):
+    """y = x @ W^T (+ bias), W in the int4 layout (kernels/int4.py); x (M, K) float32. With fewer
+    than DP_MIN_M rows W acts as its float32 dequantisation, with more as bf16 of it and x rounded
+    to bf16 (as int8). Returns (M, N) float32."""
+    _check(x, "x", np.float32, 2)
+    N, K = _check_int4(codes, meta)
+    if x.shape[1] != K:
+        raise ValueError("x has %d features, the int4 weights expect %d" % (x.shape[1], K))
+    if bias is not None:
+        _check(bias, "bias", np.float32, 1)
+        if bias.shape[0] != N:
+            raise ValueError("bias must have shape (%d,), got %s" % (N, bias.shape))
+    cdef int64_t M = x.shape[0], n = N, k = K
+    cdef int nt = _threads(n_threads)
+    y = _out(out, (M, N), np.float32)
+    cdef cnp.ndarray xa = x, ca = codes, ma = meta, ya = y
+    cdef int rc
+    with nogil:
+        rc = g2_linear_int4(<const float *>cnp.PyArray_DATA(xa), M, k, <const uint8_t *>cnp.PyArray_DATA(ca),
+                            <const uint8_t *>cnp.PyArray_DATA(ma), n, <float *>cnp.PyArray_DATA(ya), nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_int4: out of memory")
+    if bias is not None:
+        y += bias
     return y
 
 

@@ -461,7 +461,12 @@ def _weight_bytes(cfg) -> dict[str, int]:
     vec = sum(math.prod(s) for s in shapes.values() if len(s) != 2)
     n_mat = sum(math.prod(s) for s in mats)
     int8 = sum(r * c + r * math.ceil(c / 32) * 4 for r, c in mats)
-    return {"float32": 4 * n_mat + 4 * vec, "bfloat16": 2 * n_mat + 4 * vec, "int8": int8 + 4 * vec}
+    # int4: 4.5 bits per weight (kernels/int4.py); the embedding / LM head (kept int8, like the head of
+    # every int4 model) and a matrix whose in_features is not a multiple of 256 count as int8
+    int4 = sum(r * c + r * math.ceil(c / 32) * 4 if (c % 256 or n.endswith(("embed_tokens.weight", "lm_head.weight")))
+               else r * c * 9 // 16 for n, (r, c) in ((n, s) for n, s in shapes.items() if len(s) == 2))
+    return {"float32": 4 * n_mat + 4 * vec, "bfloat16": 2 * n_mat + 4 * vec, "int8": int8 + 4 * vec,
+            "int4": int4 + 4 * vec}
 
 
 def _human(n: float) -> str:

@@ -69,9 +69,9 @@ def add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True,
     p.add_argument("--backend", choices=backends, default=None,
                    help="numpy: the readable reference (default); native: the C/OpenMP kernels (faster; "
                         "implied by --weights bfloat16/int8)")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
+    p.add_argument("--weights", choices=("float32", "bfloat16", "int8", "int4"), default=None,
                    help="in-memory weight format of the native backend (default: as the checkpoint); "
-                        "bfloat16 and int8 imply --backend native")
+                        "bfloat16, int8 and int4 imply --backend native")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="threads of the native backend (default: OMP_NUM_THREADS, else the physical cores)")
 
@@ -83,7 +83,7 @@ def runtime_kwargs(args) -> dict:
     given; an explicit --backend numpy with them is a contradiction and refused.
     """
     backend, weights, threads = getattr(args, "backend", None), getattr(args, "weights", None), getattr(args, "threads", None)
-    if weights in ("bfloat16", "int8"):
+    if weights in ("bfloat16", "int8", "int4"):
         if backend == "numpy":
             raise UserError(f"--weights {weights} runs on the native backend: drop --backend numpy "
                             "(the numpy backend computes with float32 weights)")

@@ -358,7 +358,7 @@ def _add_arguments(p):
                    help=f"relative tolerance (default {DEFAULT_RTOL:g}; llama.cpp logs and logits {DEFAULT_LOG_RTOL:g})")
     p.add_argument("--backend", default=None, choices=("numpy", "native", "auto"),
                    help="gemma2np backend (default numpy, the reference; --weights bfloat16/int8 imply native)")
-    p.add_argument("--weights", default=None, choices=("float32", "bfloat16", "int8"),
+    p.add_argument("--weights", default=None, choices=("float32", "bfloat16", "int8", "int4"),
                    help="weight format of the native backend")
     p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                    help="gemma2np compute dtype (float64: a ground truth)")

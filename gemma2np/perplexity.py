@@ -142,7 +142,7 @@ def add_perplexity_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ctx", type=int, required=True, metavar="N", help="window length in tokens, <bos> included")
     p.add_argument("--max-windows", type=int, default=None, metavar="K", help="score only the first K windows")
     p.add_argument("--backend", choices=("numpy", "native"), default="numpy", help="backend of --model")
-    p.add_argument("--weights", choices=("float32", "bfloat16", "int8"), default=None,
+    p.add_argument("--weights", choices=("float32", "bfloat16", "int8", "int4"), default=None,
                    help="weight format of the native backend")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype of --model")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the native backend")

@@ -1,7 +1,8 @@
 """Prepared weights of a linear layer: LinearHandle for the twins and native backends (the storage
 formats), ReferenceLinear for the reference backend (the stored weight, converted at use).
 
-Formats ("float32", "bfloat16", "bfloat16_dp", "int8") and their exact semantics: kernels/twins.py
+Formats ("float32", "bfloat16", "bfloat16_dp", "int8", "int4") and their exact semantics: kernels/twins.py
+(int4's layout: kernels/int4.py)
 (twins.pack makes a handle; the native backend packs with its bitwise-equal C converters).
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-WEIGHT_FORMATS = ("float32", "bfloat16", "bfloat16_dp", "int8")
+WEIGHT_FORMATS = ("float32", "bfloat16", "bfloat16_dp", "int8", "int4")
 
 
 class LinearHandle:
@@ -21,6 +22,8 @@ class LinearHandle:
     def __init__(self, fmt, w, scales=None, block=0, bias=None):
         self.fmt, self.w, self.scales, self.block, self.bias = fmt, w, scales, block, bias
         self.out_features, self.in_features = w.shape
+        if fmt == "int4":  # w: the codes, two 4-bit inputs per byte; scales: the per-super-block bytes
+            self.in_features *= 2
 
     @property
     def nbytes(self):

@@ -14,7 +14,7 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import bfloat16, gather_rows, release_pages
-from . import twins
+from . import int4, twins
 from .handles import WEIGHT_FORMATS, LinearHandle, as_2d, check_bias
 
 _TANH_GELUS = twins._TANH_GELUS
@@ -59,6 +59,14 @@ class NativeBackend:
             b = check_bias(bias, np.shape(w)[0])
             q, s = self._quantize_int8(w)
             return LinearHandle("int8", q, s, self.int8_block, bias=b)
+        if weights == "int4" and np.ndim(w) == 2 and np.shape(w)[1] % int4.SUPER == 0:
+            # quantised in NumPy (kernels/int4.py: the RMSE search is not ported to C), in chunks of
+            # rows with the checkpoint's pages released behind them, as int8 is
+            b = check_bias(bias, np.shape(w)[0])
+            codes, meta = int4.quantize_rows(w, release=release_pages, n_threads=self.n_threads)
+            return LinearHandle("int4", codes, meta, int4.SUPER, bias=b)
+        if weights == "int4":  # 2-D check / the int8 stand-in of a matrix int4 cannot hold: twins.pack
+            return self.prepare_linear(w, bias, "int8") if np.ndim(w) == 2 else twins.pack(w, bias, weights, self.int8_block)
         return twins.pack(w, bias, weights, self.int8_block)
 
     def _quantize_int8(self, w):
@@ -85,6 +93,9 @@ class NativeBackend:
         if not isinstance(handle, LinearHandle):  # a plain matrix: treat as float32 weights
             handle = twins.pack(handle, None, "float32", self.int8_block)
         x2, lead = as_2d(x, handle.in_features)
+        if handle.fmt == "int4":
+            y = self._nat.linear_int4(x2, handle.w, handle.scales, handle.bias, n_threads=self.n_threads)
+            return y.reshape(lead + (handle.out_features,))
         y = self._nat.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block,
                              n_threads=self.n_threads)
         return y.reshape(lead + (handle.out_features,))
@@ -96,7 +107,7 @@ class NativeBackend:
         hs = [h if isinstance(h, LinearHandle) else twins.pack(h, None, "float32", self.int8_block)
               for h in handles]
         h0 = hs[0]
-        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and all(
+        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and h0.fmt != "int4" and all(
             h.fmt == h0.fmt and h.block == h0.block and h.in_features == h0.in_features and h.bias is None
             for h in hs)
         if not fusable:

@@ -18,6 +18,10 @@ Weight formats of `linear` (quantisation happens once, at load, with the helpers
                  per block of `block` consecutive inputs; with fewer than DP_MIN_M rows x stays
                  float32 and W = q * scale; with DP_MIN_M rows or more x is rounded to bf16 and
                  W to bf16(q * scale) (RNE), like "bfloat16"
+  "int4"         w uint8 codes (N, K // 2), scales uint8 (N, K // 256 * 16) (layout and quantiser:
+                 kernels/int4.py, 4.5 bits/weight); W = its float32 dequantisation with fewer than
+                 DP_MIN_M rows, bf16 of it (and x rounded to bf16) with more, like "int8". A matrix
+                 whose in_features is not a multiple of 256 is packed as "int8" instead.
 (`linear_operands` returns the float32 x and W a call stands for.)
 
 Measured accuracy (benchmarks/bench_kernels.py, Gaussian x and W, K = 2304 / 9216, relative RMS
@@ -31,10 +35,10 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import gather_rows
-from . import handles
+from . import handles, int4
 
 BF16 = ml_dtypes.bfloat16
-FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp")
+FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp", "int4")
 DEFAULT_INT8_BLOCK = 32
 DP_MIN_M = 8  # G2_DP_MIN_M of csrc/gemma2np_kernels.h
 
@@ -105,6 +109,8 @@ def weight_as_f32(w, fmt="float32", scales=None, block=0):
         return bf16_to_f32(w)
     if fmt == "int8":
         return dequantize_int8(w, scales, block)
+    if fmt == "int4":
+        return int4.dequantize_int4(w, scales)
     raise ValueError("fmt must be one of %s, got %r" % (FORMATS, fmt))
 
 
@@ -126,10 +132,10 @@ def linear_operands(x, w, fmt="float32", scales=None, block=0):
     """The float32 (x, W) that linear(x (M, K), w, fmt, ...) multiplies (see module doc)."""
     x = np.asarray(x, np.float32)
     wf = weight_as_f32(w, fmt, scales, block)
-    rounded = fmt == "bfloat16_dp" or (fmt in ("bfloat16", "int8") and x.shape[0] >= DP_MIN_M)
+    rounded = fmt == "bfloat16_dp" or (fmt in ("bfloat16", "int8", "int4") and x.shape[0] >= DP_MIN_M)
     if rounded:
         x = _round_bf16(x)
-        if fmt == "int8":
+        if fmt in ("int8", "int4"):
             wf = _round_bf16(wf)
     return x, wf
 
@@ -240,6 +246,10 @@ def pack(w, bias, weights, block):
         return handles.LinearHandle("float32", np.ascontiguousarray(w, dtype=np.float32), bias=b)
     if weights in ("bfloat16", "bfloat16_dp"):
         return handles.LinearHandle(weights, to_bf16_bits(w), bias=b)
+    if weights == "int4" and w.shape[1] % int4.SUPER == 0:
+        codes, meta = int4.quantize_rows(w)
+        return handles.LinearHandle("int4", codes, meta, int4.SUPER, bias=b)
+    # int8, or int4 of a matrix whose in_features is not a multiple of 256 (no Gemma 2 matrix)
     q, s = quantize_int8(w, block)
     return handles.LinearHandle("int8", q, s, block, bias=b)
 

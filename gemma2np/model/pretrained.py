@@ -173,8 +173,8 @@ class Gemma2PreTrainedModel:
         be = self.backend = get_backend(backend, n_threads=n_threads, dtype=self.dtype)
         if weights is None:
             weights = _default_weights(state[p + "embed_tokens.weight"]) if len(be.weight_formats) > 1 else "float32"
-        if weights not in ("float32", "bfloat16", "int8"):
-            raise ValueError(f"weights must be 'float32', 'bfloat16' or 'int8', got {weights!r}")
+        if weights not in ("float32", "bfloat16", "int8", "int4"):
+            raise ValueError(f"weights must be 'float32', 'bfloat16', 'int8' or 'int4', got {weights!r}")
         if weights not in be.weight_formats:
             raise ValueError(f"the {be.name} backend computes with {'/'.join(be.weight_formats)} weights; use "
                              f"backend='native' for weights={weights!r}")
@@ -188,7 +188,8 @@ class Gemma2PreTrainedModel:
             if not self._mmap:
                 w = copy_to_ram(w)  # mmap=False: private copy (huge pages), file pages released as it goes
             b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
-            handle = be.prepare_linear(w, b, weights=weights, **(_head_options(be) if head else {}))
+            handle = be.prepare_linear(w, b, weights=_head_weights(weights) if head else weights,
+                                       **(_head_options(be) if head else {}))
             if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
                 release_pages(w)  # converted copy in use: let the file pages leave our resident set
             return handle
@@ -233,7 +234,8 @@ class Gemma2PreTrainedModel:
         """Load an HF-format directory: config.json + model.safetensors (or shards + index), f32/f16/bf16.
 
         backend: "numpy" (the reference, default: exact and dependency-free) or "native" (C kernels).
-        weights: in-memory weight format for the native backend: "float32", "bfloat16" or "int8"
+        weights: in-memory weight format for the native backend: "float32", "bfloat16", "int8" or "int4"
+            (4.5 bits per weight, kernels/int4.py)
                  (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one).
         dtype:   activations and the NumPy backend's weights: "float32" (default) or "float64" (ground truth).
         gguf_file: a llama.cpp GGUF file (path, or name inside the directory) instead of safetensors.
@@ -405,7 +407,8 @@ class Gemma2PreTrainedModel:
         lm_head = None
         if self.head_kind == "causal_lm":
             lm_head = self.backend.prepare_linear(embed if tied else state["lm_head.weight"], None,
-                                                  weights=self.weights_format, **_head_options(self.backend))
+                                                  weights=_head_weights(self.weights_format),
+                                                  **_head_options(self.backend))
         for m in views:
             m._state = state
             m.embed_tokens = embed
@@ -453,6 +456,15 @@ def _head_options(be) -> dict:
     VOCAB_ROW_BLOCK rows at a time (kernels/ops_backend.py): a bf16 model never holds the float copy of
     its 256000-row matrix. The other backends pack their weights at load and take no such option."""
     return {"row_block": VOCAB_ROW_BLOCK} if isinstance(be, ReferenceBackend) else {}
+
+
+def _head_weights(weights: str) -> str:
+    """The format of a head (LM head, classification score) given the model's `weights`: the same, except
+    int4 heads stay int8. Every logit is one dot product with a head row, so 4-bit head rows move the
+    logits directly: on the bundled model an int4 LM head doubles the KL divergence to float32
+    (docs/precision.md); llama.cpp's Q4_0 / Q4_K_M files likewise keep output.weight (or a tied
+    token_embd) at Q6_K."""
+    return "int8" if weights == "int4" else weights
 
 
 def _arrays_of(handle) -> list:

@@ -1,0 +1,210 @@
+"""The "int4" weight format (NumPy: the quantiser and the twin of the C matmul g2_linear_int4).
+
+Layout, llama.cpp's Q4_K in spirit (4.5 bits per weight counting every scale): each row of W (N, K),
+K a multiple of 256, is cut into super-blocks of 256 inputs, each into 8 sub-blocks of 32.
+  codes  uint8 (N, K // 2): weight 2i in the low nibble of byte i, 2i+1 in the high nibble; u in 0..15
+  meta   uint8 (N, K // 256 * 16): per super-block 16 bytes: d (float16, little-endian), dmin
+         (float16), then 12 bytes holding 16 six-bit integers (the 8 sub-block scales ls_j, then the 8
+         mins lm_j), 4 per 3 bytes: v0 | v1 << 6 | v2 << 12 | v3 << 18, little-endian.
+A weight stands for  w = (d * ls_j) * u - (dmin * lm_j)  in float32: d * ls_j and dmin * lm_j are exact
+(an 11-bit f16 significand times a 6-bit integer), (d * ls_j) * u too (4 more bits), so the single
+rounding is the subtraction -- the C widening does the same two products and one subtraction.
+128 + 16 bytes per 256 weights = 4.5 bits/weight, the size of Q4_0 (4 bits + one f16 per 32).
+
+Scales are chosen by llama.cpp's RMSE-optimal search (make_qkx2_quants, as quantize_row_q4_K_ref):
+per sub-block an asymmetric (scale, min) fitted by weighted least squares over 21 candidate
+roundings, weights av|x| + |x| (big weights matter more); then the 8 scales and mins are rounded to
+6 bits against the super-block's d = max scale / 63, dmin = max min / 63, and the codes re-rounded to
+the final grid. Plain absmax rounding (Q4_0) is ~1.5x the squared error (tests/test_int4.py).
+The search runs in NumPy at load (float32 arithmetic, vectorised over sub-blocks); only the matmul
+is C.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SUPER = 256   # inputs per super-block (one d, dmin and 12 bytes of 6-bit scales/mins)
+SUB = 32      # inputs per sub-block (one 6-bit scale and min)
+NSUB = SUPER // SUB
+META_BYTES = 16
+_NSTEP, _RMIN, _RDELTA, _NMAX = 20, -1.0, 0.1, 15
+
+
+def check_shape(N, K):
+    if K % SUPER:
+        raise ValueError("int4 weights need in_features a multiple of %d, got %d" % (SUPER, K))
+
+
+def _nearest(a):
+    # llama.cpp's nearest_int rounds half away from zero ... through a float bias trick that is
+    # round-half-to-even for |a| < 2^22; np.rint is that (all arguments here are < 2^10)
+    return np.rint(a)
+
+
+def _qkx2(x, w):
+    """make_qkx2_quants(32, 15, x, w, rmin=-1, rdelta=0.1, nstep=20, use_mad=False) on rows of x
+    (R, 32), float32 -> (scale (R,), min_pos (R,)) with w ~= scale * L - min_pos.
+
+    The candidate codes L are rounded in float32 as llama.cpp does; the weighted sums are taken in
+    float64 and each candidate's squared error is expanded from them,
+    sum w (s L + m - x)^2 = s^2 Swll + m^2 Sw + Swxx + 2 s m Swl - 2 s Swxl - 2 m Swx,
+    which needs no pass over the weights beyond the three products w L, w L L, w L x (the direct
+    form took ~3x the time; the float64 sums keep the expansion's cancellation ~1e-12 of Swxx, far
+    below the differences between candidates it decides)."""
+    f, g = np.float32, np.float64
+    mn = np.minimum(x.min(axis=1), f(0))
+    mx = x.max(axis=1)
+    sum_w = w.sum(axis=1, dtype=g)
+    sum_x = (w * x).sum(axis=1, dtype=g)
+    sum_xx = (w * x * x).sum(axis=1, dtype=g)
+    flat = mx == mn
+    safe = np.where(flat, f(1), mx - mn)
+    xm = x - mn[:, None]
+
+    def sums(isc):
+        L = np.rint(isc[:, None] * xm)
+        np.clip(L, 0, _NMAX, out=L)
+        wl = w * L
+        return L, wl.sum(axis=1, dtype=g), (wl * L).sum(axis=1, dtype=g), (wl * x).sum(axis=1, dtype=g)
+
+    def err(s, m, sl, sl2, sxl):
+        return s * s * sl2 + m * m * sum_w + sum_xx + 2 * s * m * sl - 2 * s * sxl - 2 * m * sum_x
+
+    iscale = f(_NMAX) / safe
+    _, sl, sl2, sxl = sums(iscale)
+    best_scale, best_min = (f(1) / iscale).astype(g), mn.astype(g)
+    best = err(best_scale, best_min, sl, sl2, sxl)
+    for i in range(_NSTEP + 1):
+        _, sl, sl2, sxl = sums(f(_RMIN + _RDELTA * i + _NMAX) / safe)
+        D = sum_w * sl2 - sl * sl
+        ok = D > 0
+        Ds = np.where(ok, D, 1.0)
+        ts = (sum_w * sxl - sum_x * sl) / Ds
+        tm = (sl2 * sum_x - sl * sxl) / Ds
+        pos = tm > 0  # the min is clamped to <= 0 (so it is a non-negative offset), scale refitted
+        tm = np.where(pos, 0.0, tm)
+        ts = np.where(pos, sxl / np.where(sl2 > 0, sl2, 1.0), ts)
+        mad = err(ts, tm, sl, sl2, sxl)
+        better = ok & (mad < best)
+        best = np.where(better, mad, best)
+        best_scale = np.where(better, ts, best_scale)
+        best_min = np.where(better, tm, best_min)
+    best_scale = np.where(flat, 0.0, best_scale)
+    return best_scale.astype(f), (-best_min).astype(f)
+
+
+def _pack6(v):
+    """(R, 16) ints in 0..63 -> (R, 12) uint8, 4 values per 3 bytes."""
+    v = v.astype(np.uint32).reshape(v.shape[0], 4, 4)
+    word = v[:, :, 0] | (v[:, :, 1] << 6) | (v[:, :, 2] << 12) | (v[:, :, 3] << 18)
+    out = np.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], axis=2)
+    return out.reshape(v.shape[0], 12).astype(np.uint8)
+
+
+def _unpack6(b):
+    b = b.astype(np.uint32).reshape(b.shape[0], 4, 3)
+    word = b[:, :, 0] | (b[:, :, 1] << 8) | (b[:, :, 2] << 16)
+    v = np.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], axis=2)
+    return v.reshape(b.shape[0], 16)
+
+
+def quantize_int4(w):
+    """w (N, K) float -> (codes uint8 (N, K//2), meta uint8 (N, K//256*16)); see the module doc."""
+    w = np.asarray(w)
+    if w.ndim != 2:
+        raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
+    N, K = w.shape
+    check_shape(N, K)
+    f = np.float32
+    x = np.ascontiguousarray(w, dtype=f).reshape(-1, SUB)  # (N*K/32, 32) sub-blocks
+    av = np.sqrt((x * x).sum(axis=1, dtype=f) / f(SUB))
+    wt = av[:, None] + np.abs(x)
+    sc, mn = _qkx2(x, wt)
+    sc = sc.reshape(-1, NSUB)
+    mn = mn.reshape(-1, NSUB)
+    max_sc, max_mn = sc.max(axis=1), mn.max(axis=1)
+    inv_sc = np.where(max_sc > 0, f(63) / np.where(max_sc > 0, max_sc, f(1)), f(0))
+    inv_mn = np.where(max_mn > 0, f(63) / np.where(max_mn > 0, max_mn, f(1)), f(0))
+    ls = np.clip(_nearest(inv_sc[:, None] * sc), 0, 63).astype(np.uint8)
+    lm = np.clip(_nearest(inv_mn[:, None] * mn), 0, 63).astype(np.uint8)
+    d = (max_sc / f(63)).astype(np.float16)
+    dmin = (max_mn / f(63)).astype(np.float16)
+    D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
+    xs = x.reshape(-1, NSUB, SUB)
+    Dz = np.where(D > 0, D, f(1))
+    u = np.clip(_nearest((xs + M[:, :, None]) / Dz[:, :, None]), 0, 15)
+    u = np.where(D[:, :, None] > 0, u, 0).astype(np.uint8).reshape(N, K)
+    codes = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
+    meta = np.empty((d.shape[0], META_BYTES), np.uint8)
+    meta[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
+    meta[:, 2:4] = dmin.astype("<f2").view(np.uint8).reshape(-1, 2)
+    meta[:, 4:] = _pack6(np.concatenate([ls, lm], axis=1))
+    return codes, meta.reshape(N, K // SUPER * META_BYTES)
+
+
+def _sub_scales(d, dmin, ls, lm):
+    f = np.float32
+    return d.astype(f)[:, None] * ls.astype(f), dmin.astype(f)[:, None] * lm.astype(f)
+
+
+def dequantize_int4(codes, meta):
+    """(codes, meta) -> float32 (N, K): (d * ls) * u - dmin * lm per weight (see the module doc)."""
+    codes = np.asarray(codes, np.uint8)
+    N, K2 = codes.shape
+    K = 2 * K2
+    m = np.asarray(meta, np.uint8).reshape(-1, META_BYTES)
+    d = np.ascontiguousarray(m[:, 0:2]).view("<f2")[:, 0]
+    dmin = np.ascontiguousarray(m[:, 2:4]).view("<f2")[:, 0]
+    v = _unpack6(m[:, 4:])
+    D, M = _sub_scales(d, dmin, v[:, :NSUB], v[:, NSUB:])
+    u = np.empty((N, K), np.uint8)
+    u[:, 0::2] = codes & 15
+    u[:, 1::2] = codes >> 4
+    u = u.reshape(-1, NSUB, SUB).astype(np.float32)
+    return (D[:, :, None] * u - M[:, :, None]).reshape(N, K)
+
+
+def magnitudes_int4(codes, meta):
+    """float32 (N, K): |(d * ls) * u| + |dmin * lm| per weight, the size of the two terms the fused
+    decode kernel sums separately (sum_j (d ls_j) sum x u - (dmin lm_j) sum x): its rounding errors
+    are relative to these, not to |w| (tests/test_int4.py's bound)."""
+    codes = np.asarray(codes, np.uint8)
+    N, K2 = codes.shape
+    m = np.asarray(meta, np.uint8).reshape(-1, META_BYTES)
+    d = np.ascontiguousarray(m[:, 0:2]).view("<f2")[:, 0]
+    dmin = np.ascontiguousarray(m[:, 2:4]).view("<f2")[:, 0]
+    v = _unpack6(m[:, 4:])
+    D, M = _sub_scales(d, dmin, v[:, :NSUB], v[:, NSUB:])
+    u = np.empty((N, 2 * K2), np.uint8)
+    u[:, 0::2] = codes & 15
+    u[:, 1::2] = codes >> 4
+    u = u.reshape(-1, NSUB, SUB).astype(np.float32)
+    return (np.abs(D[:, :, None] * u) + np.abs(M[:, :, None])).reshape(N, 2 * K2)
+
+
+def quantize_rows(w, chunk_bytes=4 << 20, release=None, n_threads=1):
+    """quantize_int4 in chunks of rows (a memory-mapped checkpoint tensor is read, quantised and,
+    with release(chunk), its pages dropped chunk by chunk: no float copy of the whole tensor).
+    n_threads > 1 quantises that many chunks at a time (NumPy releases the GIL in its loops); every
+    chunk's result depends on its rows alone, so the output is the same for any n_threads."""
+    N, K = w.shape
+    check_shape(N, K)
+    codes = np.empty((N, K // 2), np.uint8)
+    meta = np.empty((N, K // SUPER * META_BYTES), np.uint8)
+    rows = max(1, chunk_bytes // (K * 4))  # rows of float32 per chunk (the search holds ~10 such temporaries)
+
+    def one(r0):
+        chunk = w[r0:r0 + rows]
+        codes[r0:r0 + rows], meta[r0:r0 + rows] = quantize_int4(np.asarray(chunk, np.float32))
+        if release is not None:
+            release(chunk)
+
+    starts = range(0, N, rows)
+    if n_threads > 1 and len(starts) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            list(pool.map(one, starts))
+    else:
+        for r0 in starts:
+            one(r0)
+    return codes, meta
