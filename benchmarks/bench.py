@@ -277,18 +277,13 @@ def _run_protocol(spec, forward_prefill, forward_decode, argmax_last):
     return res
 
 
-def child_gemma2np(spec):
+def gemma2np_steps(model):
+    """(prefill, decode, argmax_last) of the protocol for a gemma2np model, driven as generate() does: a
+    fresh cache and the prompt with logits_to_keep=1, then one token per step (mask, positions, cache_position)."""
     import numpy as np
 
-    sys.path.insert(0, ROOT)
     from gemma2np.cache import Gemma2Cache
-    from gemma2np.modeling import Gemma2ForCausalLM
 
-    t = time.perf_counter()
-    model = Gemma2ForCausalLM.from_pretrained(spec["dir"], backend=spec["backend"], weights=spec["weights"],
-                                              n_threads=spec["threads"] if spec["backend"] == "native" else None)
-    load_s = time.perf_counter() - t
-    after_load = _proc_status()
     cfg = model.config
 
     class S:  # decode state
@@ -316,6 +311,20 @@ def child_gemma2np(spec):
     def argmax_last(s):
         return int(np.argmax(s.out.logits[0, -1]))
 
+    return prefill, decode, argmax_last
+
+
+def child_gemma2np(spec):
+    sys.path.insert(0, ROOT)
+    from gemma2np.modeling import Gemma2ForCausalLM
+
+    t = time.perf_counter()
+    model = Gemma2ForCausalLM.from_pretrained(spec["dir"], backend=spec["backend"], weights=spec["weights"],
+                                              n_threads=spec["threads"] if spec["backend"] == "native" else None)
+    load_s = time.perf_counter() - t
+    after_load = _proc_status()
+
+    prefill, decode, argmax_last = gemma2np_steps(model)
     res = _run_protocol(spec, prefill, decode, argmax_last)
     res.update(load_s=load_s, weight_bytes=_gemma2np_weight_bytes(model), after_load=after_load,
                at_end=_proc_status(), peak_rss=_peak_rss())

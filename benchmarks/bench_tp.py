@@ -33,7 +33,6 @@ TAG = "@@BENCH-TP@@ "
 def worker(spec):
     import numpy as np
 
-    from gemma2np.cache import Gemma2Cache
     from gemma2np.modeling import Gemma2ForCausalLM
     from gemma2np.parallel import get_comm
     from gemma2np.parallel.tensor_parallel import weight_bytes
@@ -44,33 +43,8 @@ def worker(spec):
                                               n_threads=spec["threads"], tensor_parallel=True)
     load_s = time.perf_counter() - t
     after_load = bench._proc_status()
-    cfg = model.config
 
-    class S:
-        pass
-
-    def prefill(ids):
-        s = S()
-        T = ids.shape[1]
-        s.cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window)
-        s.mask = np.ones((1, T), np.int64)
-        s.pos = np.arange(T, dtype=np.int64)[None]
-        s.out = model(input_ids=ids, attention_mask=s.mask, position_ids=s.pos, past_key_values=s.cache,
-                      use_cache=True, logits_to_keep=1, return_dict=True)
-        return s
-
-    def decode(s, tok):
-        s.mask = np.concatenate([s.mask, np.ones((1, 1), np.int64)], axis=1)
-        s.pos = s.pos[:, -1:] + 1
-        n = s.mask.shape[1]
-        s.out = model(input_ids=np.array([[tok]], np.int64), attention_mask=s.mask, position_ids=s.pos,
-                      past_key_values=s.cache, use_cache=True, cache_position=np.array([n - 1], np.int64),
-                      logits_to_keep=1, return_dict=True)
-        return s
-
-    def argmax_last(s):
-        return int(np.argmax(s.out.logits[0, -1]))
-
+    prefill, decode, argmax_last = bench.gemma2np_steps(model)
     res = bench._run_protocol(spec, prefill, decode, argmax_last)
     # bytes this rank puts into collectives per decoded token (MPIComm counts them)
     per_token = None
