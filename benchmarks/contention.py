@@ -53,6 +53,8 @@ def child(spec: dict) -> dict:
     if spec["model"] == "bundled":
         path = os.path.join(ROOT, "gemma2np", "data", "gemma2-shakespeare")
         model = Gemma2ForCausalLM.from_pretrained(path, **kw)
+    elif spec["model"] == "2b":  # the random gemma-2-2b bf16 checkpoint benchmarks/bench.py writes
+        model = Gemma2ForCausalLM.from_pretrained(spec["checkpoint_2b"], **kw)
     else:
         model = Gemma2ForCausalLM.from_config(Gemma2Config(**SMALL), seed=0, **kw)
     prompt = np.array([[2] + list(range(10, 10 + spec["prompt"] - 1))], np.int64)
@@ -97,7 +99,7 @@ def run_row(spec: dict, env_extra: dict, timeout: float) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default="bundled,small", help="comma list of: bundled, small")
+    ap.add_argument("--models", default="bundled,small", help="comma list of: bundled, small, 2b")
     ap.add_argument("--tokens", type=int, default=64, help="decoded tokens per run")
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens (prefilled first)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per row (each in the same process)")
@@ -107,6 +109,8 @@ def main(argv=None) -> int:
                          "each; several variables space-separated)")
     ap.add_argument("--no-numpy", action="store_true", help="skip the numpy rows")
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--checkpoint-2b", default="/tmp/gemma2np-bench/gemma-2-2b-bf16",
+                    help="model '2b': a gemma-2-2b bf16 checkpoint (python benchmarks/bench.py --skip-f32 writes one)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
             for model in a.models.split(","):
                 for backend, threads, env in rows:
                     spec = dict(model=model, backend=backend, threads=threads, tokens=a.tokens, prompt=a.prompt,
-                                repeat=a.repeat)
+                                repeat=a.repeat, checkpoint_2b=a.checkpoint_2b)
                     res = run_row(spec, env, timeout=1800)
                     res.update(load=load, model=model, backend=backend, threads=threads, env=env)
                     results.append(res)
