@@ -258,46 +258,13 @@ def test_verbose_says_what_runs(model_dir):
 
 
 def _write_gguf(path: Path, model_dir: Path) -> Path:
-    """The model as llama.cpp's converter writes Gemma 2 (F32 weights, norms stored as 1 + w), with
-    gguf's own writer and gemma2np's name map inverted."""
-    gguf = pytest.importorskip("gguf")
-    from gemma2np.gguf_io import GGUF_TO_HF
+    """The model as llama.cpp's converter writes Gemma 2 (F32 weights, norms stored as 1 + w): the writer of
+    tests/test_gguf.py (gguf's own GGUFWriter, gemma2np's name map inverted)."""
+    pytest.importorskip("gguf")
+    from test_gguf import write_gguf
 
     model = Gemma2ForCausalLM.from_pretrained(model_dir)
-    cfg = model.config
-    names = {hf: gg for gg, (hf, _) in GGUF_TO_HF["global"].items()}
-    layer = {hf: gg for gg, (hf, _) in GGUF_TO_HF["layer"].items()}
-    w = gguf.GGUFWriter(str(path), "gemma2")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_sliding_window(cfg.sliding_window)
-    w.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
-    w.add_final_logit_softcapping(cfg.final_logit_softcapping)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_bos_token_id(cfg.bos_token_id)
-    w.add_eos_token_id(cfg.eos_token_id)
-    for hf, value in model.state_dict().items():
-        value = np.asarray(value, dtype=np.float32)
-        base, kind = hf.rsplit(".", 1)
-        if base.startswith("model.layers."):
-            i, rest = base[len("model.layers."):].split(".", 1)
-            gg = f"blk.{i}.{layer[rest]}"
-        else:
-            gg = names[base]
-        if base.endswith("norm"):
-            value = value + np.float32(1.0)
-        w.add_tensor(f"{gg}.{kind}", value)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    write_gguf(path, model.config, model.state_dict())
     return path
 
 
