@@ -38,6 +38,7 @@
 #endif
 
 #define Q_HUGE 0x1p40f /* |w| above it: STATUS_TOO_LARGE before the search (int4._HUGE) */
+#define Q_TINY 0x1p-100f /* ranges / maxima below it skip divisions that could overflow (int4._TINY) */
 #define Q_BIAS 0x1p23f /* (t + 2^23) - 2^23 rounds 0 <= t < 2^22 to the nearest integer, ties to even */
 
 /* int4.STATUS_* */
@@ -277,7 +278,8 @@ Q_INLINE int q_superblock(const float *src, uint8_t *codes, uint8_t *meta, int a
     }
     const qvf mn = q_self(lo < zero, lo, zero);
     const qvi flat = hi == mn;
-    const qvf safe = q_self(flat, q_splat(1.0f), hi - mn);
+    const qvi tiny = ~flat & (hi - mn < q_splat(Q_TINY)); /* scale 0, min -mn, no search (the twin's) */
+    const qvf safe = q_self(flat | tiny, q_splat(1.0f), hi - mn);
     const qvi absmask = (qvi){0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff,
                               0x7fffffff, 0x7fffffff, 0x7fffffff, 0x7fffffff};
     for (int e = 0; e < 32; e++) {
@@ -298,8 +300,8 @@ Q_INLINE int q_superblock(const float *src, uint8_t *codes, uint8_t *meta, int a
     q_search(X, W, XM, mn, safe, sw, sx, sxx, &bs, &bm);
     float sc[8], mv[8];
     for (int g = 0; g < 8; g++) {
-        sc[g] = flat[g] ? 0.0f : (float)bs[g];
-        mv[g] = (float)(-bm[g]);
+        sc[g] = (flat[g] | tiny[g]) ? 0.0f : (float)bs[g];
+        mv[g] = (float)(-(tiny[g] ? (double)mn[g] : bm[g]));
     }
 
     /* 6-bit scales and mins against the super-block's float16 d / dmin (quantize_int4) */
@@ -308,8 +310,8 @@ Q_INLINE int q_superblock(const float *src, uint8_t *codes, uint8_t *meta, int a
         msc = sc[g] > msc ? sc[g] : msc;
         mmn = mv[g] > mmn ? mv[g] : mmn;
     }
-    const float inv_sc = msc > 0.0f ? 63.0f / msc : 0.0f;
-    const float inv_mn = mmn > 0.0f ? 63.0f / mmn : 0.0f;
+    const float inv_sc = msc > Q_TINY ? 63.0f / msc : 0.0f; /* 63 / max would overflow below ~2e-37 */
+    const float inv_mn = mmn > Q_TINY ? 63.0f / mmn : 0.0f;
     uint8_t v[16];
     for (int g = 0; g < 8; g++) {
         v[g] = q_code(inv_sc * sc[g], 63.0f);
@@ -353,7 +355,7 @@ Q_INLINE float q_load(const void *w, int src_bf16, int64_t i) {
     return src_bf16 ? bf16_to_f32(((const uint16_t *)w)[i]) : ((const float *)w)[i];
 }
 
-/* one row n: its status; a row with a NaN / inf or |x| > 2^40 is quantised as zeros (as the twin) */
+/* one row n: its status; a row with a bad status gets all-zero codes and meta (as the twin) */
 Q_INLINE uint8_t q_row(const void *w, int src_bf16, int64_t n, int64_t K, uint8_t *codes, uint8_t *meta,
                         int avx512) {
     int nonfinite = 0, huge = 0;
@@ -366,10 +368,14 @@ Q_INLINE uint8_t q_row(const void *w, int src_bf16, int64_t n, int64_t K, uint8_
     }
     uint8_t status = nonfinite ? Q_NONFINITE : (huge ? Q_TOO_LARGE : Q_OK);
     float buf[256];
-    for (int64_t s = 0; s < K / 256; s++) {
-        for (int k = 0; k < 256; k++) buf[k] = status ? 0.0f : q_load(w, src_bf16, n * K + s * 256 + k);
-        if (q_superblock(buf, codes + n * (K / 2) + s * 128, meta + n * (K / 16) + s * 16, avx512) && !status)
+    for (int64_t s = 0; s < K / 256 && !status; s++) {
+        for (int k = 0; k < 256; k++) buf[k] = q_load(w, src_bf16, n * K + s * 256 + k);
+        if (q_superblock(buf, codes + n * (K / 2) + s * 128, meta + n * (K / 16) + s * 16, avx512))
             status = Q_TOO_LARGE;
+    }
+    if (status) { /* a row int4 cannot hold: all-zero codes and meta (what zeros quantise to) */
+        memset(codes + n * (K / 2), 0, (size_t)(K / 2));
+        memset(meta + n * (K / 16), 0, (size_t)(K / 16));
     }
     return status;
 }

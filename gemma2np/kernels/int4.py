@@ -30,6 +30,12 @@ SUB = 32      # inputs per sub-block (one 6-bit scale and min)
 NSUB = SUPER // SUB
 META_BYTES = 16
 _NSTEP, _RMIN, _RDELTA, _NMAX = 20, -1.0, 0.1, 15
+# Rows with |w| > 2^40 are rejected before the search (their float16 scales would overflow anyway),
+# and ranges / maxima below 2^-100 skip the divisions that could overflow: every float32 intermediate
+# is then finite (w x x < 2 * 2^120), so the C quantiser and this one only meet IEEE arithmetic on
+# finite numbers where NumPy's NaN rules (clip, casts) could differ from C's.
+_HUGE = np.float32(2.0 ** 40)
+_TINY = np.float32(2.0 ** -100)
 
 
 def check_shape(N, K):
@@ -77,7 +83,11 @@ def _qkx2(x, w):
     sum_x = _psum(wx.astype(g))
     sum_xx = _psum((wx * x).astype(g))
     flat = mx == mn
-    safe = np.where(flat, f(1), mx - mn)
+    # a sub-block whose range is below _TINY gets scale 0 and min -mn, without the search: its grid
+    # step (< 2^-104) is far below float16's smallest d, and 15 / range can overflow to inf (NaN codes
+    # then; that was the result 15 / range = inf gave, with NaNs on the way)
+    tiny = ~flat & (mx - mn < _TINY)
+    safe = np.where(flat | tiny, f(1), mx - mn)
     xm = x - mn[:, None]
 
     def sums(isc):
@@ -108,7 +118,8 @@ def _qkx2(x, w):
         best = np.where(better, mad, best)
         best_scale = np.where(better, ts, best_scale)
         best_min = np.where(better, tm, best_min)
-    best_scale = np.where(flat, 0.0, best_scale)
+    best_scale = np.where(flat | tiny, 0.0, best_scale)
+    best_min = np.where(tiny, mn.astype(g), best_min)
     return best_scale.astype(f), (-best_min).astype(f)
 
 
@@ -132,10 +143,6 @@ class QuantizationError(BackendError):
     scale d or dmin would overflow (|w| beyond about 4e6: dmin * 63 caps a sub-block's min at 4.1e6)."""
 
 
-# Rows with |w| > 2^40 are rejected before the search (their float16 scales would overflow anyway):
-# below it every intermediate of the search is finite (w x x < 2 * 2^120 in float32), so the C
-# quantiser and this one only ever meet IEEE arithmetic on finite numbers.
-_HUGE = np.float32(2.0 ** 40)
 STATUS_OK, STATUS_NONFINITE, STATUS_TOO_LARGE = 0, 1, 2
 
 
@@ -161,8 +168,8 @@ def quantize_int4(w):
 
 
 def _quantize(w):
-    """quantize_int4 without raising: (codes, meta, status uint8 (N,)); rows with a bad status hold
-    whatever a row of zeros gives (the C quantiser's contract too)."""
+    """quantize_int4 without raising: (codes, meta, status uint8 (N,)); a row with a bad status has
+    all-zero codes and meta, the quantisation of a row of zeros (the C quantiser's contract too)."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
@@ -184,8 +191,10 @@ def _quantize(w):
     sc = sc.reshape(-1, NSUB)
     mn = mn.reshape(-1, NSUB)
     max_sc, max_mn = sc.max(axis=1), mn.max(axis=1)
-    inv_sc = np.where(max_sc > 0, f(63) / np.where(max_sc > 0, max_sc, f(1)), f(0))
-    inv_mn = np.where(max_mn > 0, f(63) / np.where(max_mn > 0, max_mn, f(1)), f(0))
+    # 63 / max overflows for a max below ~2e-37: below _TINY the 6-bit values are 0 (d / dmin are 0 in
+    # float16 there anyway, so the weights they stand for are unchanged)
+    inv_sc = np.where(max_sc > _TINY, f(63) / np.where(max_sc > _TINY, max_sc, f(1)), f(0))
+    inv_mn = np.where(max_mn > _TINY, f(63) / np.where(max_mn > _TINY, max_mn, f(1)), f(0))
     ls = np.clip(_nearest(inv_sc[:, None] * sc), 0, 63).astype(np.uint8)
     lm = np.clip(_nearest(inv_mn[:, None] * mn), 0, 63).astype(np.uint8)
     # d = 0 (+0, not the sign of a zero max) where the max is not positive: every scale is then 0
@@ -205,7 +214,10 @@ def _quantize(w):
     meta[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
     meta[:, 2:4] = dmin.astype("<f2").view(np.uint8).reshape(-1, 2)
     meta[:, 4:] = _pack6(np.concatenate([ls, lm], axis=1))
-    return codes, meta.reshape(N, K // SUPER * META_BYTES), status
+    meta = meta.reshape(N, K // SUPER * META_BYTES)
+    codes[status != 0] = 0  # a row int4 cannot hold: all-zero codes and meta (what zeros quantise to)
+    meta[status != 0] = 0
+    return codes, meta, status
 
 
 def _sub_scales(d, dmin, ls, lm):

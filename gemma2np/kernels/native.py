@@ -45,6 +45,8 @@ class NativeBackend:
     dtype = np.dtype(np.float32)
     weight_formats = WEIGHT_FORMATS
 
+    _int4_chunk_bytes = 32 << 20  # source bytes per chunk of rows of the int4 quantiser
+
     def __init__(self, n_threads=None, int8_block=twins.DEFAULT_INT8_BLOCK):
         from .. import _native
         self._nat = _native
@@ -94,7 +96,7 @@ class NativeBackend:
         N, K = w.shape
         codes = np.empty((N, K // 2), np.uint8)
         meta = np.empty((N, K // int4.SUPER * int4.META_BYTES), np.uint8)
-        rows = max(1, (32 << 20) // max(1, K * w.dtype.itemsize))
+        rows = max(1, self._int4_chunk_bytes // max(1, K * w.dtype.itemsize))
         for r0 in range(0, N, rows):
             chunk = w[r0:r0 + rows]
             src = np.ascontiguousarray(chunk).view(np.uint16) if chunk.dtype == bfloat16 else \
