@@ -16,8 +16,11 @@ per sub-block an asymmetric (scale, min) fitted by weighted least squares over 2
 roundings, weights av|x| + |x| (big weights matter more); then the 8 scales and mins are rounded to
 6 bits against the super-block's d = max scale / 63, dmin = max min / 63, and the codes re-rounded to
 the final grid. Plain absmax rounding (Q4_0) is ~1.5x the squared error (tests/test_int4.py).
-The search runs in NumPy at load (float32 arithmetic, vectorised over sub-blocks); only the matmul
-is C.
+This module is the specification (the twin): float32 / float64 arithmetic, vectorised over
+sub-blocks, every sum in an explicit order (_psum). NativeBackend quantises at load with its C port
+(csrc/g2_int4_quant.c), which does the same IEEE operations in the same order: codes and meta are
+bitwise these (tests/test_int4_quant.py). A row with a NaN / inf, or too large for float16 scales,
+raises QuantizationError.
 """
 from __future__ import annotations
 
