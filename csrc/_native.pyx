@@ -214,8 +214,8 @@ def quantize_int4(w, n_threads=None):
     else:
         _check(w, "w", np.float32, 2)
     cdef int64_t N = w.shape[0], K = w.shape[1]
-    if K % 256:
-        raise ValueError("int4 weights need in_features a multiple of 256, got %d" % K)
+    if K % 256 or K == 0:
+        raise ValueError("int4 weights need in_features a positive multiple of 256, got %d" % K)
     cdef int src_bf16 = 1 if w.dtype == np.uint16 else 0
     cdef int nt = _threads(n_threads)
     codes = np.empty((N, K // 2), dtype=np.uint8)

@@ -178,6 +178,11 @@ def test_native_wrapper_checks_its_arguments():
         nat.quantize_int4(np.zeros(256, np.float32))
     c, m, s = nat.quantize_int4(np.zeros((0, 256), np.float32))
     assert c.shape == (0, 128) and m.shape == (0, 16) and s.shape == (0,)
+    tc, tm, ts = int4._quantize(np.zeros((0, 256), np.float32))
+    assert tc.shape == c.shape and tm.shape == m.shape and ts.shape == s.shape
+    for q in (nat.quantize_int4, int4.quantize_int4):
+        with pytest.raises(ValueError, match="positive multiple of 256"):
+            q(np.zeros((3, 0), np.float32))
 
 
 def _bad(kind, N=9, K=512, row=5):

@@ -178,6 +178,8 @@ def _quantize(w):
         raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
     N, K = w.shape
     check_shape(N, K)
+    if K == 0:
+        raise ValueError("int4 weights need in_features a positive multiple of %d, got 0" % SUPER)
     f = np.float32
     x = np.ascontiguousarray(w, dtype=f)
     nonfinite = ~np.isfinite(x).all(axis=1)
@@ -204,7 +206,7 @@ def _quantize(w):
     with np.errstate(over="ignore"):  # an overflow to inf is reported through the status
         d = np.where(max_sc > 0, max_sc / f(63), f(0)).astype(np.float16)
         dmin = np.where(max_mn > 0, max_mn / f(63), f(0)).astype(np.float16)
-    overflow = ~(np.isfinite(d) & np.isfinite(dmin)).reshape(N, -1).all(axis=1)
+    overflow = ~(np.isfinite(d) & np.isfinite(dmin)).reshape(N, K // SUPER).all(axis=1)
     status[overflow & (status == STATUS_OK)] = STATUS_TOO_LARGE
     D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
     xs = x.reshape(-1, NSUB, SUB)
