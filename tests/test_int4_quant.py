@@ -16,7 +16,7 @@ from gemma2np.kernels import twins as ref
 
 nat = pytest.importorskip("gemma2np._native")
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.function_scoped_fixture])
 SIMD_LEVELS = [1, 2, 0] if "avx512f" in nat.cpu_features() else [0]
 KINDS = ["gauss", "laplace", "cauchy", "student2", "zero_rows", "const_rows", "const_subblocks", "positive",
