@@ -15,11 +15,15 @@
  *     associate a * b * c and a + b - c from the left). -ffp-contract=off (setup.py): no FMA.
  * Zero signs can differ from NumPy's (np.minimum / max / clip of +-0 return either), but they never
  * reach an output: every division is guarded, d / dmin are +0 when their max is not positive (the
- * twin selects them that way) and ls / lm / u are integers.
+ * twin selects them that way) and ls / lm / u are integers. A row with a NaN / inf or |x| > 2^40 is
+ * not searched (status 1 / 2, all-zero codes and meta), and ranges / maxima below 2^-100 skip the
+ * divisions that could overflow (int4._TINY): every float32 intermediate is finite, so NumPy's NaN
+ * rules (clip, casts to uint8) never come into play.
  *
  * Layout of the work: a super-block (8 sub-blocks of 32) is transposed to [element][sub-block], so
  * every loop runs over the 8 sub-blocks as SIMD lanes (the twin is vectorised over sub-blocks the
- * same way), written with GCC / Clang vector types. That C is compiled twice: portable (the baseline
+ * same way), written with GCC / Clang vector types (an MSVC build would need a scalar port of the
+ * q_* helpers). That C is compiled twice: portable (the baseline
  * ISA) and, on x86-64, with the AVX-512 target attribute, where the search (~75% of the time) is
  * AVX-512 intrinsics instead (vminps / vroundps / mask blends: the same IEEE operations). All agree
  * bitwise (tests/test_int4_quant.py checks every SIMD level against the twin). Rows are independent

@@ -86,9 +86,9 @@ def _qkx2(x, w):
     sum_x = _psum(wx.astype(g))
     sum_xx = _psum((wx * x).astype(g))
     flat = mx == mn
-    # a sub-block whose range is below _TINY gets scale 0 and min -mn, without the search: its grid
-    # step (< 2^-104) is far below float16's smallest d, and 15 / range can overflow to inf (NaN codes
-    # then; that was the result 15 / range = inf gave, with NaNs on the way)
+    # a sub-block whose range is below _TINY gets scale 0 and min -mn without a search: its grid step
+    # (< 2^-104) is far below float16's smallest d, and 15 / range could overflow to inf, whose
+    # inf * 0 made NaN candidate codes (the search then ended at this same (0, -mn))
     tiny = ~flat & (mx - mn < _TINY)
     safe = np.where(flat | tiny, f(1), mx - mn)
     xm = x - mn[:, None]
