@@ -209,6 +209,38 @@ def test_explicit_float32_cache_dtype_is_bitwise_the_default(backend):
     assert rb.past_key_values.dtype == np.float32 and rb.past_key_values._k[0].dtype == np.float32
 
 
+def test_bf16_cache_on_a_float64_model_rounds_from_float64_and_widens_to_float64():
+    """The float64 ground truth with a bf16 cache: keys rounded straight from float64 (ml_dtypes), attention
+    in float64 over the widened values -- the float64 model on a cache holding those rounded keys."""
+    cfg = _config(3, ["sliding_attention", "full_attention"])
+    model = Gemma2ForCausalLM.from_config(cfg, seed=7, dtype="float64")
+    ids = np.random.default_rng(8).integers(3, 61, size=(1, 9))
+    caches = [Gemma2Cache(cfg.layer_types, 3, dtype="bfloat16"), RoundedFloat32Cache(cfg.layer_types, 3)]
+    for a, b in ((0, 5), (5, 6), (6, 7), (7, 9)):
+        x, y = (model(input_ids=ids[:, a:b], past_key_values=c, use_cache=True).logits for c in caches)
+        assert x.dtype == np.float64
+        _same(x, y, f"tokens {a}..{b}")
+    assert caches[1]._k[1].dtype == np.float64
+
+
+def test_reorder_keeps_the_bf16_rows():
+    types = ["sliding_attention", "full_attention"]
+    new, old = Gemma2Cache(types, 3, capacity=20, dtype="bfloat16"), ConcatCache(types, 3)
+    rng = np.random.default_rng(9)
+    for s, t in ((0, 5), (5, 1), (6, 1), (7, 1)):
+        for i in range(2):
+            k = rng.standard_normal((3, 2, t, 2)).astype(np.float32)
+            new.update(k, k * 2, np.arange(s, s + t), i)
+            old.update(k.astype(bfloat16), (k * 2).astype(bfloat16), np.arange(s, s + t), i)
+    new.reorder(np.array([2, 0, 0]))
+    old.reorder(np.array([2, 0, 0]))
+    k = rng.standard_normal((3, 2, 1, 2)).astype(np.float32)
+    for i in range(2):
+        for a, b in zip(new.update(k, k, np.array([8]), i), old.update(k.astype(bfloat16), k.astype(bfloat16),
+                                                                        np.array([8]), i)):
+            _same(a, b, f"after reorder, layer {i}")
+
+
 # ---------------------------------------------------------------------------- plumbing
 
 

@@ -156,6 +156,31 @@ def test_amortised_copies_tend_to_one_row_per_token(window):
     assert steps - keep <= cache.rows_copied <= steps + keep
 
 
+@pytest.mark.parametrize("window", [2, 3, 5])
+@pytest.mark.parametrize("hint", [None, 7, 100])
+def test_sweep_prefill_sizes_and_chunks_across_the_window_edge(window, hint):
+    """Every prefill length from 1 to 2 W + 3, then 3 W tokens in chunks of 1, 2, W - 1, W and 2 W + 1 (single
+    steps, chunked prefill, calls bigger than the buffer), batch 2: every update returns what the concatenating
+    cache returned and the kept contents agree after each call."""
+    types = ["sliding_attention", "full_attention"]
+    rng = np.random.default_rng(window)
+    for prefill in range(1, 2 * window + 4):
+        for chunk in sorted({1, 2, max(window - 1, 1), window, 2 * window + 1}):
+            new, old = Gemma2Cache(types, window, capacity=hint), ConcatCache(types, window)
+            seen = 0
+            for t in [prefill] + [chunk] * (3 * window // chunk + 1):
+                pos = np.arange(seen, seen + t, dtype=np.int64)
+                for i in range(2):
+                    k, v = (rng.standard_normal((2, 1, t, 2)).astype(np.float32) for _ in range(2))
+                    for name, a, b in zip(("keys", "values", "positions"), new.update(k, v, pos, i),
+                                          old.update(k.copy(), v.copy(), pos, i)):
+                        _same(a, b, f"prefill {prefill}, chunk {chunk}: layer {i} {name} after {seen} + {t}")
+                seen += t
+                new.seen_tokens = old.seen_tokens = seen
+                _same_contents(new, old)
+                assert new._k[0].shape[2] <= max(2 * (window - 1), 1)
+
+
 @pytest.mark.parametrize("window", [None, 1, 4])
 def test_enough_capacity_means_no_reallocation_and_no_copy(window):
     """A layer that keeps everything, with a capacity hint: one buffer for the whole run, the returned keys
