@@ -25,10 +25,9 @@ from conftest import BACKENDS
 from gemma2np import Gemma2Cache, Gemma2Config, Gemma2ForCausalLM
 from gemma2np.cache import CacheError, check_cache_dtype
 from gemma2np.checkpoint import bfloat16
-from gemma2np.cli import DEFAULT_MODEL_DIR
 from gemma2np.cli import main as cli_main
-from gemma2np.kernels.ops_backend import ReferenceBackend
 from gemma2np import ops
+from gemma2np.kernels.ops_backend import ReferenceBackend
 from test_cache_prealloc import ConcatCache
 
 
@@ -291,8 +290,6 @@ def test_cache_dtype_names(good, want):
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_cli_cache_dtype(command, capsys, monkeypatch):
     """--cache-dtype reaches from_pretrained (generate and chat); a bad value is argparse's exit 2."""
-    import gemma2np.cli_models as cm
-
     seen = {}
     real = Gemma2ForCausalLM.from_pretrained
 
@@ -300,7 +297,6 @@ def test_cli_cache_dtype(command, capsys, monkeypatch):
         seen["cache_dtype"] = kw.get("cache_dtype")
         return real(*a, **kw)
 
-    monkeypatch.setattr(cm, "load_model", cm.load_model)  # (unchanged: the spy is on the class)
     monkeypatch.setattr(Gemma2ForCausalLM, "from_pretrained", staticmethod(spy))
     if command == "generate":
         argv = ["generate", "--prompt", "ROMEO:", "--max-new-tokens", "5", "--cache-dtype", "bfloat16"]
