@@ -41,6 +41,9 @@ _OPTIONAL_COMMANDS = [
 def _add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True) -> None:
     add_model_args(p, runtime=runtime)
     if runtime:
+        p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default=None,
+                       help="KV cache storage: float32 (default) or bfloat16 (half the cache memory; keys and "
+                            "values rounded when written, see docs/precision.md)")
         p.add_argument("-v", "--verbose", action="store_true",
                        help="print what runs (backend, weight format, SIMD path, OpenMP, threads) and the load time")
 

@@ -173,7 +173,8 @@ def load_model(args, src: ModelSource, *, dtype: str = "float32", progress=None,
             if quiet:
                 warnings.simplefilter("ignore")
             return Gemma2ForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=dtype,
-                                                     progress=progress, tensor_parallel=tensor_parallel, **kw)
+                                                     progress=progress, tensor_parallel=tensor_parallel,
+                                                     cache_dtype=getattr(args, "cache_dtype", None), **kw)
     except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError/ConfigError are ValueErrors
         raise UserError(f"cannot load the model from {src.label}: {one_line(e)}") from None
 

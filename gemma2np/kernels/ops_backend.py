@@ -31,7 +31,7 @@ import os
 import numpy as np
 
 from .. import ops
-from ..checkpoint import gather_rows
+from ..checkpoint import bfloat16, gather_rows
 from .handles import ReferenceLinear
 from .protocol import BackendError
 
@@ -103,6 +103,9 @@ class ReferenceBackend:
         return ops.apply_rotary_pos_emb(q, k, cos, sin)
 
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=False):
+        # a bf16 KV cache (cache.py) hands over bf16 keys / values: widened to the compute dtype, which is exact,
+        # so the reference computes with the stored (rounded) numbers; float32 / float64 ones pass untouched
+        k, v = (a.astype(q.dtype) if a.dtype == bfloat16 else a for a in (k, v))
         return ops.attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=return_probs)
 
     def geglu(self, gate, up, activation="gelu_pytorch_tanh"):

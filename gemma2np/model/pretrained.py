@@ -26,6 +26,7 @@ from ..kernels.ops_backend import VOCAB_ROW_BLOCK, ReferenceBackend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
 from .embeddings import resized_rows, resolve_new_num_tokens
+from ..cache import check_cache_dtype
 from .validation import CacheError, InputError
 
 __all__ = ["Gemma2PreTrainedModel", "no_tap"]
@@ -62,6 +63,7 @@ class Gemma2PreTrainedModel:
     config_class = Gemma2Config
     base_model_prefix = "model"
     head_kind = "base"  # which extra tensors the class has: base | causal_lm | sequence_classification | token_classification
+    cache_dtype = None  # dtype of the KV caches this model makes (None: its compute dtype; cache.py)
 
     def __init__(
         self,
@@ -77,6 +79,7 @@ class Gemma2PreTrainedModel:
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
         tensor_parallel: bool = False,
+        cache_dtype=None,
     ):
         if not isinstance(config, Gemma2Config):
             raise TypeError(f"config must be a Gemma2Config, got {type(config).__name__}")
@@ -84,6 +87,8 @@ class Gemma2PreTrainedModel:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.config = config
         self.dtype = np.dtype(_DTYPES[dtype])
+        # set before _load: the heads' Gemma2Model view copies the attributes there
+        self.cache_dtype = check_cache_dtype(cache_dtype)
         self.training = False
         self._tap = no_tap  # the one recording hook: record_intermediates() swaps in a recorder
         # this rank's shard under mpiexec (gemma2np.parallel); one process: every tp hook is the identity
@@ -229,6 +234,7 @@ class Gemma2PreTrainedModel:
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
         tensor_parallel: bool = False,
+        cache_dtype=None,
         **config_overrides,
     ):
         """Load an HF-format directory: config.json + model.safetensors (or shards + index), f32/f16/bf16.
@@ -246,15 +252,20 @@ class Gemma2PreTrainedModel:
         tensor_parallel: under `mpiexec -n N` (N > 1) each rank holds its slice of every layer and of the LM
                  head (gemma2np/parallel), and every rank follows rank 0's forward / generate calls. A rank
                  that fails to load makes every rank raise (rank 0 reports it). One process: no effect.
+        cache_dtype: the KV cache's storage dtype for every cache this model makes (forward with use_cache,
+                 generate, chat): None (default: the compute dtype, float32), "float32" or "bfloat16" (keys and
+                 values rounded to bf16 when written, half the cache bytes; docs/precision.md). A Gemma2Cache
+                 passed as past_key_values keeps its own dtype (Gemma2Cache(..., dtype=...)).
         """
+        check_cache_dtype(cache_dtype)  # a mistake there fails before anything is read
         return load_collectively(lambda: cls._from_pretrained(
             pretrained_model_name_or_path, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads,
             gguf_file=gguf_file, config=config, progress=progress, mmap=mmap, tensor_parallel=tensor_parallel,
-            **config_overrides), tensor_parallel)
+            cache_dtype=cache_dtype, **config_overrides), tensor_parallel)
 
     @classmethod
     def _from_pretrained(cls, pretrained_model_name_or_path, *, backend, dtype, weights, n_threads, gguf_file,
-                         config, progress, mmap, tensor_parallel, **config_overrides):
+                         config, progress, mmap, tensor_parallel, cache_dtype=None, **config_overrides):
         path = os.fspath(pretrained_model_name_or_path)
         if gguf_file is not None:
             gpath = gguf_file if os.path.isabs(gguf_file) or not os.path.isdir(path) else os.path.join(path, gguf_file)
@@ -269,7 +280,7 @@ class Gemma2PreTrainedModel:
             cfg = config or Gemma2Config.from_pretrained(path, **config_overrides)
             state = _adapt_prefix(load_state_dict(path), cls.head_kind)
         model = cls(cfg, state, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads, progress=progress,
-                    mmap=mmap, tensor_parallel=tensor_parallel)
+                    mmap=mmap, tensor_parallel=tensor_parallel, cache_dtype=cache_dtype)
         model.name_or_path = path
         return model
 
