@@ -76,4 +76,5 @@ class ReferenceLinear(NamedTuple):
         return self.w.shape[0]
 
     def arrays(self):
-        return [a for a in (self.w, self.bias) if a is not None]
+        # a quantized GGUF weight (gguf_quant.GGUFQuantTensor) is its blocks: never dequantized to compare
+        return [a for a in (getattr(self.w, "raw", self.w), self.bias) if a is not None]

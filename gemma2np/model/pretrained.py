@@ -190,7 +190,8 @@ class Gemma2PreTrainedModel:
             b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
             handle = be.prepare_linear(w, b, weights=_head_weights(weights) if head else weights,
                                        **(_head_options(be) if head else {}))
-            if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
+            stored = getattr(w, "raw", w)  # a quantized GGUF tensor: its blocks (never np.asarray'd here)
+            if not any(np.shares_memory(stored, a) for a in _arrays_of(handle)):
                 release_pages(w)  # converted copy in use: let the file pages leave our resident set
             return handle
 
@@ -297,7 +298,7 @@ class Gemma2PreTrainedModel:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape of every parameter of this model (the tied head counted once)."""
-        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}  # shapes only: nothing dequantized
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, np.ndarray]:
