@@ -22,6 +22,7 @@ from ..checkpoint import (CheckpointError, bfloat16, check_state_dict, copy_to_r
 from ..config import CONFIG_NAME, Gemma2Config
 from ..gguf_io import load_gguf
 from ..kernels import get_backend
+from ..kernels.gguf_repack import fallback_types
 from ..kernels.ops_backend import VOCAB_ROW_BLOCK, ReferenceBackend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
@@ -180,6 +181,11 @@ class Gemma2PreTrainedModel:
                              f"backend='native' for weights={weights!r}")
         self.weights_format = weights
         dt = self.dtype
+        if not isinstance(be, ReferenceBackend):
+            slow = fallback_types(state.values())
+            if slow:  # one warning per load: these GGUF types have no native kernel here
+                warnings.warn(f"GGUF tensor type(s) {', '.join(slow)} have no native kernel: expanded to bfloat16 "
+                              "at load (Q8_0, Q6_K, Q4_K and Q4_0 run natively)", stacklevel=3)
 
         tp = self.tp
 
