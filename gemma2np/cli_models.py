@@ -122,7 +122,7 @@ def resolve_model(args) -> ModelSource:
                                 f"*.safetensors) or a llama.cpp GGUF file; for a safetensors model pass its directory")
             if gguf is not None:
                 raise UserError("--model names a GGUF file and --gguf-file names another: give one of them")
-            directory, gguf = os.path.dirname(os.path.abspath(model)), model
+            directory, gguf = os.path.dirname(os.path.abspath(model)), os.path.abspath(model)
         elif os.path.isdir(model):
             directory = model
         else:

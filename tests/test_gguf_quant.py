@@ -274,3 +274,18 @@ def test_types_without_native_kernel_expand_to_bf16_with_one_warning(tmp_path):
     a, b = ref(input_ids=IDS[:, :5]).logits, nat(input_ids=IDS[:, :5]).logits
     assert float(np.abs(a - b).max()) < 0.05 * float(np.abs(a).max())
     assert names  # the model had tensors to write
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_info_reports_the_native_bytes_of_the_gguf(files, models, qtype, capsys):
+    from gemma2np.cli import main
+
+    assert main(["info", "--model", files[qtype], "--json"]) == 0
+    import json
+
+    info = json.loads(capsys.readouterr().out)
+    _, nat = models[qtype]
+    hs = [h for layer in nat.model.layers for h in vars(layer).values() if hasattr(h, "fmt")] + [nat.lm_head]
+    norms = sum(a.nbytes for layer in nat.model.layers for a in vars(layer).values()
+                if isinstance(a, np.ndarray)) + nat.model.norm.nbytes
+    assert info["weight_bytes"]["gguf native"] == sum(h.nbytes for h in hs) + norms

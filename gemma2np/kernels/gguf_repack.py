@@ -136,3 +136,15 @@ def prepare_gguf_linear(t: GGUFQuantTensor, bias=None, release=None) -> LinearHa
 def fallback_types(tensors) -> list[str]:
     """The GGUF types among `tensors` that are not run natively (expanded to bf16), sorted."""
     return sorted({t.type_name for t in tensors if isinstance(t, GGUFQuantTensor) and t.type_name not in NATIVE_TYPES})
+
+
+def native_nbytes(type_name: str, rows: int, cols: int) -> int:
+    """Bytes the native backend holds for a (rows, cols) GGUF matrix of `type_name` (the formats above)."""
+    n = rows * cols
+    if type_name == "Q4_0":
+        return n // 2 + n // 32 * 2
+    if type_name == "Q4_K":
+        return n // 2 + n // 256 * int4.META_BYTES
+    if type_name in ("Q8_0", "Q6_K"):
+        return n + n // (32 if type_name == "Q8_0" else 16) * 4
+    return 2 * n if type_name != "F32" else 4 * n  # bf16 (F16 / BF16 checkpoints' default; other quants)
