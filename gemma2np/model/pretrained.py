@@ -243,7 +243,9 @@ class Gemma2PreTrainedModel:
         backend: "numpy" (the reference, default: exact and dependency-free) or "native" (C kernels).
         weights: in-memory weight format for the native backend: "float32", "bfloat16", "int8" or "int4"
             (4.5 bits per weight, kernels/int4.py)
-                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one).
+                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one). It applies to float
+                 tensors only: a GGUF's quantized tensors keep their own format (Q4_0 natively, Q8_0 / Q6_K as
+                 int8, Q4_K as int4, other types bf16; docs/precision.md, "GGUF quants").
         dtype:   activations and the NumPy backend's weights: "float32" (default) or "float64" (ground truth).
         gguf_file: a llama.cpp GGUF file (path, or name inside the directory) instead of safetensors.
         mmap:    True (default): weights stay memory-mapped, loading is instant and pages come in on first use.
