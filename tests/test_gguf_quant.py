@@ -289,3 +289,7 @@ def test_info_reports_the_native_bytes_of_the_gguf(files, models, qtype, capsys)
     norms = sum(a.nbytes for layer in nat.model.layers for a in vars(layer).values()
                 if isinstance(a, np.ndarray)) + nat.model.norm.nbytes
     assert info["weight_bytes"]["gguf native"] == sum(h.nbytes for h in hs) + norms
+    prepared = nat.prepared_weights()  # the model reports the same bytes, and its formats
+    assert prepared["bytes"] == sum(h.nbytes for h in hs) + norms and prepared["gguf_quant"]
+    assert set(prepared["formats"]) == {h.fmt for h in hs}
+    assert sum(prepared["formats"].values()) == len(hs)

@@ -333,6 +333,27 @@ class Gemma2PreTrainedModel:
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
 
+    def prepared_weights(self) -> dict:
+        """What the loaded weights take: {"formats": {format: linear layers}, "bytes": int, "gguf_quant": bool
+        (some weight came from a GGUF's quantized tensor)}. Formats are the
+        backend's ("int8", "q4_0", ...; the reference: the stored dtype or GGUF type it widens at use);
+        bytes count every linear once (a tied head is the embedding) plus the norm vectors. For a GGUF
+        on the native backend this is about the file's size (docs/precision.md, "GGUF quants")."""
+        from collections import Counter
+
+        base = self._base()
+        handles = [getattr(layer, n) for layer in base.layers for n in _PROJ + _MLP]
+        handles += [getattr(self, n) for n in ("lm_head", "score") if getattr(self, n, None) is not None]
+        formats, total = Counter(), sum(getattr(layer, n).nbytes for layer in base.layers for n in _NORMS)
+        for h in handles:
+            w = h.w if hasattr(h, "w") else h  # LinearHandle / ReferenceLinear, or a bare float32 matrix
+            fmt = getattr(h, "fmt", None) or getattr(w, "type_name", None) or _dtype_name(w.dtype)
+            formats[fmt] += 1
+            total += h.nbytes if hasattr(h, "fmt") else sum(a.nbytes for a in h.arrays() if a is not None)
+        total += base.norm.nbytes
+        quant = any(getattr(v, "raw", None) is not None for v in self._state.values())
+        return {"formats": dict(formats), "bytes": int(total), "gguf_quant": quant}
+
     def num_parameters(self) -> int:
         return self.config.num_parameters(self.head_kind)
 
