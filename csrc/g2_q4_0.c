@@ -7,7 +7,7 @@
  * AVX-512 path and the scalar path run exactly these operations, and kernels/q4_0.py's twin too, so
  * results are bitwise the twin's for any thread count (rows are shared out whole).
  * Prefill (M >= G2_DP_MIN_M): as g2_int4.c, fixed blocks of rows widened to float32 (exact) then bf16
- * (RNE) into per-thread scratch and run through g2_linear (G2_W_BF16DP, vdpbf16ps) on one thread:
+ * (RNE; on AVX-512 in one pass, widen_q4_0_bf16_avx512) into per-thread scratch and run through g2_linear (G2_W_BF16DP, vdpbf16ps) on one thread:
  * bitwise g2_linear(..., G2_W_BF16DP) of the widened weights, for any thread count. */
 #include "g2_internal.h"
 #include "g2_linear.h"
@@ -98,6 +98,29 @@ static G2_TGT void row_q4_0_avx512(const float *x, int64_t M, int64_t K, const u
 }
 #endif
 
+#if G2_X86
+/* prefill's widening straight to bf16, 32 weights at a time: the same d * (u - 8) (exact in float32), then
+ * round to nearest even by the integer trick (bits + 0x7FFF + lsb) >> 16 -- f32_to_bf16's result for every
+ * non-NaN value (the loader refuses NaN / inf scales) -- so bitwise the scalar f32 + f32_to_bf16 path */
+static G2_TGT void widen_q4_0_bf16_avx512(const uint8_t *codes, const uint16_t *sc, int64_t K, uint16_t *dst) {
+    const __m512i m15 = _mm512_set1_epi32(15), e8 = _mm512_set1_epi32(8);
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
+    for (int64_t b = 0; b < K / 32; b++) {
+        const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
+        const __m512 vd = _mm512_set1_ps(q4_f16(sc[b]));
+        const __m512 v[2] = {
+            _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, m15), e8))),
+            _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), e8)))};
+        for (int h = 0; h < 2; h++) {
+            const __m512i bits = _mm512_castps_si512(v[h]);
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+            const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), 16);
+            _mm256_storeu_si256((__m256i *)(dst + b * 32 + h * 16), _mm512_cvtepi32_epi16(r));
+        }
+    }
+}
+#endif
+
 void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
                         int n_threads) {
     const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * G2_NS_PER_ELEM);
@@ -157,9 +180,17 @@ int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
 #pragma omp for schedule(static)
         for (b = 0; b < nblk; b++) {
             const int64_t n0 = b * R, nr = G2_MIN(R, N - n0);
-            for (int64_t r = 0; r < nr; r++)
-                widen_q4_0_row(codes + (n0 + r) * (K / 2), scales + (n0 + r) * (K / 32), K, wf + r * K);
-            for (int64_t i = 0; i < nr * K; i++) wb[i] = f32_to_bf16(wf[i]);
+#if G2_X86
+            if (g2_get_simd()) {
+                for (int64_t r = 0; r < nr; r++)
+                    widen_q4_0_bf16_avx512(codes + (n0 + r) * (K / 2), scales + (n0 + r) * (K / 32), K, wb + r * K);
+            } else
+#endif
+            {
+                for (int64_t r = 0; r < nr; r++)
+                    widen_q4_0_row(codes + (n0 + r) * (K / 2), scales + (n0 + r) * (K / 32), K, wf + r * K);
+                for (int64_t i = 0; i < nr * K; i++) wb[i] = f32_to_bf16(wf[i]);
+            }
             if (g2_linear(x, M, K, G2_W_BF16DP, wb, NULL, 0, nr, NULL, yt, 1)) {
 #pragma omp atomic write
                 fail = 1;
