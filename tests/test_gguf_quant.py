@@ -293,3 +293,51 @@ def test_info_reports_the_native_bytes_of_the_gguf(files, models, qtype, capsys)
     assert prepared["bytes"] == sum(h.nbytes for h in hs) + norms and prepared["gguf_quant"]
     assert set(prepared["formats"]) == {h.fmt for h in hs}
     assert sum(prepared["formats"].values()) == len(hs)
+
+
+# ----------------------------------------------------------------------------- repacks of arbitrary blocks
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# where each type keeps its f16 scales (byte offsets in a block): set to finite values, the rest random
+_F16_AT = {"Q4_0": (0,), "Q8_0": (0,), "Q4_K": (0, 2), "Q6_K": (208,)}
+
+
+def _random_blocks(r, type_name, N, nblk):
+    qt = Q[type_name]
+    block, type_bytes = gguf.GGML_QUANT_SIZES[qt]
+    raw = r.integers(0, 256, size=(N, nblk, type_bytes), dtype=np.uint8)
+    for off in _F16_AT[type_name]:  # finite f16 of any magnitude, denormals included, either sign
+        d = (r.standard_normal((N, nblk)) * 10.0 ** r.uniform(-7, 2, (N, nblk))).astype(np.float16)
+        raw[:, :, off:off + 2] = d.view(np.uint8).reshape(N, nblk, 2)
+    return GGUFQuantTensor(raw.reshape(N, -1), qt, (N, nblk * block), "t", "random.gguf")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(type_name=st.sampled_from(sorted(_F16_AT)), N=st.integers(1, 9), nblk=st.integers(1, 4),
+       seed=st.integers(0, 2**31))
+def test_repack_of_any_blocks_is_exactly_gguf_dequantize(type_name, N, nblk, seed):
+    """every code / scale bit pattern (Q8_0's -128, Q6_K's negative scales, Q4_K's high scale bits)"""
+    from gemma2np import _native as nat
+
+    t = _random_blocks(np.random.default_rng(seed), type_name, N, nblk)
+    h = gguf_repack.prepare_gguf_linear(t)
+    got = {"q4_0": lambda: nat.dequantize_q4_0(h.w, h.scales), "int4": lambda: nat.dequantize_int4(h.w, h.scales)}.get(
+        h.fmt, lambda: twins.weight_as_f32(h.w, h.fmt, h.scales, h.block))()
+    want = gguf.quants.dequantize(t.raw, t.ggml_type)
+    np.testing.assert_array_equal(got, want)
+    if h.fmt == "q4_0":
+        np.testing.assert_array_equal(q4_0.dequantize_q4_0(h.w, h.scales), want)
+    # and the reference's view of the same tensor: rows dequantized alone are those rows of the whole
+    np.testing.assert_array_equal(t[1:N].dequantize() if N > 1 else t.dequantize(), want[1:N] if N > 1 else want)
+
+
+def test_mmap_false_copies_the_blocks(files):
+    p = files["Q4_0"]
+    a = Gemma2ForCausalLM.from_pretrained(p, gguf_file=p, mmap=False)
+    b = Gemma2ForCausalLM.from_pretrained(p, gguf_file=p)
+    w = a.model.layers[0].q_proj.w  # the reference's stored weight: a private copy of the blocks
+    assert isinstance(w, GGUFQuantTensor) and _mapping_of(w.raw)[0] is None
+    assert _mapping_of(b.model.layers[0].q_proj.w.raw)[0] is not None
+    np.testing.assert_array_equal(a(input_ids=TOKENS).logits, b(input_ids=TOKENS).logits)
