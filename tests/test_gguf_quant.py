@@ -90,6 +90,19 @@ def test_reference_is_bitwise_the_expand_at_load_path(files, models, qtype):
                                   np.ones((1, t.shape[1]), np.float32) @ np.asarray(t).T)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_reference_head_in_row_blocks_is_bitwise_the_expanded_head(files, dtype):
+    """the LM head path (row_block): each block of vocabulary rows dequantized alone, the same bits as the
+    same blocked product over the expanded float32 matrix"""
+    _, state = load_gguf(files["Q4_K_M"])
+    emb = state["model.embed_tokens.weight"]
+    be = ReferenceBackend(dtype)
+    x = np.random.default_rng(0).standard_normal((2, 3, 256)).astype(be.dtype)
+    got = be.linear(x, be.prepare_linear(emb, row_block=1000))  # 4096 rows: 5 blocks, the last partial
+    want = be.linear(x, be.prepare_linear(np.asarray(emb), row_block=1000))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_rows_columns_and_gather_dequantize_only_what_they_select(files):
     _, state = load_gguf(files["Q4_K_M"])
     emb = state["model.embed_tokens.weight"]
