@@ -32,6 +32,10 @@ cdef extern from "gemma2np_kernels.h" nogil:
                             int n_threads)
     int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
                        int64_t N, float *y, int n_threads)
+    void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
+                            int n_threads)
+    int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                       int64_t N, float *y, int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
@@ -274,6 +278,57 @@ def dequantize_int4(codes, meta, n_threads=None):
         g2_dequantize_int4(<const uint8_t *>cnp.PyArray_DATA(ca), <const uint8_t *>cnp.PyArray_DATA(ma), n, k,
                            <float *>cnp.PyArray_DATA(oa), nt)
     return out
+
+
+def _check_q4_0(codes, scales):
+    _check(codes, "codes", np.uint8, 2)
+    _check(scales, "scales", np.uint16, 2)
+    cdef int64_t N = codes.shape[0], K = 2 * codes.shape[1]
+    if K == 0 or K % 32:
+        raise ValueError("q4_0 codes must have shape (N, K/2) with K a multiple of 32, got %s" % (codes.shape,))
+    if scales.shape[0] != N or scales.shape[1] != K // 32:
+        raise ValueError("q4_0 scales must have shape (%d, %d), got %s" % (N, K // 32, scales.shape))
+    return N, K
+
+
+def dequantize_q4_0(codes, scales, n_threads=None):
+    """q4_0 (codes uint8 (N, K/2), scales uint16 f16 bits (N, K/32)) -> float32 (N, K); exactly
+    kernels.q4_0.dequantize_q4_0."""
+    N, K = _check_q4_0(codes, scales)
+    cdef int nt = _threads(n_threads)
+    out = np.empty((N, K), dtype=np.float32)
+    cdef cnp.ndarray ca = codes, sa = scales, oa = out
+    cdef int64_t n = N, k = K
+    with nogil:
+        g2_dequantize_q4_0(<const uint8_t *>cnp.PyArray_DATA(ca), <const uint16_t *>cnp.PyArray_DATA(sa), n, k,
+                           <float *>cnp.PyArray_DATA(oa), nt)
+    return out
+
+
+def linear_q4_0(x, codes, scales, bias=None, n_threads=None, out=None):
+    """y = x @ W^T (+ bias), W in the q4_0 layout (kernels/q4_0.py, llama.cpp's Q4_0 blocks); x (M, K)
+    float32. Bitwise kernels.q4_0.linear with fewer than DP_MIN_M rows. Returns (M, N) float32."""
+    _check(x, "x", np.float32, 2)
+    N, K = _check_q4_0(codes, scales)
+    if x.shape[1] != K:
+        raise ValueError("x has %d features, the q4_0 weights expect %d" % (x.shape[1], K))
+    if bias is not None:
+        _check(bias, "bias", np.float32, 1)
+        if bias.shape[0] != N:
+            raise ValueError("bias must have shape (%d,), got %s" % (N, bias.shape))
+    cdef int64_t M = x.shape[0], n = N, k = K
+    cdef int nt = _threads(n_threads)
+    y = _out(out, (M, N), np.float32)
+    cdef cnp.ndarray xa = x, ca = codes, sa = scales, ya = y
+    cdef int rc
+    with nogil:
+        rc = g2_linear_q4_0(<const float *>cnp.PyArray_DATA(xa), M, k, <const uint8_t *>cnp.PyArray_DATA(ca),
+                            <const uint16_t *>cnp.PyArray_DATA(sa), n, <float *>cnp.PyArray_DATA(ya), nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_q4_0: out of memory")
+    if bias is not None:
+        y += bias
+    return y
 
 
 def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):

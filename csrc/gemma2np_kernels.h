@@ -107,6 +107,16 @@ void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, in
 int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
                    int64_t N, float *y, int n_threads);
 
+/* llama.cpp Q4_0 weights (layout: gemma2np/kernels/q4_0.py; K a multiple of 32): codes (N, K/2), per
+ * block of 32 byte i = input i (low nibble) and i + 16 (high), scales (N, K/32) f16 bits of d.
+ * g2_dequantize_q4_0: out (N, K) float32 = d * (u - 8). g2_linear_q4_0: y (M, N) = x @ W^T, with
+ * M < G2_DP_MIN_M the fused lane arithmetic of kernels/q4_0.py (bitwise its twin), else bf16 of W with x
+ * rounded to bf16 (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 32. */
+void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
+                        int n_threads);
+int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                   int64_t N, float *y, int n_threads);
+
 /* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
  * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);

@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import bfloat16, gather_rows, release_pages
-from . import int4, twins
+from ..gguf_quant import GGUFQuantTensor
+from . import gguf_repack, int4, twins
 from .handles import WEIGHT_FORMATS, LinearHandle, as_2d, check_bias
 
 _TANH_GELUS = twins._TANH_GELUS
@@ -55,6 +56,10 @@ class NativeBackend:
         self.int8_block = int8_block
 
     def prepare_linear(self, w, bias=None, weights="float32"):
+        """`weights` applies to float tensors; a quantized GGUF tensor runs in its own format (Q8_0 / Q6_K ->
+        int8, Q4_K -> int4, Q4_0 -> q4_0, others bf16: kernels/gguf_repack.py)."""
+        if isinstance(w, GGUFQuantTensor):
+            return gguf_repack.prepare_gguf_linear(w, bias, release=release_pages)
         if weights == "int8":
             b = check_bias(bias, np.shape(w)[0])
             q, s = self._quantize_int8(w)
@@ -96,6 +101,9 @@ class NativeBackend:
         if handle.fmt == "int4":
             y = self._nat.linear_int4(x2, handle.w, handle.scales, handle.bias, n_threads=self.n_threads)
             return y.reshape(lead + (handle.out_features,))
+        if handle.fmt == "q4_0":
+            y = self._nat.linear_q4_0(x2, handle.w, handle.scales, handle.bias, n_threads=self.n_threads)
+            return y.reshape(lead + (handle.out_features,))
         y = self._nat.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block,
                              n_threads=self.n_threads)
         return y.reshape(lead + (handle.out_features,))
@@ -107,7 +115,7 @@ class NativeBackend:
         hs = [h if isinstance(h, LinearHandle) else twins.pack(h, None, "float32", self.int8_block)
               for h in handles]
         h0 = hs[0]
-        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and h0.fmt != "int4" and all(
+        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and h0.fmt not in ("int4", "q4_0") and all(
             h.fmt == h0.fmt and h.block == h0.block and h.in_features == h0.in_features and h.bias is None
             for h in hs)
         if not fusable:

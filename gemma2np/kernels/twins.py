@@ -35,7 +35,8 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import gather_rows
-from . import handles, int4
+from ..gguf_quant import GGUFQuantTensor
+from . import gguf_repack, handles, int4, q4_0
 
 BF16 = ml_dtypes.bfloat16
 FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp", "int4")
@@ -280,6 +281,8 @@ class TwinBackend:
         self.int8_block = int8_block
 
     def prepare_linear(self, w, bias=None, weights="float32"):
+        if isinstance(w, GGUFQuantTensor):  # a GGUF's own quantization, whatever `weights` says
+            return gguf_repack.prepare_gguf_linear(w, bias)
         h = pack(w, bias, weights, self.int8_block)
         # packed weights go through twins.linear, which applies the format's exact semantics (bf16 / int8
         # storage, activations rounded at DP_MIN_M rows); plain float32 weights are a bare matrix
@@ -294,6 +297,9 @@ class TwinBackend:
     def linear(self, x, handle):
         if isinstance(handle, handles.LinearHandle):
             x2, lead = handles.as_2d(x, handle.in_features)
+            if handle.fmt == "q4_0":
+                y = q4_0.linear(x2, handle.w, handle.scales, handle.bias, dp_min_m=DP_MIN_M)
+                return y.reshape(lead + (handle.out_features,))
             y = linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block)
             return y.reshape(lead + (handle.out_features,))
         return np.asarray(x, np.float32) @ np.asarray(handle).T

@@ -22,6 +22,7 @@ from ..checkpoint import (CheckpointError, bfloat16, check_state_dict, copy_to_r
 from ..config import CONFIG_NAME, Gemma2Config
 from ..gguf_io import load_gguf
 from ..kernels import get_backend
+from ..kernels.gguf_repack import fallback_types
 from ..kernels.ops_backend import VOCAB_ROW_BLOCK, ReferenceBackend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
@@ -185,6 +186,11 @@ class Gemma2PreTrainedModel:
                              f"backend='native' for weights={weights!r}")
         self.weights_format = weights
         dt = self.dtype
+        if not isinstance(be, ReferenceBackend):
+            slow = fallback_types(state.values())
+            if slow:  # one warning per load: these GGUF types have no native kernel here
+                warnings.warn(f"GGUF tensor type(s) {', '.join(slow)} have no native kernel: expanded to bfloat16 "
+                              "at load (Q8_0, Q6_K, Q4_K and Q4_0 run natively)", stacklevel=3)
 
         tp = self.tp
 
@@ -195,7 +201,8 @@ class Gemma2PreTrainedModel:
             b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
             handle = be.prepare_linear(w, b, weights=_head_weights(weights) if head else weights,
                                        **(_head_options(be) if head else {}))
-            if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
+            stored = getattr(w, "raw", w)  # a quantized GGUF tensor: its blocks (never np.asarray'd here)
+            if not any(np.shares_memory(stored, a) for a in _arrays_of(handle)):
                 release_pages(w)  # converted copy in use: let the file pages leave our resident set
             return handle
 
@@ -242,7 +249,9 @@ class Gemma2PreTrainedModel:
         backend: "numpy" (the reference, default: exact and dependency-free) or "native" (C kernels).
         weights: in-memory weight format for the native backend: "float32", "bfloat16", "int8" or "int4"
             (4.5 bits per weight, kernels/int4.py)
-                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one).
+                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one). It applies to float
+                 tensors only: a GGUF's quantized tensors keep their own format (Q4_0 natively, Q8_0 / Q6_K as
+                 int8, Q4_K as int4, other types bf16; docs/precision.md, "GGUF quants").
         dtype:   activations and the NumPy backend's weights: "float32" (default) or "float64" (ground truth).
         gguf_file: a llama.cpp GGUF file (path, or name inside the directory) instead of safetensors.
         mmap:    True (default): weights stay memory-mapped, loading is instant and pages come in on first use.
@@ -308,7 +317,7 @@ class Gemma2PreTrainedModel:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape of every parameter of this model (the tied head counted once)."""
-        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}  # shapes only: nothing dequantized
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -334,6 +343,27 @@ class Gemma2PreTrainedModel:
         save_state_dict(save_directory, state, max_shard_size=max_shard_size, dtype=dtype)
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+
+    def prepared_weights(self) -> dict:
+        """What the loaded weights take: {"formats": {format: linear layers}, "bytes": int, "gguf_quant": bool
+        (some weight came from a GGUF's quantized tensor)}. Formats are the
+        backend's ("int8", "q4_0", ...; the reference: the stored dtype or GGUF type it widens at use);
+        bytes count every linear once (a tied head is the embedding) plus the norm vectors. For a GGUF
+        on the native backend this is about the file's size (docs/precision.md, "GGUF quants")."""
+        from collections import Counter
+
+        base = self._base()
+        handles = [getattr(layer, n) for layer in base.layers for n in _PROJ + _MLP]
+        handles += [getattr(self, n) for n in ("lm_head", "score") if getattr(self, n, None) is not None]
+        formats, total = Counter(), sum(getattr(layer, n).nbytes for layer in base.layers for n in _NORMS)
+        for h in handles:
+            w = h.w if hasattr(h, "w") else h  # LinearHandle / ReferenceLinear, or a bare float32 matrix
+            fmt = getattr(h, "fmt", None) or getattr(w, "type_name", None) or _dtype_name(w.dtype)
+            formats[fmt] += 1
+            total += h.nbytes if hasattr(h, "fmt") else sum(a.nbytes for a in h.arrays() if a is not None)
+        total += base.norm.nbytes
+        quant = any(getattr(v, "raw", None) is not None for v in self._state.values())
+        return {"formats": dict(formats), "bytes": int(total), "gguf_quant": quant}
 
     def num_parameters(self) -> int:
         return self.config.num_parameters(self.head_kind)
