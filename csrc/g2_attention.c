@@ -1,168 +1,417 @@
-/* Fused attention (online softmax over blocks of ATT_BLOCK keys, no T x S matrix): per query row
- * the scores, the running max / sum and the weighted sum of V, on the scalar path or the AVX-512
- * one. The scalar helpers and their AVX-512 twins sit side by side; tests/test_kernels.py runs
- * both (the `simd` fixture) against the NumPy twin. */
+/* Fused attention, flash style (no T x S matrix; memory O(T * D)), on the scalar path or the
+ * AVX-512 one. The scalar helpers and their AVX-512 twins sit side by side; tests/test_kernels.py
+ * and tests/test_attention_kernels.py run both (the `simd` fixture) against the NumPy twin
+ * (kernels/twins.py: attention), which follows the same chunking and merge order.
+ *
+ * The arithmetic of one query row (the same whatever the schedule or the thread count):
+ *   - the keys are cut into FIXED chunks of ATT_CHUNK keys, [0, 256), [256, 512), ...;
+ *   - a chunk's partial (max m, sum l, unnormalised sum of p * v) is an online softmax over its
+ *     blocks of ATT_BLOCK keys (exactly the per-row loop of the earlier kernel, restricted to the
+ *     chunk), masked keys skipped;
+ *   - the partials of the chunks with a visible key are merged in chunk order,
+ *     M' = max(M, m), L' = L * e^(M - M') + l * e^(m - M'), acc' = acc * e^(M - M') + a_c * e^(m - M');
+ *   - out = acc / L (a row with no visible key: the uniform average over all S keys).
+ * With S <= ATT_CHUNK there is one chunk and the result is bitwise the earlier kernel's on the
+ * AVX-512 path. Two schedules compute it:
+ *   - stream (prefill, or one thread): work items are (batch, kv head, block of ATT_QBLOCK query
+ *     rows) for all the query heads of the group; a chunk is read once for those rows (it stays in
+ *     L2) and merged into the rows' running state at once; chunks no row of the block can see
+ *     (causal future, outside the sliding window: decided from k_pos alone) are never touched;
+ *   - split (decode: few query rows, several threads): work items are (batch, kv head, chunk),
+ *     their partials go to a buffer and are merged per row afterwards, in chunk order
+ *     (flash-decoding), so the threads share the keys of a single query row.
+ * Both call the same att_row_chunk / att_merge, so their results are bitwise equal.
+ *
+ * K and V are float32 or bf16 bits (uint16, widened exactly in registers), with element strides
+ * (batch, head, row) and a contiguous last axis, so a view into a preallocated cache needs no copy. */
 #include "g2_internal.h"
 #include "g2_simd_math.h"
+
+#include <string.h>
+
+#define ATT_BLOCK 64   /* keys per inner online-softmax step (scores kept on the stack) */
+#define ATT_CHUNK 256  /* keys per chunk: the unit of the split and of the merge; a constant (never
+                        * derived from the thread count) so the bits do not depend on the threads;
+                        * a multiple of ATT_BLOCK so blocks are aligned as in the earlier kernel */
+#define ATT_QBLOCK 16  /* query rows (per query head) of a stream work item */
+
+typedef struct {
+    const char *k, *v;   /* base pointers */
+    int64_t esz;         /* bytes per element: 4 (float32) or 2 (bf16 bits) */
+    int bf16;
+    int64_t ksb, ksh, kss, vsb, vsh, vss; /* element strides (batch, head, row) */
+    const int64_t *k_pos;
+    const uint8_t *key_valid; /* (B, S) or NULL */
+    int64_t S, D, window;
+    float scaling, softcap;
+    int simd;
+} att_ctx;
+
+static inline const void *att_krow(const att_ctx *c, int64_t b, int64_t g, int64_t s) {
+    return c->k + (b * c->ksb + g * c->ksh + s * c->kss) * c->esz;
+}
+
+static inline const void *att_vrow(const att_ctx *c, int64_t b, int64_t g, int64_t s) {
+    return c->v + (b * c->vsb + g * c->vsh + s * c->vss) * c->esz;
+}
+
+/* ---- scalar math of the portable path: float32 results of the double functions, so the NumPy
+ * twin reproduces them bitwise (np.exp / np.tanh in float64, then rounded to float32) ----------- */
+
+static inline float exp_ref(float x) { return (float)exp((double)x); }
+static inline float tanh_ref(float x) { return (float)tanh((double)x); }
+
+/* the rescale factor e^(a - b) of the online softmax and the merge: expf on the AVX-512 path (what
+ * the earlier kernel used, so one-chunk rows stay bitwise), exp_ref on the scalar path */
+static inline float att_rescale(int simd, float x) { return simd ? expf(x) : exp_ref(x); }
+
+static inline float bf16_widen(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* ---- scores of keys [s0, s1) for one query row: sbuf[s - s0] = softcap(q . k_s * scaling) for
  * visible keys, 0 for the others ---------------------------------------------------------- */
 
 /* q . k over D (8 independent lanes, then a fixed pairwise sum) */
-static float dot_scalar(const float *a, const float *b, int64_t n) {
+static float dot_scalar(const float *a, const void *bv, int bf16, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    if (bf16) {
+        const uint16_t *b = (const uint16_t *)bv;
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * bf16_widen(b[i]);
+    } else {
+        const float *b = (const float *)bv;
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    }
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-static void att_scores_scalar(const float *qr, const float *kb, int64_t s0, int64_t s1, int64_t D,
-                              float scaling, float softcap, const unsigned char *vis, float *sbuf) {
+static void att_scores_scalar(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t s0,
+                              int64_t s1, const unsigned char *vis, float *sbuf) {
     for (int64_t s = s0; s < s1; s++) {
         if (!vis[s - s0]) { sbuf[s - s0] = 0.0f; continue; }
-        float sc = dot_scalar(qr, kb + s * D, D) * scaling;
-        if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
+        float sc = dot_scalar(qr, att_krow(c, b, g, s), c->bf16, c->D) * c->scaling;
+        if (c->softcap > 0.0f) sc = c->softcap * tanh_ref(sc / c->softcap);
         sbuf[s - s0] = sc;
     }
 }
 
 #if G2_X86
+/* 16 elements of a K/V row from element d (masked), widened from bf16 when needed */
+static G2_TGT inline __m512 att_load16(const void *row, int bf16, int64_t d, __mmask16 m) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    return _mm512_maskz_loadu_ps(m, (const float *)row + d);
+}
+
 /* 4 keys at a time: 4 independent FMA chains, one 16-lane accumulator per key */
-static G2_TGT void att_scores_avx512(const float *qr, const float *kb, int64_t s0, int64_t s1,
-                                     int64_t D, float scaling, float softcap,
-                                     const unsigned char *vis, float *sbuf) {
-    int64_t s = s0;
-    for (; s < s1; s += 4) {
+static G2_TGT void att_scores_avx512(const att_ctx *c, const float *qr, int64_t b, int64_t g,
+                                     int64_t s0, int64_t s1, const unsigned char *vis, float *sbuf) {
+    const int64_t D = c->D;
+    const int bf = c->bf16;
+    for (int64_t s = s0; s < s1; s += 4) {
         int nk = (int)G2_MIN(4, s1 - s);
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *k0 = kb + s * D;
-        const float *k1 = nk > 1 ? k0 + D : k0, *k2 = nk > 2 ? k0 + 2 * D : k0, *k3 = nk > 3 ? k0 + 3 * D : k0;
-        int64_t d = 0;
-        for (; d < D; d += 16) {
+        const void *k0 = att_krow(c, b, g, s);
+        const void *k1 = nk > 1 ? att_krow(c, b, g, s + 1) : k0;
+        const void *k2 = nk > 2 ? att_krow(c, b, g, s + 2) : k0;
+        const void *k3 = nk > 3 ? att_krow(c, b, g, s + 3) : k0;
+        for (int64_t d = 0; d < D; d += 16) {
             __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
             __m512 qv = _mm512_maskz_loadu_ps(m, qr + d);
-            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + d), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + d), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + d), a3);
+            a0 = _mm512_fmadd_ps(qv, att_load16(k0, bf, d, m), a0);
+            a1 = _mm512_fmadd_ps(qv, att_load16(k1, bf, d, m), a1);
+            a2 = _mm512_fmadd_ps(qv, att_load16(k2, bf, d, m), a2);
+            a3 = _mm512_fmadd_ps(qv, att_load16(k3, bf, d, m), a3);
         }
         float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
                       _mm512_reduce_add_ps(a3)};
-        for (int j = 0; j < nk; j++) sbuf[s - s0 + j] = vis[s - s0 + j] ? r[j] * scaling : 0.0f;
+        for (int j = 0; j < nk; j++) sbuf[s - s0 + j] = vis[s - s0 + j] ? r[j] * c->scaling : 0.0f;
     }
-    if (softcap > 0.0f) g2_softcap_avx512(sbuf, sbuf, s1 - s0, softcap);
+    if (c->softcap > 0.0f) g2_softcap_avx512(sbuf, sbuf, s1 - s0, c->softcap);
 }
 #endif
 
 /* ---- weighted sum of V -------------------------------------------------------------------- */
 
-static void scale_axpy_scalar(float *acc, float a, const float *v, float p, int64_t n) {
-    /* acc = acc * a + p * v */
-    for (int64_t i = 0; i < n; i++) acc[i] = acc[i] * a + p * v[i];
+/* acc = acc + p * v (the scalar path: a multiply then an add, as NumPy rounds it) */
+static void axpy_scalar(float *acc, float p, const void *vv, int bf16, int64_t n) {
+    if (bf16) {
+        const uint16_t *v = (const uint16_t *)vv;
+        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + p * bf16_widen(v[i]);
+    } else {
+        const float *v = (const float *)vv;
+        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + p * v[i];
+    }
 }
 
 #if G2_X86
-/* acc[0:D) += p * v */
-static G2_TGT void axpy_avx512(float *acc, float p, const float *v, int64_t D) {
+/* acc[0:D) += p * v (fused) */
+static G2_TGT void axpy_avx512(float *acc, float p, const void *v, int bf16, int64_t D) {
     __m512 pv = _mm512_set1_ps(p);
     for (int64_t d = 0; d < D; d += 16) {
         __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-        _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + d),
+        _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, att_load16(v, bf16, d, m),
                                                           _mm512_maskz_loadu_ps(m, acc + d)));
     }
 }
 #endif
 
-#define ATT_BLOCK 64
+/* ---- one query row against one chunk [c0, c1): online softmax over blocks of ATT_BLOCK keys.
+ * acc[0:D) gets the unnormalised sum of p * v, *mx_out the max, *l_out the sum of p; returns the
+ * number of visible keys (0: nothing written but acc = 0) -------------------------------------- */
+static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t qp,
+                             int64_t c0, int64_t c1, float *acc, float *mx_out, float *l_out) {
+    const int64_t D = c->D, window = c->window;
+    const int simd = c->simd;
+    const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
+    float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
+    unsigned char vis[ATT_BLOCK];
+    float mx = -INFINITY, l = 0.0f;
+    int64_t nvis = 0;
+    for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+    for (int64_t s0 = c0; s0 < c1; s0 += ATT_BLOCK) {
+        int64_t s1 = G2_MIN(c1, s0 + ATT_BLOCK), nbk = s1 - s0;
+        int any = 0;
+        for (int64_t s = s0; s < s1; s++) {
+            int64_t kp = c->k_pos[s];
+            int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
+            vis[s - s0] = (unsigned char)ok;
+            any |= ok;
+        }
+        if (!any) continue;
+#if G2_X86
+        if (simd) {
+            att_scores_avx512(c, qr, b, g, s0, s1, vis, sbuf);
+        } else
+#endif
+            att_scores_scalar(c, qr, b, g, s0, s1, vis, sbuf);
+        float bmax = -INFINITY;
+        int first = 1;
+        for (int64_t j = 0; j < nbk; j++)
+            if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
+        if (bmax > mx) {
+            float a = (nvis == 0) ? 0.0f : att_rescale(simd, mx - bmax);
+            l *= a;
+            for (int64_t d = 0; d < D; d++) acc[d] *= a;
+            mx = bmax;
+        }
+        for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
+#if G2_X86
+        if (simd) g2_exp_avx512(pbuf, pbuf, nbk);
+        else
+#endif
+            for (int64_t j = 0; j < nbk; j++) pbuf[j] = exp_ref(pbuf[j]);
+        for (int64_t s = s0; s < s1; s++) {
+            if (!vis[s - s0]) continue;
+            float p = pbuf[s - s0];
+            l += p;
+#if G2_X86
+            if (simd) axpy_avx512(acc, p, att_vrow(c, b, g, s), c->bf16, D);
+            else
+#endif
+                axpy_scalar(acc, p, att_vrow(c, b, g, s), c->bf16, D);
+            nvis++;
+        }
+    }
+    *mx_out = mx;
+    *l_out = l;
+    return nvis;
+}
 
-void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
-                  const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
-                  int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
-                  int64_t window, float *out, int n_threads) {
-    int simd = 0;
+/* merge a chunk partial (m, l, a[0:D), nvc visible keys) into a row's running state (M, L, ACC,
+ * nv); the first partial is taken as it is (so a one-chunk row is the chunk's arithmetic) */
+static void att_merge(int simd, int64_t D, float *M, float *L, float *ACC, int64_t *nv, float m,
+                      float l, const float *a, int64_t nvc) {
+    if (nvc == 0) return;
+    if (*nv == 0) {
+        *M = m;
+        *L = l;
+        for (int64_t d = 0; d < D; d++) ACC[d] = a[d];
+        *nv = nvc;
+        return;
+    }
+    float mn = m > *M ? m : *M;
+    float fo = att_rescale(simd, *M - mn), fn = att_rescale(simd, m - mn);
+    *L = *L * fo + l * fn;  /* two products and a sum, unfused on both paths */
+    for (int64_t d = 0; d < D; d++) ACC[d] = ACC[d] * fo + a[d] * fn;
+    *M = mn;
+    *nv += nvc;
+}
+
+/* out row o = ACC / L, or, with no visible key, the uniform average over all S keys (what HF's
+ * finfo.min mask gives), summed in key order; ACC may be o itself */
+static void att_finish(const att_ctx *c, int64_t b, int64_t g, float L, const float *ACC, int64_t nv,
+                       float *o) {
+    const int64_t D = c->D, S = c->S;
+    if (S == 0) {
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        return;
+    }
+    if (nv == 0) {
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t s = 0; s < S; s++) axpy_scalar(o, 1.0f, att_vrow(c, b, g, s), c->bf16, D);
+        L = (float)S;
+        ACC = o;
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = ACC[d] / L;
+}
+
+/* can a query at position qp (or any in [qmin, qmax]) see a key of chunk ch? (k_pos only) */
+static inline int att_chunk_dead(const int64_t *kmin, const int64_t *kmax, int64_t ch, int64_t qmin,
+                                 int64_t qmax, int64_t window) {
+    return kmin[ch] > qmax || (window > 0 && kmax[ch] <= qmin - window);
+}
+
+int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const void *k, const void *v,
+                 int kv_bf16, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh,
+                 int64_t vss, const int64_t *q_pos, const int64_t *k_pos, const uint8_t *key_valid,
+                 int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling,
+                 float softcap, int64_t window, float *out, int n_threads) {
+    att_ctx c;
+    c.k = (const char *)k;
+    c.v = (const char *)v;
+    c.bf16 = kv_bf16 != 0;
+    c.esz = c.bf16 ? 2 : 4;
+    c.ksb = ksb; c.ksh = ksh; c.kss = kss;
+    c.vsb = vsb; c.vsh = vsh; c.vss = vss;
+    c.k_pos = k_pos;
+    c.key_valid = key_valid;
+    c.S = S; c.D = D; c.window = window;
+    c.scaling = scaling; c.softcap = softcap;
+    c.simd = 0;
 #if G2_X86
-    simd = g2_get_simd() != 0;
+    c.simd = g2_get_simd() != 0;
 #endif
-    int64_t rep = Hq / Hkv;
-    int64_t total = B * Hq * T;
-    /* q.k and p*v over every key (masked blocks are skipped, so this is an upper bound); the
-     * AVX-512 path also pays per-key bookkeeping (max, exp, masks): ~2x the FMA tiles' cost */
-    const double macs = 2.0 * (double)total * (double)S * (double)D;
-    const int nt = g2_par_threads(NT(n_threads), macs * (simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float *acc = (float *)malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
-        float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
-        unsigned char vis[ATT_BLOCK];
-        int64_t idx;
-#pragma omp for schedule(dynamic, 2)
-        for (idx = 0; idx < total; idx++) {
-            if (!acc) continue; /* out of memory: leave row (cannot raise from here) */
-            int64_t t = idx % T, h = (idx / T) % Hq, b = idx / (T * Hq), g = h / rep;
-            const float *qr = q + idx * D;
-            const float *kb = k + (b * Hkv + g) * S * D;
-            const float *vb = v + (b * Hkv + g) * S * D;
-            const uint8_t *valid = key_valid ? key_valid + b * S : NULL;
-            float *o = out + idx * D;
-            int64_t qp = q_pos[t];
-            float mx = -INFINITY, l = 0.0f;
-            int64_t nvis = 0;
-            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-            for (int64_t s0 = 0; s0 < S; s0 += ATT_BLOCK) {
-                int64_t s1 = G2_MIN(S, s0 + ATT_BLOCK), nbk = s1 - s0;
-                int any = 0;
-                for (int64_t s = s0; s < s1; s++) {
-                    int64_t kp = k_pos[s];
-                    int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
-                    vis[s - s0] = (unsigned char)ok;
-                    any |= ok;
+    if (B <= 0 || Hq <= 0 || T <= 0) return 0;
+    const int64_t rep = Hq / Hkv;
+    const int64_t nch = S > 0 ? (S + ATT_CHUNK - 1) / ATT_CHUNK : 0;
+    const int64_t nqb = (T + ATT_QBLOCK - 1) / ATT_QBLOCK;
+    const int64_t Dp = D > 0 ? D : 1;
+    /* per chunk: min and max key position, for skipping chunks from k_pos alone */
+    int64_t *kmin = (int64_t *)malloc((size_t)(nch > 0 ? 2 * nch : 1) * sizeof(int64_t));
+    if (!kmin) return -1;
+    int64_t *kmax = kmin + nch;
+    for (int64_t ch = 0; ch < nch; ch++) {
+        int64_t lo = INT64_MAX, hi = INT64_MIN;
+        for (int64_t s = ch * ATT_CHUNK; s < G2_MIN(S, (ch + 1) * ATT_CHUNK); s++) {
+            lo = G2_MIN(lo, k_pos[s]);
+            hi = k_pos[s] > hi ? k_pos[s] : hi;
+        }
+        kmin[ch] = lo;
+        kmax[ch] = hi;
+    }
+    /* q.k and p*v over every key (dead chunks are skipped, so this is an upper bound); the AVX-512
+     * path also pays per-key bookkeeping (max, exp, masks): ~2x the FMA tiles' cost */
+    const double macs = 2.0 * (double)(B * Hq * T) * (double)S * (double)D;
+    const int nt = g2_par_threads(NT(n_threads), macs * (c.simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
+    /* the split schedule when few query rows would leave threads idle (the bits are the same) */
+    int split = nt > 1 && nch > 1 && T <= ATT_QBLOCK && B * Hkv < 4 * nt;
+    float *part = NULL;  /* (row, chunk) -> [m, l, acc[0:D)] */
+    int64_t *pnv = NULL;
+    const int64_t pstride = Dp + 2;
+    if (split) {
+        part = (float *)malloc((size_t)(B * Hq * T * nch) * (size_t)pstride * sizeof(float));
+        pnv = (int64_t *)malloc((size_t)(B * Hq * T * nch) * sizeof(int64_t));
+        if (!part || !pnv) { free(part); free(pnv); part = NULL; pnv = NULL; split = 0; }
+    }
+    int err = 0;
+    if (split) {
+        const int64_t items = B * Hkv * nch;
+        int64_t it;
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
+        for (it = 0; it < items; it++) {
+            int64_t ch = it % nch, g = (it / nch) % Hkv, b = it / (nch * Hkv);
+            int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK);
+            for (int64_t hh = 0; hh < rep; hh++) {
+                int64_t h = g * rep + hh;
+                for (int64_t t = 0; t < T; t++) {
+                    int64_t row = (b * Hq + h) * T + t, pi = row * nch + ch;
+                    float *pp = part + pi * pstride;
+                    int64_t qp = q_pos[t];
+                    if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) { pnv[pi] = 0; continue; }
+                    pnv[pi] = att_row_chunk(&c, q + b * qsb + h * qsh + t * qst, b, g, qp, c0, c1,
+                                            pp + 2, &pp[0], &pp[1]);
                 }
-                if (!any) continue;
-#if G2_X86
-                if (simd) {
-                    att_scores_avx512(qr, kb, s0, s1, D, scaling, softcap, vis, sbuf);
-                } else
-#endif
-                    att_scores_scalar(qr, kb, s0, s1, D, scaling, softcap, vis, sbuf);
-                float bmax = -INFINITY;
-                int first = 1;
-                for (int64_t j = 0; j < nbk; j++)
-                    if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
-                if (bmax > mx) {
-                    float a = (nvis == 0) ? 0.0f : expf(mx - bmax);
-                    l *= a;
-                    for (int64_t d = 0; d < D; d++) acc[d] *= a;
-                    mx = bmax;
-                }
-                for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
-#if G2_X86
-                if (simd) g2_exp_avx512(pbuf, pbuf, nbk);
-                else
-#endif
-                    for (int64_t j = 0; j < nbk; j++) pbuf[j] = expf(pbuf[j]);
-                for (int64_t s = s0; s < s1; s++) {
-                    if (!vis[s - s0]) continue;
-                    float p = pbuf[s - s0];
-                    l += p;
-#if G2_X86
-                    if (simd) axpy_avx512(acc, p, vb + s * D, D);
-                    else
-#endif
-                        scale_axpy_scalar(acc, 1.0f, vb + s * D, p, D);
-                    nvis++;
-                }
-            }
-            if (nvis == 0) {
-                /* no visible key: uniform softmax over all S keys (what HF's finfo.min mask gives) */
-                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t s = 0; s < S; s++) scale_axpy_scalar(acc, 1.0f, vb + s * D, 1.0f, D);
-                l = (float)S;
-            }
-            if (S == 0) {
-                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            } else {
-                for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
             }
         }
-        free(acc);
+        const int64_t rows = B * Hq * T;
+        int64_t row;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+        for (row = 0; row < rows; row++) {
+            int64_t b = row / (Hq * T), h = (row / T) % Hq, g = h / rep;
+            float *o = out + row * D;
+            float M = -INFINITY, L = 0.0f;
+            int64_t nv = 0;
+            for (int64_t ch = 0; ch < nch; ch++) {
+                const float *pp = part + (row * nch + ch) * pstride;
+                att_merge(c.simd, D, &M, &L, o, &nv, pp[0], pp[1], pp + 2, pnv[row * nch + ch]);
+            }
+            att_finish(&c, b, g, L, o, nv, o);
+        }
+    } else {
+        const int64_t items = B * Hkv * nqb;
+        const int64_t nrow = rep * ATT_QBLOCK;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            /* per thread: one chunk partial, the running (M, L, nv) of the item's rows; their
+             * running acc lives in the output rows */
+            float *acc = (float *)malloc((size_t)Dp * sizeof(float));
+            float *ML = (float *)malloc((size_t)(2 * nrow) * sizeof(float));
+            int64_t *NV = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
+            int ok = acc && ML && NV;
+            if (!ok) {
+#pragma omp atomic write
+                err = 1;
+            }
+            int64_t it;
+#pragma omp for schedule(dynamic, 1)
+            for (it = 0; it < items; it++) {
+                if (!ok) continue; /* out of memory: reported after the loop */
+                int64_t qb = it % nqb, g = (it / nqb) % Hkv, b = it / (nqb * Hkv);
+                int64_t t0 = qb * ATT_QBLOCK, t1 = G2_MIN(T, t0 + ATT_QBLOCK), nt_ = t1 - t0;
+                int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+                for (int64_t t = t0; t < t1; t++) {
+                    qmin = G2_MIN(qmin, q_pos[t]);
+                    qmax = q_pos[t] > qmax ? q_pos[t] : qmax;
+                }
+                for (int64_t r = 0; r < rep * nt_; r++) { ML[2 * r] = -INFINITY; ML[2 * r + 1] = 0.0f; NV[r] = 0; }
+                for (int64_t ch = 0; ch < nch; ch++) {
+                    if (att_chunk_dead(kmin, kmax, ch, qmin, qmax, window)) continue;
+                    int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK);
+                    for (int64_t hh = 0; hh < rep; hh++) {
+                        int64_t h = g * rep + hh;
+                        for (int64_t t = t0; t < t1; t++) {
+                            int64_t qp = q_pos[t], r = hh * nt_ + (t - t0);
+                            if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) continue;
+                            float m, l;
+                            int64_t nvc = att_row_chunk(&c, q + b * qsb + h * qsh + t * qst, b, g, qp,
+                                                        c0, c1, acc, &m, &l);
+                            att_merge(c.simd, D, &ML[2 * r], &ML[2 * r + 1],
+                                      out + ((b * Hq + h) * T + t) * D, &NV[r], m, l, acc, nvc);
+                        }
+                    }
+                }
+                for (int64_t hh = 0; hh < rep; hh++) {
+                    int64_t h = g * rep + hh;
+                    for (int64_t t = t0; t < t1; t++) {
+                        int64_t r = hh * nt_ + (t - t0);
+                        float *o = out + ((b * Hq + h) * T + t) * D;
+                        att_finish(&c, b, g, ML[2 * r + 1], o, NV[r], o);
+                    }
+                }
+            }
+            free(acc);
+            free(ML);
+            free(NV);
+        }
     }
+    free(part);
+    free(pnv);
+    free(kmin);
+    return err ? -1 : 0;
 }
