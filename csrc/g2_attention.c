@@ -108,32 +108,6 @@ static G2_TGT inline __m512 att_load16(const void *row, int bf16, int64_t d, __m
     return _mm512_maskz_loadu_ps(m, (const float *)row + d);
 }
 
-/* 4 keys at a time: 4 independent FMA chains, one 16-lane accumulator per key */
-static G2_TGT void att_scores_avx512(const att_ctx *c, const float *qr, int64_t b, int64_t g,
-                                     int64_t s0, int64_t s1, const unsigned char *vis, float *sbuf) {
-    const int64_t D = c->D;
-    const int bf = c->bf16;
-    for (int64_t s = s0; s < s1; s += 4) {
-        int nk = (int)G2_MIN(4, s1 - s);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const void *k0 = att_krow(c, b, g, s);
-        const void *k1 = nk > 1 ? att_krow(c, b, g, s + 1) : k0;
-        const void *k2 = nk > 2 ? att_krow(c, b, g, s + 2) : k0;
-        const void *k3 = nk > 3 ? att_krow(c, b, g, s + 3) : k0;
-        for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-            __m512 qv = _mm512_maskz_loadu_ps(m, qr + d);
-            a0 = _mm512_fmadd_ps(qv, att_load16(k0, bf, d, m), a0);
-            a1 = _mm512_fmadd_ps(qv, att_load16(k1, bf, d, m), a1);
-            a2 = _mm512_fmadd_ps(qv, att_load16(k2, bf, d, m), a2);
-            a3 = _mm512_fmadd_ps(qv, att_load16(k3, bf, d, m), a3);
-        }
-        float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                      _mm512_reduce_add_ps(a3)};
-        for (int j = 0; j < nk; j++) sbuf[s - s0 + j] = vis[s - s0 + j] ? r[j] * c->scaling : 0.0f;
-    }
-    if (c->softcap > 0.0f) g2_softcap_avx512(sbuf, sbuf, s1 - s0, c->softcap);
-}
 #endif
 
 /* ---- weighted sum of V -------------------------------------------------------------------- */
@@ -149,25 +123,14 @@ static void axpy_scalar(float *acc, float p, const void *vv, int bf16, int64_t n
     }
 }
 
-#if G2_X86
-/* acc[0:D) += p * v (fused) */
-static G2_TGT void axpy_avx512(float *acc, float p, const void *v, int bf16, int64_t D) {
-    __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16) {
-        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-        _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, att_load16(v, bf16, d, m),
-                                                          _mm512_maskz_loadu_ps(m, acc + d)));
-    }
-}
-#endif
 
-/* ---- one query row against one chunk [c0, c1): online softmax over blocks of ATT_BLOCK keys.
+/* ---- the scalar path: one query row against one chunk [c0, c1), online softmax over blocks of
+ * ATT_BLOCK keys (the AVX-512 path: att_rows_chunk_avx512, the same steps for several rows).
  * acc[0:D) gets the unnormalised sum of p * v, *mx_out the max, *l_out the sum of p; returns the
  * number of visible keys (0: nothing written but acc = 0) -------------------------------------- */
 static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t qp,
                              int64_t c0, int64_t c1, float *acc, float *mx_out, float *l_out) {
     const int64_t D = c->D, window = c->window;
-    const int simd = c->simd;
     const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
     float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
     unsigned char vis[ATT_BLOCK];
@@ -184,43 +147,228 @@ static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64
             any |= ok;
         }
         if (!any) continue;
-#if G2_X86
-        if (simd) {
-            att_scores_avx512(c, qr, b, g, s0, s1, vis, sbuf);
-        } else
-#endif
-            att_scores_scalar(c, qr, b, g, s0, s1, vis, sbuf);
+        att_scores_scalar(c, qr, b, g, s0, s1, vis, sbuf);
         float bmax = -INFINITY;
         int first = 1;
         for (int64_t j = 0; j < nbk; j++)
             if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
         if (bmax > mx) {
-            float a = (nvis == 0) ? 0.0f : att_rescale(simd, mx - bmax);
+            float a = (nvis == 0) ? 0.0f : exp_ref(mx - bmax);
             l *= a;
             for (int64_t d = 0; d < D; d++) acc[d] *= a;
             mx = bmax;
         }
         for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
-#if G2_X86
-        if (simd) g2_exp_avx512(pbuf, pbuf, nbk);
-        else
-#endif
-            for (int64_t j = 0; j < nbk; j++) pbuf[j] = exp_ref(pbuf[j]);
+        for (int64_t j = 0; j < nbk; j++) pbuf[j] = exp_ref(pbuf[j]);
         for (int64_t s = s0; s < s1; s++) {
             if (!vis[s - s0]) continue;
             float p = pbuf[s - s0];
             l += p;
-#if G2_X86
-            if (simd) axpy_avx512(acc, p, att_vrow(c, b, g, s), c->bf16, D);
-            else
-#endif
-                axpy_scalar(acc, p, att_vrow(c, b, g, s), c->bf16, D);
+            axpy_scalar(acc, p, att_vrow(c, b, g, s), c->bf16, D);
             nvis++;
         }
     }
     *mx_out = mx;
     *l_out = l;
     return nvis;
+}
+
+/* a query row of a work item: its inputs and where its chunk partial goes */
+typedef struct {
+    const float *q;
+    int64_t qp;
+    float *acc;     /* D floats: the partial's unnormalised sum of p * v */
+    float mx, l;    /* the partial's max and sum */
+    int64_t nvis;   /* its number of visible keys */
+} att_row;
+
+#if G2_X86
+#define ATT_TROWS 32 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+
+/* The partials of nr <= ATT_TROWS rows (of one batch and kv head) over the chunk [c0, c1), in
+ * tiles: scores 4 rows x 4 keys at a time, p * V 4 rows x 64 elements of D at a time, so K and V
+ * are loaded once for 4 rows. Per row the operations are att_row_chunk's AVX-512 ones in the same
+ * order (the same per-key FMA chains and _mm512_reduce_add_ps, the same elementwise softcap / exp,
+ * one FMA per visible key and element of D in key order, masked off for invisible keys), so the
+ * bits equal att_row_chunk's for each row (tests/test_attention_kernels.py checks it against the
+ * one-row calls). */
+static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int nr,
+                                         int64_t c0, int64_t c1) {
+    const int64_t D = c->D, window = c->window;
+    const int bf = c->bf16;
+    const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
+    float sbuf[ATT_TROWS][ATT_BLOCK], pbuf[ATT_TROWS][ATT_BLOCK];
+    unsigned char vis[ATT_TROWS][ATT_BLOCK];
+    int act[ATT_TROWS];
+    for (int r = 0; r < nr; r++) {
+        for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
+        rows[r].mx = -INFINITY;
+        rows[r].l = 0.0f;
+        rows[r].nvis = 0;
+    }
+    for (int64_t s0 = c0; s0 < c1; s0 += ATT_BLOCK) {
+        const int64_t s1 = G2_MIN(c1, s0 + ATT_BLOCK), nbk = s1 - s0;
+        int na = 0;
+        for (int r = 0; r < nr; r++) {
+            const int64_t qp = rows[r].qp;
+            int any = 0;
+            for (int64_t s = s0; s < s1; s++) {
+                int64_t kp = c->k_pos[s];
+                int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
+                vis[r][s - s0] = (unsigned char)ok;
+                any |= ok;
+            }
+            if (any) act[na++] = r;
+        }
+        if (!na) continue;
+        /* scores: tiles of 4 active rows x 4 keys */
+        for (int rg = 0; rg < na; rg += 4) {
+            const int nrr = G2_MIN(4, na - rg);
+            const float *qr[4];
+            for (int i = 0; i < 4; i++) qr[i] = rows[act[rg + (i < nrr ? i : 0)]].q;
+            for (int64_t s = s0; s < s1; s += 4) {
+                const int nk = (int)G2_MIN(4, s1 - s);
+                const void *kr[4];
+                for (int j = 0; j < 4; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
+                /* 16 named accumulators (arrays of __m512 get spilled to the stack) */
+                __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00,
+                       a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,
+                       a31 = a00, a32 = a00, a33 = a00;
+                const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
+                const void *k0 = kr[0], *k1 = kr[1], *k2 = kr[2], *k3 = kr[3];
+                for (int64_t d = 0; d < D; d += 16) {
+                    __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                    __m512 kv0 = att_load16(k0, bf, d, m), kv1 = att_load16(k1, bf, d, m);
+                    __m512 kv2 = att_load16(k2, bf, d, m), kv3 = att_load16(k3, bf, d, m);
+                    __m512 qv = _mm512_maskz_loadu_ps(m, q0 + d);
+                    a00 = _mm512_fmadd_ps(qv, kv0, a00); a01 = _mm512_fmadd_ps(qv, kv1, a01);
+                    a02 = _mm512_fmadd_ps(qv, kv2, a02); a03 = _mm512_fmadd_ps(qv, kv3, a03);
+                    qv = _mm512_maskz_loadu_ps(m, q1 + d);
+                    a10 = _mm512_fmadd_ps(qv, kv0, a10); a11 = _mm512_fmadd_ps(qv, kv1, a11);
+                    a12 = _mm512_fmadd_ps(qv, kv2, a12); a13 = _mm512_fmadd_ps(qv, kv3, a13);
+                    qv = _mm512_maskz_loadu_ps(m, q2 + d);
+                    a20 = _mm512_fmadd_ps(qv, kv0, a20); a21 = _mm512_fmadd_ps(qv, kv1, a21);
+                    a22 = _mm512_fmadd_ps(qv, kv2, a22); a23 = _mm512_fmadd_ps(qv, kv3, a23);
+                    qv = _mm512_maskz_loadu_ps(m, q3 + d);
+                    a30 = _mm512_fmadd_ps(qv, kv0, a30); a31 = _mm512_fmadd_ps(qv, kv1, a31);
+                    a32 = _mm512_fmadd_ps(qv, kv2, a32); a33 = _mm512_fmadd_ps(qv, kv3, a33);
+                }
+                float red[4][4] = {
+                    {_mm512_reduce_add_ps(a00), _mm512_reduce_add_ps(a01), _mm512_reduce_add_ps(a02), _mm512_reduce_add_ps(a03)},
+                    {_mm512_reduce_add_ps(a10), _mm512_reduce_add_ps(a11), _mm512_reduce_add_ps(a12), _mm512_reduce_add_ps(a13)},
+                    {_mm512_reduce_add_ps(a20), _mm512_reduce_add_ps(a21), _mm512_reduce_add_ps(a22), _mm512_reduce_add_ps(a23)},
+                    {_mm512_reduce_add_ps(a30), _mm512_reduce_add_ps(a31), _mm512_reduce_add_ps(a32), _mm512_reduce_add_ps(a33)}};
+                for (int i = 0; i < nrr; i++) {
+                    const int r = act[rg + i];
+                    for (int j = 0; j < nk; j++)
+                        sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
+                }
+            }
+        }
+        /* per row: softcap, block max, rescale, p = exp(s - max), l += p (att_row_chunk's steps) */
+        for (int ia = 0; ia < na; ia++) {
+            const int r = act[ia];
+            att_row *w = &rows[r];
+            if (c->softcap > 0.0f) g2_softcap_avx512(sbuf[r], sbuf[r], nbk, c->softcap);
+            float bmax = -INFINITY;
+            int first = 1;
+            for (int64_t j = 0; j < nbk; j++)
+                if (vis[r][j] && (first || sbuf[r][j] > bmax)) { bmax = sbuf[r][j]; first = 0; }
+            if (bmax > w->mx) {
+                float f = (w->nvis == 0) ? 0.0f : att_rescale(1, w->mx - bmax);
+                w->l *= f;
+                for (int64_t d = 0; d < D; d++) w->acc[d] *= f;
+                w->mx = bmax;
+            }
+            for (int64_t j = 0; j < nbk; j++) pbuf[r][j] = vis[r][j] ? sbuf[r][j] - w->mx : -INFINITY;
+            g2_exp_avx512(pbuf[r], pbuf[r], nbk);
+            float l = w->l;
+            int64_t nv = w->nvis;
+            for (int64_t j = 0; j < nbk; j++)
+                if (vis[r][j]) { l += pbuf[r][j]; nv++; }
+            w->l = l;
+            w->nvis = nv;
+        }
+        /* acc += p * v: tiles of 4 active rows x 64 elements of D, keys in order */
+        for (int rg = 0; rg < na; rg += 4) {
+            const int nrr = G2_MIN(4, na - rg);
+            int ri[4];
+            for (int i = 0; i < 4; i++) ri[i] = act[rg + (i < nrr ? i : 0)];
+            for (int64_t pd = 0; pd < D; pd += 64) {
+                __mmask16 m[4];
+                for (int u = 0; u < 4; u++) {
+                    int64_t d = pd + 16 * u;
+                    m[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                }
+                /* 4 rows x 4 vectors, named (see the scores); rows past nrr are never stored */
+                float *o0 = rows[ri[0]].acc + pd, *o1 = rows[ri[1]].acc + pd, *o2 = rows[ri[2]].acc + pd,
+                      *o3 = rows[ri[3]].acc + pd;
+                const unsigned char *v0 = vis[ri[0]], *v1 = vis[ri[1]], *v2 = vis[ri[2]], *v3 = vis[ri[3]];
+                const float *p0 = pbuf[ri[0]], *p1 = pbuf[ri[1]], *p2 = pbuf[ri[2]], *p3 = pbuf[ri[3]];
+                const __mmask16 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
+                __m512 c00 = _mm512_maskz_loadu_ps(m0, o0), c01 = _mm512_maskz_loadu_ps(m1, o0 + 16),
+                       c02 = _mm512_maskz_loadu_ps(m2, o0 + 32), c03 = _mm512_maskz_loadu_ps(m3, o0 + 48);
+                __m512 c10 = _mm512_maskz_loadu_ps(m0, o1), c11 = _mm512_maskz_loadu_ps(m1, o1 + 16),
+                       c12 = _mm512_maskz_loadu_ps(m2, o1 + 32), c13 = _mm512_maskz_loadu_ps(m3, o1 + 48);
+                __m512 c20 = _mm512_maskz_loadu_ps(m0, o2), c21 = _mm512_maskz_loadu_ps(m1, o2 + 16),
+                       c22 = _mm512_maskz_loadu_ps(m2, o2 + 32), c23 = _mm512_maskz_loadu_ps(m3, o2 + 48);
+                __m512 c30 = _mm512_maskz_loadu_ps(m0, o3), c31 = _mm512_maskz_loadu_ps(m1, o3 + 16),
+                       c32 = _mm512_maskz_loadu_ps(m2, o3 + 32), c33 = _mm512_maskz_loadu_ps(m3, o3 + 48);
+                const int on1 = nrr > 1, on2 = nrr > 2, on3 = nrr > 3;
+                for (int64_t s = s0; s < s1; s++) {
+                    const int64_t j = s - s0;
+                    /* an invisible key leaves a row's accumulators as they are (masked FMA) */
+                    const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0,
+                                    k2 = (on2 && v2[j]) ? 0xFFFF : 0, k3 = (on3 && v3[j]) ? 0xFFFF : 0;
+                    if (!(k0 | k1 | k2 | k3)) continue;
+                    const void *vr = att_vrow(c, b, g, s);
+                    __m512 w0 = att_load16(vr, bf, pd, m0), w1 = att_load16(vr, bf, pd + 16, m1);
+                    __m512 w2 = att_load16(vr, bf, pd + 32, m2), w3 = att_load16(vr, bf, pd + 48, m3);
+                    __m512 pv = _mm512_set1_ps(p0[j]);
+                    c00 = _mm512_mask3_fmadd_ps(pv, w0, c00, k0); c01 = _mm512_mask3_fmadd_ps(pv, w1, c01, k0);
+                    c02 = _mm512_mask3_fmadd_ps(pv, w2, c02, k0); c03 = _mm512_mask3_fmadd_ps(pv, w3, c03, k0);
+                    pv = _mm512_set1_ps(p1[j]);
+                    c10 = _mm512_mask3_fmadd_ps(pv, w0, c10, k1); c11 = _mm512_mask3_fmadd_ps(pv, w1, c11, k1);
+                    c12 = _mm512_mask3_fmadd_ps(pv, w2, c12, k1); c13 = _mm512_mask3_fmadd_ps(pv, w3, c13, k1);
+                    pv = _mm512_set1_ps(p2[j]);
+                    c20 = _mm512_mask3_fmadd_ps(pv, w0, c20, k2); c21 = _mm512_mask3_fmadd_ps(pv, w1, c21, k2);
+                    c22 = _mm512_mask3_fmadd_ps(pv, w2, c22, k2); c23 = _mm512_mask3_fmadd_ps(pv, w3, c23, k2);
+                    pv = _mm512_set1_ps(p3[j]);
+                    c30 = _mm512_mask3_fmadd_ps(pv, w0, c30, k3); c31 = _mm512_mask3_fmadd_ps(pv, w1, c31, k3);
+                    c32 = _mm512_mask3_fmadd_ps(pv, w2, c32, k3); c33 = _mm512_mask3_fmadd_ps(pv, w3, c33, k3);
+                }
+                _mm512_mask_storeu_ps(o0, m0, c00); _mm512_mask_storeu_ps(o0 + 16, m1, c01);
+                _mm512_mask_storeu_ps(o0 + 32, m2, c02); _mm512_mask_storeu_ps(o0 + 48, m3, c03);
+                if (on1) {
+                    _mm512_mask_storeu_ps(o1, m0, c10); _mm512_mask_storeu_ps(o1 + 16, m1, c11);
+                    _mm512_mask_storeu_ps(o1 + 32, m2, c12); _mm512_mask_storeu_ps(o1 + 48, m3, c13);
+                }
+                if (on2) {
+                    _mm512_mask_storeu_ps(o2, m0, c20); _mm512_mask_storeu_ps(o2 + 16, m1, c21);
+                    _mm512_mask_storeu_ps(o2 + 32, m2, c22); _mm512_mask_storeu_ps(o2 + 48, m3, c23);
+                }
+                if (on3) {
+                    _mm512_mask_storeu_ps(o3, m0, c30); _mm512_mask_storeu_ps(o3 + 16, m1, c31);
+                    _mm512_mask_storeu_ps(o3 + 32, m2, c32); _mm512_mask_storeu_ps(o3 + 48, m3, c33);
+                }
+            }
+        }
+    }
+}
+#endif
+
+/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path, row by row on the scalar one */
+static void att_rows_chunk(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int64_t nr, int64_t c0,
+                           int64_t c1) {
+#if G2_X86
+    if (c->simd) {
+        for (int64_t r0 = 0; r0 < nr; r0 += ATT_TROWS)
+            att_rows_chunk_avx512(c, b, g, rows + r0, (int)G2_MIN(ATT_TROWS, nr - r0), c0, c1);
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < nr; r++)
+        rows[r].nvis = att_row_chunk(c, rows[r].q, b, g, rows[r].qp, c0, c1, rows[r].acc, &rows[r].mx, &rows[r].l);
 }
 
 /* merge a chunk partial (m, l, a[0:D), nvc visible keys) into a row's running state (M, L, ACC,
@@ -320,24 +468,44 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
         if (!part || !pnv) { free(part); free(pnv); part = NULL; pnv = NULL; split = 0; }
     }
     int err = 0;
+    const int64_t nrow = rep * ATT_QBLOCK; /* rows of a work item, at most */
     if (split) {
         const int64_t items = B * Hkv * nch;
-        int64_t it;
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1) if (nt > 1)
-        for (it = 0; it < items; it++) {
-            int64_t ch = it % nch, g = (it / nch) % Hkv, b = it / (nch * Hkv);
-            int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK);
-            for (int64_t hh = 0; hh < rep; hh++) {
-                int64_t h = g * rep + hh;
-                for (int64_t t = 0; t < T; t++) {
-                    int64_t row = (b * Hq + h) * T + t, pi = row * nch + ch;
-                    float *pp = part + pi * pstride;
-                    int64_t qp = q_pos[t];
-                    if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) { pnv[pi] = 0; continue; }
-                    pnv[pi] = att_row_chunk(&c, q + b * qsb + h * qsh + t * qst, b, g, qp, c0, c1,
-                                            pp + 2, &pp[0], &pp[1]);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            att_row *rw = (att_row *)malloc((size_t)nrow * sizeof(att_row));
+            if (!rw) {
+#pragma omp atomic write
+                err = 1;
+            }
+            int64_t it;
+#pragma omp for schedule(dynamic, 1)
+            for (it = 0; it < items; it++) {
+                if (!rw) continue; /* out of memory: reported after the loop */
+                int64_t ch = it % nch, g = (it / nch) % Hkv, b = it / (nch * Hkv);
+                int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK), nr = 0;
+                for (int64_t hh = 0; hh < rep; hh++) {
+                    int64_t h = g * rep + hh;
+                    for (int64_t t = 0; t < T; t++) {
+                        int64_t pi = ((b * Hq + h) * T + t) * nch + ch;
+                        int64_t qp = q_pos[t];
+                        pnv[pi] = 0;
+                        if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) continue;
+                        rw[nr].q = q + b * qsb + h * qsh + t * qst;
+                        rw[nr].qp = qp;
+                        rw[nr].acc = part + pi * pstride + 2;
+                        nr++;
+                    }
+                }
+                att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                for (int64_t r = 0; r < nr; r++) {
+                    float *pp = rw[r].acc - 2;
+                    pp[0] = rw[r].mx;
+                    pp[1] = rw[r].l;
+                    pnv[(pp - part) / pstride] = rw[r].nvis;
                 }
             }
+            free(rw);
         }
         const int64_t rows = B * Hq * T;
         int64_t row;
@@ -355,15 +523,16 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
         }
     } else {
         const int64_t items = B * Hkv * nqb;
-        const int64_t nrow = rep * ATT_QBLOCK;
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
-            /* per thread: one chunk partial, the running (M, L, nv) of the item's rows; their
+            /* per thread: the item's rows, their chunk partials, their running (M, L, nv); their
              * running acc lives in the output rows */
-            float *acc = (float *)malloc((size_t)Dp * sizeof(float));
+            att_row *rw = (att_row *)malloc((size_t)nrow * sizeof(att_row));
+            float *pacc = (float *)malloc((size_t)(nrow * Dp) * sizeof(float));
             float *ML = (float *)malloc((size_t)(2 * nrow) * sizeof(float));
             int64_t *NV = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
-            int ok = acc && ML && NV;
+            int64_t *RI = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
+            int ok = rw && pacc && ML && NV && RI;
             if (!ok) {
 #pragma omp atomic write
                 err = 1;
@@ -382,18 +551,24 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
                 for (int64_t r = 0; r < rep * nt_; r++) { ML[2 * r] = -INFINITY; ML[2 * r + 1] = 0.0f; NV[r] = 0; }
                 for (int64_t ch = 0; ch < nch; ch++) {
                     if (att_chunk_dead(kmin, kmax, ch, qmin, qmax, window)) continue;
-                    int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK);
+                    int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK), nr = 0;
                     for (int64_t hh = 0; hh < rep; hh++) {
                         int64_t h = g * rep + hh;
                         for (int64_t t = t0; t < t1; t++) {
-                            int64_t qp = q_pos[t], r = hh * nt_ + (t - t0);
+                            int64_t qp = q_pos[t];
                             if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) continue;
-                            float m, l;
-                            int64_t nvc = att_row_chunk(&c, q + b * qsb + h * qsh + t * qst, b, g, qp,
-                                                        c0, c1, acc, &m, &l);
-                            att_merge(c.simd, D, &ML[2 * r], &ML[2 * r + 1],
-                                      out + ((b * Hq + h) * T + t) * D, &NV[r], m, l, acc, nvc);
+                            rw[nr].q = q + b * qsb + h * qsh + t * qst;
+                            rw[nr].qp = qp;
+                            rw[nr].acc = pacc + nr * Dp;
+                            RI[nr] = hh * nt_ + (t - t0);
+                            nr++;
                         }
+                    }
+                    att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                    for (int64_t i = 0; i < nr; i++) {
+                        int64_t r = RI[i], h = g * rep + r / nt_, t = t0 + r % nt_;
+                        att_merge(c.simd, D, &ML[2 * r], &ML[2 * r + 1], out + ((b * Hq + h) * T + t) * D,
+                                  &NV[r], rw[i].mx, rw[i].l, rw[i].acc, rw[i].nvis);
                     }
                 }
                 for (int64_t hh = 0; hh < rep; hh++) {
@@ -405,9 +580,11 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
                     }
                 }
             }
-            free(acc);
+            free(rw);
+            free(pacc);
             free(ML);
             free(NV);
+            free(RI);
         }
     }
     free(part);
