@@ -186,12 +186,13 @@ typedef struct {
 #define ATT_TROWS 32 /* rows per call of the tiled kernel (its scratch lives on the stack) */
 
 /* The partials of nr <= ATT_TROWS rows (of one batch and kv head) over the chunk [c0, c1), in
- * tiles: scores 4 rows x 4 keys at a time, p * V 4 rows x 64 elements of D at a time, so K and V
- * are loaded once for 4 rows. Per row the operations are att_row_chunk's AVX-512 ones in the same
- * order (the same per-key FMA chains and _mm512_reduce_add_ps, the same elementwise softcap / exp,
- * one FMA per visible key and element of D in key order, masked off for invisible keys), so the
- * bits equal att_row_chunk's for each row (tests/test_attention_kernels.py checks it against the
- * one-row calls). */
+ * tiles: scores 4 rows x 4 keys at a time, p * V 4 rows x 64 elements of D at a time (2 x 8 and
+ * 2 x 128 for a last one or two rows), so K and V are loaded once for 4 (2) rows. Per row the
+ * operations are att_row_chunk's steps, with the earlier one-row AVX-512 kernel's arithmetic, in
+ * the same order: one FMA chain per (row, key) over D then _mm512_reduce_add_ps, the elementwise
+ * polynomial softcap / exp, expf for the rescale, one FMA per visible key and element of D in key
+ * order (masked off for invisible keys). So a row's bits do not depend on the tile it shares or on
+ * the rows next to it (tests/test_attention_kernels.py checks it against one-row calls). */
 static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int nr,
                                          int64_t c0, int64_t c1) {
     const int64_t D = c->D, window = c->window;
@@ -221,9 +222,40 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
             if (any) act[na++] = r;
         }
         if (!na) continue;
-        /* scores: tiles of 4 active rows x 4 keys */
+        /* scores: tiles of 4 active rows x 4 keys (2 rows x 8 keys when at most 2 are left:
+         * decode with 2 query heads per kv head), one FMA chain per (row, key) either way */
         for (int rg = 0; rg < na; rg += 4) {
             const int nrr = G2_MIN(4, na - rg);
+            if (nrr <= 2) {
+                const int r0 = act[rg], r1 = act[rg + (nrr > 1)];
+                const float *q0 = rows[r0].q, *q1 = rows[r1].q;
+                for (int64_t s = s0; s < s1; s += 8) {
+                    const int nk = (int)G2_MIN(8, s1 - s);
+                    const void *kr[8];
+                    for (int j = 0; j < 8; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
+                    __m512 x0 = _mm512_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0,
+                           x7 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0, y6 = x0, y7 = x0;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                        __m512 qa = _mm512_maskz_loadu_ps(m, q0 + d), qb = _mm512_maskz_loadu_ps(m, q1 + d), kv;
+#define ATT_K2(j) kv = att_load16(kr[j], bf, d, m); x##j = _mm512_fmadd_ps(qa, kv, x##j); \
+                  y##j = _mm512_fmadd_ps(qb, kv, y##j);
+                        ATT_K2(0) ATT_K2(1) ATT_K2(2) ATT_K2(3) ATT_K2(4) ATT_K2(5) ATT_K2(6) ATT_K2(7)
+#undef ATT_K2
+                    }
+                    float red[2][8] = {
+                        {_mm512_reduce_add_ps(x0), _mm512_reduce_add_ps(x1), _mm512_reduce_add_ps(x2), _mm512_reduce_add_ps(x3),
+                         _mm512_reduce_add_ps(x4), _mm512_reduce_add_ps(x5), _mm512_reduce_add_ps(x6), _mm512_reduce_add_ps(x7)},
+                        {_mm512_reduce_add_ps(y0), _mm512_reduce_add_ps(y1), _mm512_reduce_add_ps(y2), _mm512_reduce_add_ps(y3),
+                         _mm512_reduce_add_ps(y4), _mm512_reduce_add_ps(y5), _mm512_reduce_add_ps(y6), _mm512_reduce_add_ps(y7)}};
+                    for (int i = 0; i < nrr; i++) {
+                        const int r = i ? r1 : r0;
+                        for (int j = 0; j < nk; j++)
+                            sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
+                    }
+                }
+                continue;
+            }
             const float *qr[4];
             for (int i = 0; i < 4; i++) qr[i] = rows[act[rg + (i < nrr ? i : 0)]].q;
             for (int64_t s = s0; s < s1; s += 4) {
@@ -289,9 +321,42 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
             w->l = l;
             w->nvis = nv;
         }
-        /* acc += p * v: tiles of 4 active rows x 64 elements of D, keys in order */
+        /* acc += p * v: tiles of 4 active rows x 64 elements of D (2 rows x 128 when at most 2
+         * are left), keys in order */
         for (int rg = 0; rg < na; rg += 4) {
             const int nrr = G2_MIN(4, na - rg);
+            if (nrr <= 2) {
+                const int r0 = act[rg], r1 = act[rg + (nrr > 1)], on1 = nrr > 1;
+                const unsigned char *v0 = vis[r0], *v1 = vis[r1];
+                const float *p0 = pbuf[r0], *p1 = pbuf[r1];
+                for (int64_t pd = 0; pd < D; pd += 128) {
+                    float *o0 = rows[r0].acc + pd, *o1 = rows[r1].acc + pd;
+                    __mmask16 mm[8];
+                    for (int u = 0; u < 8; u++) {
+                        int64_t d = pd + 16 * u;
+                        mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                    }
+#define ATT_LD2(u) __m512 e##u = _mm512_maskz_loadu_ps(mm[u], o0 + 16 * u), f##u = _mm512_maskz_loadu_ps(mm[u], o1 + 16 * u);
+                    ATT_LD2(0) ATT_LD2(1) ATT_LD2(2) ATT_LD2(3) ATT_LD2(4) ATT_LD2(5) ATT_LD2(6) ATT_LD2(7)
+#undef ATT_LD2
+                    for (int64_t s = s0; s < s1; s++) {
+                        const int64_t j = s - s0;
+                        const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0;
+                        if (!(k0 | k1)) continue;
+                        const void *vr = att_vrow(c, b, g, s);
+                        const __m512 pa = _mm512_set1_ps(p0[j]), pb = _mm512_set1_ps(p1[j]);
+                        __m512 w;
+#define ATT_PV2(u) w = att_load16(vr, bf, pd + 16 * u, mm[u]); e##u = _mm512_mask3_fmadd_ps(pa, w, e##u, k0); \
+                   f##u = _mm512_mask3_fmadd_ps(pb, w, f##u, k1);
+                        ATT_PV2(0) ATT_PV2(1) ATT_PV2(2) ATT_PV2(3) ATT_PV2(4) ATT_PV2(5) ATT_PV2(6) ATT_PV2(7)
+#undef ATT_PV2
+                    }
+#define ATT_ST2(u) _mm512_mask_storeu_ps(o0 + 16 * u, mm[u], e##u); if (on1) _mm512_mask_storeu_ps(o1 + 16 * u, mm[u], f##u);
+                    ATT_ST2(0) ATT_ST2(1) ATT_ST2(2) ATT_ST2(3) ATT_ST2(4) ATT_ST2(5) ATT_ST2(6) ATT_ST2(7)
+#undef ATT_ST2
+                }
+                continue;
+            }
             int ri[4];
             for (int i = 0; i < 4; i++) ri[i] = act[rg + (i < nrr ? i : 0)];
             for (int64_t pd = 0; pd < D; pd += 64) {

@@ -283,3 +283,24 @@ def test_rejects_bad_layouts_and_dtypes():
     bad = np.lib.stride_tricks.as_strided(base, (1, 2, 6, 8), (8192, 4096, 34, 4))
     with pytest.raises(ValueError, match="whole elements"):
         nat.attention(q, bad, v, qp, kp, None, 1.0)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["f32", "bf16"])
+def test_rows_together_give_the_bits_of_rows_alone(simd, bf16):
+    """The tiled kernel (several query rows and heads of a kv head at once, with the causal
+    diagonal inside a tile) gives each row the bits of a call with that row alone."""
+    r = np.random.default_rng(9)
+    T, S, rep, D = 37, CHUNK + 90, 3, 40
+    q, k, v = _inputs(r, 2, 2, rep, T, S, D)
+    if bf16:
+        k, v = k.astype(BF16), v.astype(BF16)
+    kv = np.ones((2, S), bool)
+    kv[1, :30] = False
+    qp, kp = np.arange(S - T, S), np.arange(S)
+    for window in (None, 11):
+        full = nat.attention(q, k, v, qp, kp, kv, 0.15, 50.0, window, n_threads=2)
+        for hh in range(rep):
+            for t in (0, 1, 5, 17, 36):
+                one = nat.attention(q[:, hh::rep, t:t + 1], k, v, qp[t:t + 1], kp, kv, 0.15, 50.0, window,
+                                    n_threads=1)
+                np.testing.assert_array_equal(one, full[:, hh::rep, t:t + 1])
