@@ -39,6 +39,24 @@ def _tune_allocator_once(nat):
     nat.tune_malloc()
 
 
+def _rows(a):
+    """a itself when its last axis is contiguous (what the attention kernel takes with strides),
+    else a contiguous copy."""
+    if a.ndim == 4 and (a.shape[3] <= 1 or a.strides[3] == a.itemsize) and \
+            all(s % a.itemsize == 0 for s in a.strides):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _kv_operand(x):
+    """K or V for the attention kernel: bf16 (ml_dtypes.bfloat16) as its uint16 bits, anything
+    else as float32; strided views kept (see _rows)."""
+    x = np.asarray(x)
+    if x.dtype == bfloat16:
+        return _rows(x).view(np.uint16)
+    return _rows(np.asarray(x, np.float32))
+
+
 class NativeBackend:
     """The C kernels. n_threads=None: OMP_NUM_THREADS, else the number of physical cores."""
 
@@ -130,10 +148,16 @@ class NativeBackend:
         return gather_rows(table, ids).astype(np.float32)  # see ReferenceBackend.embed
 
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=False):
+        """q (B,Hq,T,D); k, v (B,Hkv,S,D) as float32 arrays or ml_dtypes.bfloat16 arrays
+        (gemma2np.checkpoint.bfloat16: the bf16 KV cache), both of one dtype. Views whose last axis
+        is contiguous (the cache hands (B, K, L, D) slices of a (B, K, capacity, D) buffer) go to the
+        kernel as they are, with their strides: no per-step copy of the cache."""
         c = np.ascontiguousarray
         kv = None if key_valid is None else c(np.asarray(key_valid).astype(np.uint8, copy=False))
-        out = self._nat.attention(c(q, dtype=np.float32), c(k, dtype=np.float32),
-                                  c(v, dtype=np.float32), c(q_pos, dtype=np.int64),
+        kk, vv = _kv_operand(k), _kv_operand(v)
+        if kk.dtype != vv.dtype:  # one bf16, one float32: widen both (exact)
+            kk, vv = _rows(np.asarray(k, np.float32)), _rows(np.asarray(v, np.float32))
+        out = self._nat.attention(_rows(np.asarray(q, np.float32)), kk, vv, c(q_pos, dtype=np.int64),
                                   c(k_pos, dtype=np.int64), kv, float(scaling), softcap, window,
                                   n_threads=self.n_threads)
         if not return_probs:
