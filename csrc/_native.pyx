@@ -39,6 +39,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
+    int g2_quantize_int4(const void *w, int src_bf16, int64_t N, int64_t K, uint8_t *codes,
+                         uint8_t *meta, uint8_t *status, int n_threads)
     int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const void *k,
                      const void *v, int kv_bf16, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb,
                      int64_t vsh, int64_t vss, const int64_t *q_pos, const int64_t *k_pos,
@@ -206,6 +208,30 @@ def quantize_int8(w, int block=32, n_threads=None):
                          <int8_t *>cnp.PyArray_DATA(qa), <float *>cnp.PyArray_DATA(sa), nt)
     return q, sc
 
+
+
+def quantize_int4(w, n_threads=None):
+    """W (N, K) float32, or bf16 bits as uint16, K a multiple of 256 -> (codes uint8 (N, K/2), meta
+    uint8 (N, K/256*16), status uint8 (N,)): exactly kernels.int4._quantize (status per row: 0 ok,
+    1 NaN/inf, 2 too large for int4; int4.check_status raises for them)."""
+    w = np.asarray(w)
+    if w.dtype == np.uint16:
+        _check(w, "w", np.uint16, 2)
+    else:
+        _check(w, "w", np.float32, 2)
+    cdef int64_t N = w.shape[0], K = w.shape[1]
+    if K % 256 or K == 0:
+        raise ValueError("int4 weights need in_features a positive multiple of 256, got %d" % K)
+    cdef int src_bf16 = 1 if w.dtype == np.uint16 else 0
+    cdef int nt = _threads(n_threads)
+    codes = np.empty((N, K // 2), dtype=np.uint8)
+    meta = np.empty((N, K // 256 * 16), dtype=np.uint8)
+    status = np.empty(N, dtype=np.uint8)
+    cdef cnp.ndarray wa = w, ca = codes, ma = meta, sa = status
+    with nogil:
+        g2_quantize_int4(<const void *>cnp.PyArray_DATA(wa), src_bf16, N, K, <uint8_t *>cnp.PyArray_DATA(ca),
+                         <uint8_t *>cnp.PyArray_DATA(ma), <uint8_t *>cnp.PyArray_DATA(sa), nt)
+    return codes, meta, status
 
 def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threads=None, out=None):
     """y = x @ W^T (+ bias).

@@ -83,6 +83,14 @@ int g2_tune_malloc(void);
 void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                       float *scales, int n_threads);
 
+/* int4 quantisation (csrc/g2_int4_quant.c): W (N, K), K a multiple of 256, float32 (src_bf16 = 0) or
+ * bf16 bits (src_bf16 = 1) -> codes (N, K/2), meta (N, K/256*16) in the layout of g2_linear_int4,
+ * bitwise kernels/int4.py's quantize_int4 (llama.cpp's RMSE-optimal scale search), and status (N)
+ * per row: 0 ok, 1 a NaN / inf (the row is quantised as zeros), 2 too large for int4 (|w| > 2^40:
+ * quantised as zeros; or a float16 d / dmin overflowed). Returns 1 if any status is not 0. */
+int g2_quantize_int4(const void *w, int src_bf16, int64_t N, int64_t K, uint8_t *codes, uint8_t *meta,
+                     uint8_t *status, int n_threads);
+
 int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
               const float *scales, int64_t block, int64_t N, const float *bias,
               float *y, int n_threads);

@@ -64,6 +64,8 @@ class NativeBackend:
     dtype = np.dtype(np.float32)
     weight_formats = WEIGHT_FORMATS
 
+    _int4_chunk_bytes = 32 << 20  # source bytes per chunk of rows of the int4 quantiser
+
     def __init__(self, n_threads=None, int8_block=twins.DEFAULT_INT8_BLOCK):
         from .. import _native
         self._nat = _native
@@ -83,10 +85,8 @@ class NativeBackend:
             q, s = self._quantize_int8(w)
             return LinearHandle("int8", q, s, self.int8_block, bias=b)
         if weights == "int4" and np.ndim(w) == 2 and np.shape(w)[1] % int4.SUPER == 0:
-            # quantised in NumPy (kernels/int4.py: the RMSE search is not ported to C), in chunks of
-            # rows with the checkpoint's pages released behind them, as int8 is
             b = check_bias(bias, np.shape(w)[0])
-            codes, meta = int4.quantize_rows(w, release=release_pages, n_threads=self.n_threads)
+            codes, meta = self._quantize_int4(w)
             return LinearHandle("int4", codes, meta, int4.SUPER, bias=b)
         if weights == "int4":  # 2-D check / the int8 stand-in of a matrix int4 cannot hold: twins.pack
             return self.prepare_linear(w, bias, "int8") if np.ndim(w) == 2 else twins.pack(w, bias, weights, self.int8_block)
@@ -111,6 +111,23 @@ class NativeBackend:
             q[r0:r0 + rows], s[r0:r0 + rows] = self._nat.quantize_int8(src, blk, n_threads=self.n_threads)
             release_pages(chunk)
         return q, s
+
+    def _quantize_int4(self, w):
+        """The C int4 quantiser (csrc/g2_int4_quant.c, bitwise int4.quantize_int4), in chunks of rows
+        with the checkpoint's pages released behind them, as _quantize_int8; bf16 chunks go to C as
+        their bits (widened there, exactly). A row int4 cannot hold raises int4.QuantizationError."""
+        N, K = w.shape
+        codes = np.empty((N, K // 2), np.uint8)
+        meta = np.empty((N, K // int4.SUPER * int4.META_BYTES), np.uint8)
+        rows = max(1, self._int4_chunk_bytes // max(1, K * w.dtype.itemsize))
+        for r0 in range(0, N, rows):
+            chunk = w[r0:r0 + rows]
+            src = np.ascontiguousarray(chunk).view(np.uint16) if chunk.dtype == bfloat16 else \
+                np.ascontiguousarray(chunk, dtype=np.float32)
+            codes[r0:r0 + rows], meta[r0:r0 + rows], status = self._nat.quantize_int4(src, n_threads=self.n_threads)
+            release_pages(chunk)
+            int4.check_status(status, r0)
+        return codes, meta
 
     def linear(self, x, handle):
         if not isinstance(handle, LinearHandle):  # a plain matrix: treat as float32 weights
