@@ -208,7 +208,8 @@ def _quantize(w):
         dmin = np.where(max_mn > 0, max_mn / f(63), f(0)).astype(np.float16)
     overflow = ~(np.isfinite(d) & np.isfinite(dmin)).reshape(N, K // SUPER).all(axis=1)
     status[overflow & (status == STATUS_OK)] = STATUS_TOO_LARGE
-    D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
+    with np.errstate(invalid="ignore", over="ignore"):  # inf d x 0 in an overflowed row: zeroed below
+        D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
     xs = x.reshape(-1, NSUB, SUB)
     Dz = np.where(D > 0, D, f(1))
     with np.errstate(invalid="ignore"):  # only rows reported as too large reach inf here
