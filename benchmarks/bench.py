@@ -619,7 +619,21 @@ def child_probe(spec):
             # GGUF quants kept as blocks (issue 10 item 2); without it a quantized GGUF is expanded to float32
             "gguf_native_quant": any(find(m) is not None for m in ("gemma2np.gguf_quant", "gemma2np.kernels.q4_0")),
             "cache_dtype_bfloat16": _cache_kwargs("bfloat16") is not None,
-            "git_commit": git_commit(pkg)}
+            "git_commit": git_commit(pkg) or _installed_from_commit()}
+
+
+def _installed_from_commit():
+    """For a `pip install <dir>`: the git commit of the directory pip recorded (PEP 610 direct_url.json)."""
+    try:
+        from importlib.metadata import distribution
+
+        url = json.loads(distribution("gemma2np").read_text("direct_url.json") or "{}").get("url", "")
+    except Exception:  # noqa: BLE001  (no metadata, not a local install)
+        return None
+    if url.startswith("file://") and os.path.isdir(url[7:]):
+        c = git_commit(url[7:])
+        return None if c is None else f"{c} (installed from {url[7:]})"
+    return None
 
 
 def child_llama(spec):
@@ -768,6 +782,8 @@ def run_llama_row(exe, gguf, prefill, decode, decode_at, threads, reps, extra, t
     weight buffers), and the row says so."""
     res = {"tests": [], "peak_rss": 0, "cmds": [], "notes": []}
     for cmd in llama_commands(exe, gguf, prefill, decode, decode_at, threads, reps, extra):
+        if res["notes"]:  # an earlier command of this file needed the fallback: start with it
+            cmd = cmd + ["--repack", "0"]
         r = run_child({"kind": "llama", "cmd": cmd, "timeout": timeout}, threads, timeout + 60, log)
         if r.get("returncode", 0) < 0 and "--repack" not in cmd:
             log(f"  llama-bench died (signal {-r['returncode']}); retrying with --repack 0")
@@ -785,6 +801,7 @@ def run_llama_row(exe, gguf, prefill, decode, decode_at, threads, reps, extra, t
         except ValueError as e:
             return {"error": f"llama-bench output: {e}", "cmds": res["cmds"]}
         res["peak_rss"] = max(res["peak_rss"], r["peak_rss"])
+        res["wall_s"] = res.get("wall_s", 0) + r.get("wall_s", 0)
     res["prefill_tok_s"] = {str(t["n_prompt"]): t["best_ts"] for t in res["tests"] if t["n_gen"] == 0}
     res["decode_tok_s_at"] = {}
     for t in res["tests"]:
@@ -808,7 +825,7 @@ def parse_list(s, cast=str):
 def plan_model(job, args, probe, have_hf, log):
     """Rows of one model: [{"system", "weights", "cache", "needs": (kind, fmt), "spec" | "na"}]."""
     rows = []
-    cfg_full = load_config(job["model"])
+    cfg_full = load_config(job["model"], job.get("layers"))
     na = {}
     if not probe.get("native"):
         na["native"] = "gemma2np._native is not importable"
@@ -1053,8 +1070,8 @@ def render_job(out, machine):
     lines += ["", "Details (GB; RSS from /proc/self/status: anon = private copies, file = mapped file pages; "
                   "KV alloc = the cache's buffers at the end of the row):", "",
               "| system | weights | KV cache | first call s | RSS after load (anon + file) | RSS at end (anon + file) | "
-              "KV alloc GB | KV GB read per token " + " / ".join(f"@{d}" for d in D) + " | row wall s | notes |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "KV alloc MB | RSS/(weights+KV alloc) | KV MB read per token " + " / ".join(f"@{d}" for d in D)
+              + " | row wall s | notes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def rss(d):
         if not d:
@@ -1065,11 +1082,12 @@ def render_job(out, machine):
         res = r["result"]
         if "na" in res or "error" in res:
             continue
-        kvs = " / ".join("%.3f" % (kv_bytes_per_token(cfg, d + job["decode"] / 2, _kv_elem(r)) / GB) for d in D)
+        kvs = " / ".join("%.1f" % (kv_bytes_per_token(cfg, d + job["decode"] / 2, _kv_elem(r)) / 1e6) for d in D)
         notes = "; ".join(res.get("notes", []) + ([" && ".join(res["cmds"])] if r.get("llama") else []))
         lines.append(f"| {r['system']} | {r['weights']} | {r['cache']} | {fmt_num(res.get('warmup_s'))} | "
                      f"{rss(res.get('after_load'))} | {rss(res.get('at_end'))} | "
-                     f"{fmt_num(res['kv_alloc_bytes'] / GB if res.get('kv_alloc_bytes') else None, '%.3f')} | {kvs} | "
+                     f"{fmt_num(res['kv_alloc_bytes'] / 1e6 if res.get('kv_alloc_bytes') else None, '%.1f')} | "
+                     f"{fmt_num(res['peak_rss'] / (res['weight_bytes'] + res['kv_alloc_bytes']) if res.get('kv_alloc_bytes') else None, '%.2f')} | {kvs} | "
                      f"{res.get('wall_s', 0):.0f} | {notes} |")
     ref = out.get("reference")
     if ref:
@@ -1145,28 +1163,33 @@ def build_jobs(args):
             list(dict.fromkeys(SAME_FORMAT[f] for f in fmts if f in SAME_FORMAT))
         jobs = [{"model": args.model, "formats": fmts, "llama": lf, "prefill": [128, 512], "decode": 64,
                  "decode_at": None, "backends": parse_list(args.backends), "repeat": args.repeat or 3,
-                 "cache_dtypes": parse_list(args.cache_dtypes)}]
+                 "cache_dtypes": parse_list(args.cache_dtypes or "float32")}]
         if args.reference:
             jobs[0]["reference"] = args.reference
+        jobs[0]["demo"] = args.demo
     for j in jobs:
+        suite_prefill, suite_at = j["prefill"], j.get("decode_at")
         j["prefill"] = given(args.prefill) or j["prefill"]
         j["decode"] = args.decode if args.decode is not None else j["decode"]
-        j["decode_at"] = given(args.decode_at) or j.get("decode_at") or j["prefill"][:1]
+        if given(args.decode_at):
+            j["decode_at"] = given(args.decode_at)
+        elif args.prefill and suite_at:  # other lengths: decode after each of them if the suite decodes after all
+            j["decode_at"] = j["prefill"] if suite_at == suite_prefill else j["prefill"][:1]
+        else:
+            j["decode_at"] = suite_at or j["prefill"][:1]
         if any(d not in j["prefill"] for d in j["decode_at"]):
             raise SystemExit(f"--decode-at {j['decode_at']} must be among the --prefill lengths {j['prefill']}")
         j["layers"] = args.layers
         j["reference_repeat"] = args.reference_repeat
         if args.cache_dtypes and args.suite:
             j["cache_dtypes"] = parse_list(args.cache_dtypes)
-        if args.models and args.suite:
-            pass
     if args.suite and args.models:
         keep = parse_list(args.models)
         jobs = [j for j in jobs if j["model"] in keep]
     return jobs
 
 
-def main(argv=None):
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", choices=sorted(SUITES), help="run every row of an issue (issue10: 2b/9b/27b at 128 "
@@ -1175,12 +1198,13 @@ def main(argv=None):
     ap.add_argument("--out-dir", default=".", help="where --suite writes <suite>.json and <suite>.md")
     ap.add_argument("--model", default="2b", choices=MODELS, help="shape (gemma2np/configs/gemma-2-<model>)")
     ap.add_argument("--layers", type=int, default=None, help="decoder layers (default: all of the model)")
-    ap.add_argument("--formats", default="float32,bfloat16,int8",
+    ap.add_argument("--formats", default="float32,bfloat16,int8,int4,gguf-q4_0",
                     help="weight formats: float32, bfloat16, int8, int4 (from the bf16 checkpoint), gguf-q4_0, "
                          "gguf-q8_0, gguf-bf16 (a random GGUF, native backend); numpy: float32 only; transformers: "
                          "float32 -> fp32 row, bfloat16 -> bf16 row")
     ap.add_argument("--backends", default="numpy,native,transformers", help="numpy,native,transformers")
-    ap.add_argument("--cache-dtypes", default="float32", help="KV cache dtypes of the native rows: float32,bfloat16")
+    ap.add_argument("--cache-dtypes", default=None,
+                    help="KV cache dtypes of the native rows: float32,bfloat16 (default float32; issue15: both)")
     ap.add_argument("--prefill", default=None, help="prompt lengths (default 128,512; suites: theirs)")
     ap.add_argument("--decode", type=int, default=None, help="decoded tokens (default 64)")
     ap.add_argument("--decode-at", default=None, help="prefill lengths after which decode is timed (default: the first)")
@@ -1193,6 +1217,8 @@ def main(argv=None):
                     help="skip numpy-backend prefills longer than this (default 512: run all)")
     ap.add_argument("--reference", choices=("bf16", "q4_0", "q8_0"),
                     help="also time the numpy reference (16-token forward) from this file of --model")
+    ap.add_argument("--demo", action="store_true",
+                    help="also generate 16 tokens from the Q4_0 GGUF of --model (native) and report peak RSS")
     ap.add_argument("--reference-repeat", type=int, default=2, help="forwards timed by the reference row")
     ap.add_argument("--llama-bench", metavar="PATH", help="llama.cpp's llama-bench: adds its rows on GGUFs of the same shape")
     ap.add_argument("--llama-formats", help="GGUF types for llama.cpp rows (default: the counterparts of --formats: "
@@ -1207,7 +1233,11 @@ def main(argv=None):
     ap.add_argument("--timeout", type=float, default=7200, help="per-row timeout in seconds")
     ap.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.child:
         return child_main(args.child)
 

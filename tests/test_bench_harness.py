@@ -183,3 +183,36 @@ def test_file_bytes_close_to_the_written_file(ggufs):
         path, info = ggufs[q]
         est = bench.file_bytes(TINY, q)
         assert est <= info["bytes"] < est + 64 * 1024, q  # header + vocab + alignment on top of the tensors
+
+
+def _parser():
+    return bench.build_parser()
+
+def test_suite_jobs_follow_overrides():
+    jobs = bench.build_jobs(_parser().parse_args(["--suite", "issue15"]))
+    assert [j["model"] for j in jobs] == ["2b"]
+    assert jobs[0]["decode_at"] == [2048, 8192] and jobs[0]["cache_dtypes"] == ["float32", "bfloat16"]
+    assert jobs[0]["repeat"] == 1
+    # other lengths: the long-context suite still decodes after each of them
+    j = bench.build_jobs(_parser().parse_args(["--suite", "issue15", "--prefill", "600,1100"]))[0]
+    assert j["prefill"] == [600, 1100] and j["decode_at"] == [600, 1100]
+    j10 = bench.build_jobs(_parser().parse_args(["--suite", "issue10", "--prefill", "16", "--models", "9b,27b"]))
+    assert [j["model"] for j in j10] == ["9b", "27b"] and all(j["decode_at"] == [16] for j in j10)
+    assert j10[0]["reference"] == "bf16" and j10[1]["demo"] is True
+    with pytest.raises(SystemExit, match="decode-at"):
+        bench.build_jobs(_parser().parse_args(["--prefill", "16", "--decode-at", "32"]))
+
+
+def test_rows_missing_features_are_na():
+    args = _parser().parse_args(["--model", "9b", "--backends", "native", "--formats", "bfloat16,int4,gguf-q4_0",
+                                 "--cache-dtypes", "float32,bfloat16", "--llama-bench", "/bin/true"])
+    job = bench.build_jobs(args)[0]
+    probe = {"native": True, "int4": False, "gguf_native_quant": False, "cache_dtype_bfloat16": False}
+    rows = bench.plan_model(job, args, probe, False, lambda m: None)
+    na = {(r["weights"].split()[0], r["cache"]): r.get("na") for r in rows if not r.get("llama")}
+    assert na[("bfloat16", "float32")] is None
+    assert "int4" in na[("int4", "float32")] and "float32 at load" in na[("gguf-q4_0", "float32")]
+    assert "cache_dtype" in na[("bfloat16", "bfloat16")]
+    assert [r["weights"] for r in rows if r.get("llama")] == ["BF16", "Q4_0"]
+    probe = dict(probe, int4=True, gguf_native_quant=True, cache_dtype_bfloat16=True)
+    assert not any(r.get("na") for r in bench.plan_model(job, args, probe, False, lambda m: None))
