@@ -188,15 +188,22 @@ def ensure_checkpoints(cache_dir, fmts, layers, seed, log, model="2b"):
     cfg = load_config(model, layers)
     dirs = {fmt: ckpt_dir(cache_dir, fmt, layers, full, model) for fmt in fmts}
     spec = {"layers": layers, "seed": seed, "config": f"gemma-2-{model}.config.json", "version": 1}
+    # bench_reference.py writes the same bf16 files (same seeds, chunks and shards) under its own marker
+    ref_spec = {"config": f"gemma-2-{model}", "layers": layers, "seed": seed, "version": 1}
     todo = {}
     for fmt, d in dirs.items():
-        try:
-            with open(os.path.join(d, MARKER)) as f:
-                if json.load(f) == spec:
-                    log(f"reusing {d}")
-                    continue
-        except (OSError, ValueError):
-            pass
+        found = False
+        for marker, want in ((MARKER, spec), (".bench-reference-complete.json", ref_spec if fmt == "bf16" else None)):
+            try:
+                with open(os.path.join(d, marker)) as f:
+                    found = want is not None and json.load(f) == want
+            except (OSError, ValueError):
+                pass
+            if found:
+                break
+        if found:
+            log(f"reusing {d}")
+            continue
         todo[fmt] = d
     if not todo:
         return dirs
@@ -883,15 +890,18 @@ def plan_model(job, args, probe, have_hf, log):
     return rows
 
 
-def estimate_s(job, rows, bw=30e9):
-    """A rough wall-time estimate of a job (assumed rates: prefill ~300 GFLOP/s, decode at 80% of ~30 GB/s,
-    the reference ~5 ns per weight and forward, files written at ~300 MB/s)."""
+def estimate_s(job, rows, bw=30e9, threads=2):
+    """A rough wall-time estimate of a job's rows (not of writing files: see files_estimate_s). Assumed rates,
+    from check runs here: prefill ~300 GFLOP/s, decode at 80% of ~30 GB/s, loading int8 ~15 ns and int4 ~300 ns
+    per linear weight and thread (today's int4 quantiser searches scales), the numpy reference ~15 ns per weight
+    and forward."""
     cfg = load_config(job["model"], job.get("layers"))
     p = param_counts(cfg)
     n_par = p["linear"] + p["embed"]
     total = 0.0
     per = {"bfloat16": 2, "float32": 4, "int8": 1.06, "int4": 0.56, "gguf-q4_0": 0.56, "gguf-q8_0": 1.06,
-           "BF16": 2, "Q8_0": 1.06, "Q4_0": 0.56}
+           "gguf-bf16": 2, "BF16": 2, "Q8_0": 1.06, "Q4_0": 0.56}
+    load_ns = {"int8": 15, "int4": 300}
     for r in rows:
         if r.get("na"):
             continue
@@ -901,13 +911,29 @@ def estimate_s(job, rows, bw=30e9):
         pre = sum(T * 2 * n_par / 300e9 + 4 * T * T * cfg["num_hidden_layers"] * cfg["num_attention_heads"]
                   * cfg["head_dim"] / 300e9 for T in job["prefill"])
         dec = len(job["decode_at"]) * job["decode"] * wb / (0.8 * bw)
-        load = wb / 1e9 * (20 if w == "int4" else 3 if w == "int8" else 1)
+        load = wb / 2e9 + p["linear"] * load_ns.get(w, 0) * 1e-9 / threads
         total += load + reps * (pre + dec) + 10
     if job.get("reference"):
-        total += (job["reference_repeat"] + 1) * n_par * 5e-9
+        total += job["reference_repeat"] * n_par * 15e-9 + 30
     if job.get("demo"):
-        total += 60 + 32 * n_par * 0.6 / (0.8 * bw)
+        total += 60 + 32 * n_par * 0.56 / (0.8 * bw)
     return total
+
+
+def files_estimate_s(model, cfg, needs, args, layers, full):
+    """Seconds to write the files not written yet: ~100 MB/s for normal-valued files (checkpoints, BF16
+    GGUFs: NumPy's normal generator dominates), ~300 MB/s for GGUFs of random blocks."""
+    t = 0.0
+    for kind, fmt in needs:
+        if kind == "ckpt":
+            if os.path.exists(os.path.join(ckpt_dir(args.cache_dir, fmt, layers, full, model), MARKER)):
+                continue
+            t += file_bytes(cfg, fmt) / 100e6
+        else:
+            if os.path.exists(gguf_path(args.cache_dir, model, fmt, layers, full) + ".complete.json"):
+                continue
+            t += file_bytes(cfg, {"bf16": "bf16-gguf"}.get(fmt, fmt)) / (100e6 if fmt == "bf16" else 300e6)
+    return t
 
 
 def ensure_files(job, rows, args, log):
@@ -1259,7 +1285,7 @@ def main(argv=None):
     total, disk = 0.0, 0
     for j in jobs:
         rows = plan_model(j, args, probe, have_hf, lambda m: None)
-        est = estimate_s(j, rows)
+        est = estimate_s(j, rows, threads=args.threads)
         total += est
         cfg = load_config(j["model"], j["layers"])
         need = {r["needs"] for r in rows if not r.get("na")}
@@ -1268,9 +1294,13 @@ def main(argv=None):
         need |= {("gguf", "q4_0")} if j.get("demo") else set()
         mb = sum(file_bytes(cfg, f if k == "ckpt" else {"bf16": "bf16-gguf"}.get(f, f)) for k, f in need)
         disk += mb
+        full = load_config(j["model"])["num_hidden_layers"]
+        est_w = files_estimate_s(j["model"], cfg, need, args, j["layers"] or full, full)
+        est += est_w
+        total += est_w
         log(f"plan gemma-2-{j['model']} ({cfg['num_hidden_layers']} layers): {len(rows)} rows "
             f"({sum(1 for r in rows if r.get('na'))} n/a), files {mb / GB:.1f} GB, ~{est / 60:.0f} min")
-    log(f"estimated run time ~{total / 60:.0f} min (rough; files already written are reused), "
+    log(f"estimated run time ~{total / 60:.0f} min (rough; includes writing the missing files), "
         f"files up to {disk / GB:.1f} GB in {args.cache_dir}")
     if args.estimate_only:
         return None
