@@ -328,7 +328,9 @@ def _gemma2np_weight_bytes(model):
                 return 0
             seen.add(key)
             return obj.nbytes
-        if hasattr(obj, "w") and hasattr(obj, "fmt"):  # kernels.LinearHandle
+        if hasattr(obj, "arrays") and callable(obj.arrays):  # kernels.LinearHandle (any format: all its arrays)
+            return sum(nbytes(a) for a in obj.arrays())
+        if hasattr(obj, "w") and hasattr(obj, "fmt"):  # an older LinearHandle without arrays()
             return sum(nbytes(getattr(obj, a)) for a in ("w", "scales", "bias"))
         return 0
 

@@ -216,3 +216,17 @@ def test_rows_missing_features_are_na():
     assert [r["weights"] for r in rows if r.get("llama")] == ["BF16", "Q4_0"]
     probe = dict(probe, int4=True, gguf_native_quant=True, cache_dtype_bfloat16=True)
     assert not any(r.get("na") for r in bench.plan_model(job, args, probe, False, lambda m: None))
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8", "int4"])
+def test_weight_bytes_equal_info_formula(weights):
+    """The benchmark's weight bytes (summed over the prepared handles) = `gemma2np info`'s formula."""
+    from gemma2np import Gemma2Config, Gemma2ForCausalLM
+    from gemma2np.cli import _weight_bytes
+    from gemma2np.kernels import native_available
+
+    if not native_available():
+        pytest.skip("needs the native extension")
+    cfg = Gemma2Config(**{k: v for k, v in TINY.items() if k != "initializer_range"})
+    model = Gemma2ForCausalLM.from_config(cfg, seed=0, backend="native", weights=weights)
+    assert bench._gemma2np_weight_bytes(model) == _weight_bytes(cfg)[weights]
