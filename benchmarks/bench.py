@@ -892,7 +892,7 @@ def plan_model(job, args, probe, have_hf, log):
     return rows
 
 
-def estimate_s(job, rows, bw=30e9, threads=2):
+def estimate_s(job, rows, bw=30e9, threads=2, run=None):
     """A rough wall-time estimate of a job's rows (not of writing files: see files_estimate_s). Assumed rates,
     from check runs here: prefill ~300 GFLOP/s, decode at 80% of ~30 GB/s, loading int8 ~15 ns and int4 ~300 ns
     per linear weight and thread (today's int4 quantiser searches scales), the numpy reference ~15 ns per weight
@@ -915,9 +915,10 @@ def estimate_s(job, rows, bw=30e9, threads=2):
         dec = len(job["decode_at"]) * job["decode"] * wb / (0.8 * bw)
         load = wb / 2e9 + p["linear"] * load_ns.get(w, 0) * 1e-9 / threads
         total += load + reps * (pre + dec) + 10
-    if job.get("reference"):
+    run = run or {"reference": bool(job.get("reference")), "demo": bool(job.get("demo"))}
+    if run["reference"]:
         total += job["reference_repeat"] * n_par * 15e-9 + 30
-    if job.get("demo"):
+    if run["demo"]:
         total += 60 + 32 * n_par * 0.56 / (0.8 * bw)
     return total
 
@@ -938,7 +939,15 @@ def files_estimate_s(model, cfg, needs, args, layers, full):
     return t
 
 
-def ensure_files(job, rows, args, log):
+def extras_run(job, probe, args):
+    """Whether the job's reference / demo rows can run with the installed gemma2np (else they are n/a and
+    their files are not written for them)."""
+    native_q = bool(probe.get("gguf_native_quant")) or args.force
+    ref = job.get("reference")
+    return {"reference": bool(ref) and (ref == "bf16" or native_q), "demo": bool(job.get("demo")) and native_q}
+
+
+def ensure_files(job, rows, args, log, probe=None):
     """Write what the rows need; a file that does not fit on the disk makes its rows n/a."""
     full = load_config(job["model"])["num_hidden_layers"]
     layers = job.get("layers") or full
@@ -947,7 +956,8 @@ def ensure_files(job, rows, args, log):
     for r in rows:
         if not r.get("na") and r["needs"] not in want:
             want.append(r["needs"])
-    for ref in ([job["reference"]] if job.get("reference") else []) + ([("gguf", "q4_0")] if job.get("demo") else []):
+    run = extras_run(job, probe or {}, args)
+    for ref in ([job["reference"]] if run["reference"] else []) + ([("gguf", "q4_0")] if run["demo"] else []):
         key = ref if isinstance(ref, tuple) else (("ckpt", "bf16") if ref == "bf16" else ("gguf", ref))
         if key not in want:
             want.append(key)
@@ -977,7 +987,7 @@ def ensure_files(job, rows, args, log):
 def run_job(job, args, probe, bw, have_hf, llama_ver, log):
     """Every row of one model: returns {"job", "rows", "reference", "demo"}."""
     rows = plan_model(job, args, probe, have_hf, log)
-    paths = ensure_files(job, rows, args, log)
+    paths = ensure_files(job, rows, args, log, probe)
     cfg = load_config(job["model"])
     common = {"threads": args.threads, "prefill": job["prefill"], "decode": job["decode"], "repeat": job["repeat"],
               "decode_at": job["decode_at"], "vocab_size": cfg["vocab_size"]}
@@ -1287,13 +1297,14 @@ def main(argv=None):
     total, disk = 0.0, 0
     for j in jobs:
         rows = plan_model(j, args, probe, have_hf, lambda m: None)
-        est = estimate_s(j, rows, threads=args.threads)
+        run = extras_run(j, probe, args)
+        est = estimate_s(j, rows, threads=args.threads, run=run)
         total += est
         cfg = load_config(j["model"], j["layers"])
         need = {r["needs"] for r in rows if not r.get("na")}
-        need |= {("ckpt", "bf16")} if j.get("reference") == "bf16" else set()
-        need |= {("gguf", j["reference"])} if j.get("reference") not in (None, "bf16") else set()
-        need |= {("gguf", "q4_0")} if j.get("demo") else set()
+        need |= {("ckpt", "bf16")} if run["reference"] and j["reference"] == "bf16" else set()
+        need |= {("gguf", j["reference"])} if run["reference"] and j["reference"] != "bf16" else set()
+        need |= {("gguf", "q4_0")} if run["demo"] else set()
         mb = sum(file_bytes(cfg, f if k == "ckpt" else {"bf16": "bf16-gguf"}.get(f, f)) for k, f in need)
         disk += mb
         full = load_config(j["model"])["num_hidden_layers"]
