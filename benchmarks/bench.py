@@ -437,10 +437,12 @@ def _array_bytes(obj, seen=None, depth=0):
     return 0
 
 
-def gemma2np_steps(model, capacity=None, cache_kwargs=None):
+def gemma2np_steps(model, capacity=None, cache_kwargs=None, model_makes_cache=False):
     """(prefill, decode, argmax_last) of the protocol for a gemma2np model, driven as generate() does: a
     fresh cache (given generate's capacity hint, prompt + new tokens, when the installed cache takes one)
-    and the prompt with logits_to_keep=1, then one token per step (mask, positions, cache_position)."""
+    and the prompt with logits_to_keep=1, then one token per step (mask, positions, cache_position).
+    model_makes_cache: let the model's forward create the cache (past_key_values=None, use_cache=True), for a
+    cache option the model holds (from_pretrained(cache_dtype=...)) rather than Gemma2Cache's arguments."""
     import inspect
 
     import numpy as np
@@ -460,11 +462,13 @@ def gemma2np_steps(model, capacity=None, cache_kwargs=None):
         T = ids.shape[1]
         if "capacity" in kw:
             kw["capacity"] = T + capacity
-        s.cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, **kw)
+        s.cache = None if model_makes_cache else Gemma2Cache(cfg.layer_types, cfg.sliding_window, **kw)
         s.mask = np.ones((1, T), np.int64)
         s.pos = np.arange(T, dtype=np.int64)[None]
         s.out = model(input_ids=ids, attention_mask=s.mask, position_ids=s.pos, past_key_values=s.cache,
                       use_cache=True, logits_to_keep=1, return_dict=True)
+        if model_makes_cache:
+            s.cache = s.out.past_key_values
         return s
 
     def decode(s, tok):
@@ -502,7 +506,8 @@ def child_gemma2np(spec):
     load_s = time.perf_counter() - t
     after_load = _proc_status()
 
-    prefill, decode, argmax_last = gemma2np_steps(model, capacity=spec["decode"], cache_kwargs=cache_kw)
+    prefill, decode, argmax_last = gemma2np_steps(model, capacity=spec["decode"], cache_kwargs=cache_kw,
+                                                  model_makes_cache="cache_dtype" in load_kw)
     res = _run_protocol(spec, prefill, decode, argmax_last)
     st = res.pop("last_state")
     res.update(load_s=load_s, weight_bytes=_gemma2np_weight_bytes(model), after_load=after_load,
@@ -1221,6 +1226,8 @@ def build_jobs(args):
         j["reference_repeat"] = args.reference_repeat
         if args.cache_dtypes and args.suite:
             j["cache_dtypes"] = parse_list(args.cache_dtypes)
+        if args.llama_formats and args.suite:
+            j["llama"] = parse_list(args.llama_formats)
     if args.suite and args.models:
         keep = parse_list(args.models)
         jobs = [j for j in jobs if j["model"] in keep]
