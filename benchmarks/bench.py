@@ -342,12 +342,13 @@ def _gemma2np_weight_bytes(model):
     return total
 
 
-def _run_protocol(spec, forward_prefill, forward_decode, argmax_last):
+def _run_protocol(spec, forward_prefill, forward_decode, argmax_last, state_out=None):
     """The shared timing protocol. forward_prefill(ids) -> state; forward_decode(state, token) -> state.
 
     Every prefill length T of spec["prefill"] is timed `repeat` times from a fresh cache; after each T in
     spec["decode_at"] (default: the first length) `decode` steps are timed right after every one of those
-    prefills (so decode always starts from a fresh cache of T tokens, and no extra prefill is spent on it)."""
+    prefills (so decode always starts from a fresh cache of T tokens, and no extra prefill is spent on it).
+    state_out: a list that receives the last state (its cache is measured after the row)."""
     import numpy as np
 
     rng = np.random.default_rng(1234)
@@ -388,7 +389,8 @@ def _run_protocol(spec, forward_prefill, forward_decode, argmax_last):
             res["decode_tok_s_at"][str(T)] = best_dec
             res.setdefault("decode_tok_s", best_dec)  # the first depth: the column of the 128-token table
             res.setdefault("decode_context", T)
-    res["last_state"] = st
+    if state_out is not None:
+        state_out.append(st)
     return res
 
 
@@ -508,8 +510,9 @@ def child_gemma2np(spec):
 
     prefill, decode, argmax_last = gemma2np_steps(model, capacity=spec["decode"], cache_kwargs=cache_kw,
                                                   model_makes_cache="cache_dtype" in load_kw)
-    res = _run_protocol(spec, prefill, decode, argmax_last)
-    st = res.pop("last_state")
+    last = []
+    res = _run_protocol(spec, prefill, decode, argmax_last, state_out=last)
+    st = last[0]
     res.update(load_s=load_s, weight_bytes=_gemma2np_weight_bytes(model), after_load=after_load,
                at_end=_proc_status(), peak_rss=_peak_rss(), kv_alloc_bytes=_array_bytes(st.cache))
     # the dtype the cache really stores (its buffers; never the `keys` property, which would copy them)
@@ -888,7 +891,9 @@ def plan_model(job, args, probe, have_hf, log):
                 if (w == "fp32" and "float32" in job["formats"]) or (w == "bf16" and "bfloat16" in job["formats"]):
                     src = "bf16" if w == "bf16" or args.skip_f32 or job["model"] != "2b" else "f32"
                     rows.append({"system": "transformers eager", "weights": lab + (" (from bf16)" if w == "fp32" and src == "bf16" else ""),
-                                 "cache": "float32", "needs": ("ckpt", src), "spec": {"kind": "transformers", "weights": w}})
+                                 # transformers' cache takes the model's dtype
+                                 "cache": "float32" if w == "fp32" else "bfloat16", "needs": ("ckpt", src),
+                                 "spec": {"kind": "transformers", "weights": w}})
         else:
             raise SystemExit(f"unknown backend {b!r} (numpy, native, transformers)")
     if args.llama_bench:

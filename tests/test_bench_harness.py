@@ -230,3 +230,13 @@ def test_weight_bytes_equal_info_formula(weights):
     cfg = Gemma2Config(**{k: v for k, v in TINY.items() if k != "initializer_range"})
     model = Gemma2ForCausalLM.from_config(cfg, seed=0, backend="native", weights=weights)
     assert bench._gemma2np_weight_bytes(model) == _weight_bytes(cfg)[weights]
+
+
+def test_protocol_result_is_json():
+    """bench_tp.py and the transformers child dump the protocol's result as JSON: no state objects in it."""
+    spec = {"vocab_size": 50, "prefill": [3], "decode": 2, "repeat": 1}
+    last = []
+    res = bench._run_protocol(spec, lambda ids: {"n": ids.shape[1]}, lambda st, t: {"n": st["n"] + 1},
+                              lambda st: 4, state_out=last)
+    json.dumps(res)
+    assert last == [{"n": 5}]
