@@ -904,16 +904,16 @@ def plan_model(job, args, probe, have_hf, log):
 
 def estimate_s(job, rows, bw=30e9, threads=2, run=None):
     """A rough wall-time estimate of a job's rows (not of writing files: see files_estimate_s). Assumed rates,
-    from check runs here: prefill ~300 GFLOP/s, decode at 80% of ~30 GB/s, loading int8 ~15 ns and int4 ~300 ns
-    per linear weight and thread (today's int4 quantiser searches scales), the numpy reference ~15 ns per weight
-    and forward."""
+    from check runs here: prefill ~300 GFLOP/s, decode at 80% of ~30 GB/s, loading int8 and int4 ~15 ns of CPU
+    per linear weight (int4: the C quantiser of csrc/g2_int4_quant.c; the NumPy one took ~20x that), the numpy
+    reference ~15 ns per weight and forward."""
     cfg = load_config(job["model"], job.get("layers"))
     p = param_counts(cfg)
     n_par = p["linear"] + p["embed"]
     total = 0.0
     per = {"bfloat16": 2, "float32": 4, "int8": 1.06, "int4": 0.56, "gguf-q4_0": 0.56, "gguf-q8_0": 1.06,
            "gguf-bf16": 2, "BF16": 2, "Q8_0": 1.06, "Q4_0": 0.56}
-    load_ns = {"int8": 15, "int4": 300}
+    load_ns = {"int8": 15, "int4": 15}
     for r in rows:
         if r.get("na"):
             continue
