@@ -36,7 +36,6 @@ import zlib
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-CONFIGS = os.path.join(ROOT, "gemma2np", "configs")
 MARKER = ".bench-reference-complete.json"
 RESULT_TAG = "@@BENCH-REFERENCE@@ "
 GB = 1e9
@@ -88,8 +87,18 @@ def _write_shard(path, tensors, std, seed, pad):
     os.replace(path + ".tmp", path)
 
 
+def _configs_dir():
+    """gemma2np/configs of the package the child will import (installed, else this source tree)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gemma2np")
+    pkg = list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else \
+        os.path.join(ROOT, "gemma2np")
+    return os.path.join(pkg, "configs")
+
+
 def ensure_checkpoint(config, layers, cache_dir, seed, log):
-    with open(os.path.join(CONFIGS, f"{config}.config.json")) as f:
+    with open(os.path.join(_configs_dir(), f"{config}.config.json")) as f:
         base = json.load(f)
     full = base["num_hidden_layers"]
     layers = full if layers is None else layers
@@ -138,7 +147,9 @@ def _status(key):
     return 0
 
 
-def child(directory, dtype, tokens, repeat):
+def measure(directory, dtype, tokens, repeat, gguf_file=None):
+    """Load with backend="numpy" (from a checkpoint directory, or a GGUF file in it) and time `repeat` forwards
+    of a (1, tokens) prompt without a cache; returns the figures (bench.py's --suite runs this too)."""
     import numpy as np
 
     from gemma2np import Gemma2ForCausalLM
@@ -155,7 +166,8 @@ def child(directory, dtype, tokens, repeat):
     th = threading.Thread(target=sample, daemon=True)
     th.start()
     t0 = time.perf_counter()
-    model = Gemma2ForCausalLM.from_pretrained(directory, backend="numpy", dtype=dtype)
+    kw = {"gguf_file": gguf_file} if gguf_file else {}
+    model = Gemma2ForCausalLM.from_pretrained(directory, backend="numpy", dtype=dtype, **kw)
     load_s = time.perf_counter() - t0
     ids = (np.arange(1, tokens + 1, dtype=np.int64)[None] * 7919) % model.config.vocab_size
     times = []
@@ -167,12 +179,15 @@ def child(directory, dtype, tokens, repeat):
     th.join()
     peak["anon"] = max(peak["anon"], _status("RssAnon"))
     n_params = model.num_parameters()
-    res = {"load_s": load_s, "forward_s": times, "n_params": n_params, "dtype": dtype, "tokens": tokens,
-           "float_bytes": n_params * np.dtype(dtype).itemsize,
-           "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "peak_anon": peak["anon"], "peak_anon_delta": peak["anon"] - base_anon,
-           "logits_finite": bool(np.isfinite(logits).all())}
-    print(RESULT_TAG + json.dumps(res), flush=True)
+    return {"load_s": load_s, "forward_s": times, "n_params": n_params, "dtype": dtype, "tokens": tokens,
+            "float_bytes": n_params * np.dtype(dtype).itemsize,
+            "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_anon": peak["anon"], "peak_anon_delta": peak["anon"] - base_anon,
+            "logits_finite": bool(np.isfinite(logits).all())}
+
+
+def child(directory, dtype, tokens, repeat):
+    print(RESULT_TAG + json.dumps(measure(directory, dtype, tokens, repeat)), flush=True)
 
 
 def main(argv=None):
