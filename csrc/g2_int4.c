@@ -204,6 +204,44 @@ static float row_q_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes, co
 }
 
 #if G2_X86
+/* Prefill's widening (g2_gemm_op_drive, widen 2): straight to bf16 in registers, the same float32
+ * values as widen_i4_row ((d ls_j) u - dmin lm_j: two exact products, one rounding; the 16 sub-block
+ * constants from one vectorised 6-bit unpack), then vcvtne2ps2bf16 (RNE, quiet NaN: f32_to_bf16's
+ * bits). That converter flushes denormals, but none can occur: d ls u and dmin lm are multiples of
+ * 2^-24 (d, dmin are f16), so their difference is 0 or >= 2^-24 in magnitude. */
+G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t *meta, int64_t nr, int64_t K,
+                                            uint16_t *dst, int64_t ldd) {
+    const __m512i ilo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i ihi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i m15 = _mm512_set1_epi32(15), m63 = _mm512_set1_epi32(63);
+    const __m512i sh6 = _mm512_setr_epi32(0, 6, 12, 18, 0, 6, 12, 18, 0, 6, 12, 18, 0, 6, 12, 18);
+    const __m512i pick6 = _mm512_setr_epi32(0x80060504, 0x80060504, 0x80060504, 0x80060504, 0x80090807, 0x80090807,
+                                            0x80090807, 0x80090807, 0x800C0B0A, 0x800C0B0A, 0x800C0B0A, 0x800C0B0A,
+                                            0x800F0E0D, 0x800F0E0D, 0x800F0E0D, 0x800F0E0D);
+    const __m256i pickd = _mm256_setr_epi16(0x0100, 0x0100, 0x0100, 0x0100, 0x0100, 0x0100, 0x0100, 0x0100, 0x0302,
+                                            0x0302, 0x0302, 0x0302, 0x0302, 0x0302, 0x0302, 0x0302);
+    for (int64_t n = 0; n < nr; n++)
+        for (int64_t s = 0; s < K / 256; s++) {
+            const uint8_t *c = codes + n * (K / 2) + s * 128;
+            const __m512i mm = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(meta + n * (K / 16) + s * 16)));
+            const __m512 dd = _mm512_cvtph_ps(_mm256_shuffle_epi8(_mm512_castsi512_si256(mm), pickd));
+            const __m512 ls = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_shuffle_epi8(mm, pick6), sh6), m63));
+            float DM[16]; /* D_0..7 = d ls_j, Mn_0..7 = dmin lm_j, exact */
+            _mm512_storeu_ps(DM, _mm512_mul_ps(ls, dd));
+            for (int j = 0; j < 8; j++) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + j * 16)));
+                const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(b, m15));
+                const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+                const __m512 vd = _mm512_set1_ps(DM[j]), vm = _mm512_set1_ps(DM[8 + j]);
+                const __m512 w0 = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutex2var_ps(lo, ilo, hi), vd), vm);
+                const __m512 w1 = _mm512_sub_ps(_mm512_mul_ps(_mm512_permutex2var_ps(lo, ihi, hi), vd), vm);
+                _mm512_storeu_si512((void *)(dst + n * ldd + s * 256 + j * 32), (__m512i)_mm512_cvtne2ps_pbh(w1, w0));
+            }
+        }
+}
+#endif
+
+#if G2_X86
 #define G2_PF_I4(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) /* as the int8 decode tiles (g2_linear.c) */
 #define G2_TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2")))
 
@@ -367,6 +405,13 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
         free(xp);
         return 0;
     }
+#if G2_X86
+    if (g2_use_bf16dp()) { /* prefill: the int8 recipe -- x packed once, blocks widened to bf16 in place */
+        g2_part part = {(const char *)codes, (const float *)(const void *)meta, N, y};
+        const int nt = g2_par_threads(NT(n_threads), (double)M * (double)N * (double)K * G2_NS_PER_MAC_BF16DP);
+        return g2_gemm_op_drive(x, M, K, &part, 1, 2, 0, K / 64, nt);
+    }
+#endif
     /* rows per block: ~256 KB of widened float32 rows (stays in L2 while x runs over it), a
      * multiple of 4 (the f32 tiles' NR); fixed by K alone, so never by the thread count */
     int64_t R = (256 * 1024) / (K * 4);
