@@ -278,8 +278,9 @@ def dequantize_int4(codes, meta, n_threads=None):
 
 def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):
     """y = x @ W^T (+ bias), W in the int4 layout (kernels/int4.py); x (M, K) float32. With fewer
-    than DP_MIN_M rows W acts as its float32 dequantisation, with more as bf16 of it and x rounded
-    to bf16 (as int8). Returns (M, N) float32."""
+    than DP_MIN_M rows x is quantised to int8 per 32 inputs and meets the codes in integer dot
+    products (bitwise kernels.int4.linear_decode); with more W acts as bf16 of its float32
+    dequantisation and x is rounded to bf16 (as int8). Returns (M, N) float32."""
     _check(x, "x", np.float32, 2)
     N, K = _check_int4(codes, meta)
     if x.shape[1] != K:

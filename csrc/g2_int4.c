@@ -1,13 +1,17 @@
 /* linear with int4 weights (the layout of gemma2np/kernels/int4.py: Q4_K-like super-blocks of 256
  * inputs, 4-bit codes, 6-bit sub-block scales/mins against an f16 d / dmin; 4.5 bits per weight).
  *
- * Decode on AVX-512 (M < G2_DP_MIN_M): fused tiles (tile_i4) on g2_linear_drive.c's gemv driver.
- * Otherwise (prefill; the scalar path), no arithmetic of its own beyond the dequantisation: W is cut into fixed blocks of rows
- * (independent of the thread count); each block is widened into per-thread scratch -- to float32
- * (x with fewer than G2_DP_MIN_M rows: decode keeps x in float32, like int8) or to bf16 (RNE) of
- * those float32 values (prefill: vdpbf16ps, like int8) -- and run through g2_linear on one thread
- * (G2_W_F32 / G2_W_BF16DP), whose outputs do not depend on tiling or batch size. So every output is
- * computed by one fixed instruction sequence whatever the thread count. */
+ * Decode (M < G2_DP_MIN_M): x quantised to int8 per 32 inputs once per call, integer dot products
+ * with the codes (vpdpbusd; AVX-512BW pairs without VNNI; plain C on the scalar path), float32
+ * scaling per sub-block in one fixed order (the decode comment below) -- on g2_linear_drive.c's gemv
+ * driver, every W row streamed once. Bitwise the NumPy twin kernels/int4.py linear_decode.
+ * Prefill (M >= G2_DP_MIN_M) with avx512_bf16: g2_gemm_op_drive, the int8 recipe -- x packed once,
+ * each block of rows widened straight to bf16 (g2_widen_i4_bf16) for the vdpbf16ps tiles. Otherwise
+ * (no avx512_bf16; the scalar path) W is cut into fixed blocks of rows (independent of the thread
+ * count), each widened to float32 in per-thread scratch, rounded to bf16 (RNE) and run through
+ * g2_linear (G2_W_BF16DP) on one thread. Prefill is bitwise the bfloat16_dp product of bf16 of the
+ * dequantised W. So every output is computed by one fixed instruction sequence whatever the thread
+ * count, the tiling or M. */
 #include "g2_internal.h"
 #include "g2_linear.h"
 
@@ -375,8 +379,7 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
                    int64_t N, float *y, int n_threads) {
     if (M <= 0 || N <= 0) return 0;
     if (K <= 0 || K % 256) return -2;
-    const int dp = M >= G2_DP_MIN_M;
-    if (!dp) { /* decode: x quantised once, then every row of W streamed once */
+    if (M < G2_DP_MIN_M) { /* decode: x quantised once, then every row of W streamed once */
         const int64_t xrow = K / 256 * XSB;
         uint8_t *xp = (uint8_t *)malloc((size_t)(M * xrow));
         if (!xp) return -1;
@@ -412,8 +415,8 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
         return g2_gemm_op_drive(x, M, K, &part, 1, 2, 0, K / 64, nt);
     }
 #endif
-    /* rows per block: ~256 KB of widened float32 rows (stays in L2 while x runs over it), a
-     * multiple of 4 (the f32 tiles' NR); fixed by K alone, so never by the thread count */
+    /* prefill without avx512_bf16 (or scalar): rows per block ~256 KB of widened float32 rows (in
+     * L2 while x runs over it), a multiple of 4; fixed by K alone, so never by the thread count */
     int64_t R = (256 * 1024) / (K * 4);
     R = R / 4 * 4;
     if (R < 4) R = 4;
@@ -421,31 +424,27 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
     /* streaming the 4.5-bit weights plus the widening and the multiply-adds */
     const double macs = (double)M * (double)N * (double)K;
     int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * (0.5625 * G2_NS_PER_WBYTE + G2_NS_PER_ELEM * 0.25) +
-                                               macs * (dp ? G2_NS_PER_MAC_BF16DP : G2_NS_PER_MAC_F32));
+                                               macs * G2_NS_PER_MAC_BF16DP);
     if (nt > nblk) nt = (int)nblk;
     const size_t wbytes = (size_t)(R * K) * sizeof(float), ybytes = (size_t)(M * R) * sizeof(float);
-    char *scratch_all = (char *)malloc((size_t)nt * (wbytes + (dp ? wbytes / 2 : 0) + ybytes));
+    char *scratch_all = (char *)malloc((size_t)nt * (wbytes + wbytes / 2 + ybytes));
     if (!scratch_all) return -1;
     int fail = 0;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
-        char *mine = scratch_all + (size_t)g2_thread_id() * (wbytes + (dp ? wbytes / 2 : 0) + ybytes);
+        char *mine = scratch_all + (size_t)g2_thread_id() * (wbytes + wbytes / 2 + ybytes);
         float *wf = (float *)mine;
         float *yt = (float *)(mine + wbytes);
-        uint16_t *wb = dp ? (uint16_t *)(mine + wbytes + ybytes) : NULL;
+        uint16_t *wb = (uint16_t *)(mine + wbytes + ybytes);
         int64_t b;
 #pragma omp for schedule(static)
         for (b = 0; b < nblk; b++) {
             const int64_t n0 = b * R, nr = G2_MIN(R, N - n0);
             for (int64_t r = 0; r < nr; r++)
                 widen_i4_row(codes + (n0 + r) * (K / 2), meta + (n0 + r) * (K / 256) * 16, K, wf + r * K);
-            int rc;
-            if (dp) { /* prefill: bf16(w) (RNE) on vdpbf16ps, x rounded to bf16 by g2_linear */
-                for (int64_t i = 0; i < nr * K; i++) wb[i] = f32_to_bf16(wf[i]);
-                rc = g2_linear(x, M, K, G2_W_BF16DP, wb, NULL, 0, nr, NULL, yt, 1);
-            } else {
-                rc = g2_linear(x, M, K, G2_W_F32, wf, NULL, 0, nr, NULL, yt, 1);
-            }
+            /* bf16(w) (RNE); x rounded to bf16 by g2_linear */
+            for (int64_t i = 0; i < nr * K; i++) wb[i] = f32_to_bf16(wf[i]);
+            const int rc = g2_linear(x, M, K, G2_W_BF16DP, wb, NULL, 0, nr, NULL, yt, 1);
             if (rc) {
 #pragma omp atomic write
                 fail = 1;

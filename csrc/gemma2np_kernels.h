@@ -100,8 +100,9 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
 /* int4 weights (layout: gemma2np/kernels/int4.py; K a multiple of 256): codes (N, K/2) two 4-bit
  * codes per byte, meta (N, K/256*16) per super-block f16 d, f16 dmin, 16 six-bit scales/mins.
  * g2_dequantize_int4: out (N, K) float32 = (d*ls)*u - dmin*lm. g2_linear_int4: y (M, N) = x @ W^T
- * with W those float32 values when M < G2_DP_MIN_M, bf16 (RNE) of them with x rounded to bf16 when
- * M >= G2_DP_MIN_M (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 256. */
+ * with W those float32 values and x quantised to int8 per 32 inputs (integer dot products; exactly
+ * kernels/int4.py linear_decode) when M < G2_DP_MIN_M, bf16 (RNE) of them with x rounded to bf16
+ * when M >= G2_DP_MIN_M (as int8). Returns 0, -1 on allocation failure, -2 if K % 256 != 0. */
 void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, int64_t K, float *out,
                         int n_threads);
 int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
