@@ -375,47 +375,10 @@ void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, in
     for (n = 0; n < N; n++) widen_i4_row(codes + n * (K / 2), meta + n * (K / 256) * 16, K, out + n * K);
 }
 
-int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
-                   int64_t N, float *y, int n_threads) {
-    if (M <= 0 || N <= 0) return 0;
-    if (K <= 0 || K % 256) return -2;
-    if (M < G2_DP_MIN_M) { /* decode: x quantised once, then every row of W streamed once */
-        const int64_t xrow = K / 256 * XSB;
-        uint8_t *xp = (uint8_t *)malloc((size_t)(M * xrow));
-        if (!xp) return -1;
-#if G2_X86
-        if (g2_get_simd()) {
-            prep_x_avx512(x, M, K, xp);
-            /* streaming the 4.5-bit weights; the integer tiles cost about as much per weight as
-             * vdpbf16ps per multiply-add */
-            const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
-                                                             (double)M * (double)N * (double)K * G2_NS_PER_MAC_BF16DP);
-            const int vnni = g2_get_simd() == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
-            g2_part part = {(const char *)codes, (const float *)(const void *)meta, N, y};
-            g2_gemv_drive(vnni ? tile_i4v_4 : tile_i4b_4, 4, vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, &part, 1,
-                          K / 2, 0, K / 64, nt);
-            free(xp);
-            return 0;
-        }
-#endif
-        prep_x(x, M, K, xp);
-        const int ns = g2_par_threads(NT(n_threads), (double)M * (double)N * (double)K * G2_NS_PER_MAC_SCALAR);
-        int64_t n;
-#pragma omp parallel for schedule(static) num_threads(ns) if (ns > 1)
-        for (n = 0; n < N; n++)
-            for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = row_q_scalar(xp + m * xrow, K, codes + n * (K / 2), meta + n * (K / 16));
-        free(xp);
-        return 0;
-    }
-#if G2_X86
-    if (g2_use_bf16dp()) { /* prefill: the int8 recipe -- x packed once, blocks widened to bf16 in place */
-        g2_part part = {(const char *)codes, (const float *)(const void *)meta, N, y};
-        const int nt = g2_par_threads(NT(n_threads), (double)M * (double)N * (double)K * G2_NS_PER_MAC_BF16DP);
-        return g2_gemm_op_drive(x, M, K, &part, 1, 2, 0, K / 64, nt);
-    }
-#endif
-    /* prefill without avx512_bf16 (or scalar): rows per block ~256 KB of widened float32 rows (in
+/* prefill without avx512_bf16 (or scalar), one matrix */
+static int prefill_blocks(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta, int64_t N,
+                          float *y, int n_threads) {
+    /* rows per block ~256 KB of widened float32 rows (in
      * L2 while x runs over it), a multiple of 4; fixed by K alone, so never by the thread count */
     int64_t R = (256 * 1024) / (K * 4);
     R = R / 4 * 4;
@@ -454,4 +417,79 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
     }
     free(scratch_all);
     return fail ? -1 : 0;
+}
+
+int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint8_t *const *meta, const int64_t *N, float *const *y, int n_threads) {
+    if (M <= 0 || nparts <= 0) return 0;
+    if (nparts > G2_MAX_PARTS) return -2;
+    if (K <= 0 || K % 256) return -2;
+    double Ntot = 0.0;
+    for (int p = 0; p < nparts; p++) Ntot += (double)N[p];
+    if (Ntot <= 0.0) return 0;
+    if (M < G2_DP_MIN_M) { /* decode: x quantised once, then every row of W streamed once */
+        const int64_t xrow = K / 256 * XSB;
+        uint8_t *xp = (uint8_t *)malloc((size_t)(M * xrow));
+        if (!xp) return -1;
+#if G2_X86
+        if (g2_get_simd()) {
+            prep_x_avx512(x, M, K, xp);
+            /* streaming the 4.5-bit weights; the integer tiles cost about as much per weight as
+             * vdpbf16ps per multiply-add */
+            const int nt = g2_par_threads(NT(n_threads), Ntot * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
+                                                             (double)M * Ntot * (double)K * G2_NS_PER_MAC_BF16DP);
+            const int vnni = g2_get_simd() == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
+            g2_part parts[G2_MAX_PARTS];
+            int np = 0;
+            for (int p = 0; p < nparts; p++)
+                if (N[p] > 0) {
+                    g2_part pt = {(const char *)codes[p], (const float *)(const void *)meta[p], N[p], y[p]};
+                    parts[np++] = pt;
+                }
+            g2_gemv_drive(vnni ? tile_i4v_4 : tile_i4b_4, 4, vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
+                          np, K / 2, 0, K / 64, nt);
+            free(xp);
+            return 0;
+        }
+#endif
+        prep_x(x, M, K, xp);
+        const int ns = g2_par_threads(NT(n_threads), (double)M * Ntot * (double)K * G2_NS_PER_MAC_SCALAR);
+        for (int p = 0; p < nparts; p++) {
+            const int64_t Np = N[p];
+            const uint8_t *cp = codes[p], *mp = meta[p];
+            float *yp = y[p];
+            int64_t n;
+#pragma omp parallel for schedule(static) num_threads(ns) if (ns > 1)
+            for (n = 0; n < Np; n++)
+                for (int64_t m = 0; m < M; m++)
+                    yp[m * Np + n] = row_q_scalar(xp + m * xrow, K, cp + n * (K / 2), mp + n * (K / 16));
+        }
+        free(xp);
+        return 0;
+    }
+#if G2_X86
+    if (g2_use_bf16dp()) { /* prefill: the int8 recipe -- x packed once, blocks widened to bf16 in place */
+        g2_part parts[G2_MAX_PARTS];
+        int np = 0;
+        for (int p = 0; p < nparts; p++)
+            if (N[p] > 0) {
+                g2_part pt = {(const char *)codes[p], (const float *)(const void *)meta[p], N[p], y[p]};
+                parts[np++] = pt;
+            }
+        const int nt = g2_par_threads(NT(n_threads), (double)M * Ntot * (double)K * G2_NS_PER_MAC_BF16DP);
+        return g2_gemm_op_drive(x, M, K, parts, np, 2, 0, K / 64, nt);
+    }
+#endif
+    for (int p = 0; p < nparts; p++) {
+        if (N[p] <= 0) continue;
+        const int rc = prefill_blocks(x, M, K, codes[p], meta[p], N[p], y[p], n_threads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
+                   int64_t N, float *y, int n_threads) {
+    if (M <= 0 || N <= 0) return 0;
+    return g2_linear_int4_multi(x, M, K, 1, &codes, &meta, &N, &y, n_threads);
 }

@@ -107,6 +107,10 @@ void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, in
                         int n_threads);
 int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
                    int64_t N, float *y, int n_threads);
+/* the same for nparts (<= G2_MAX_PARTS) matrices of one x (q/k/v, gate/up): x quantised / packed
+ * once, one parallel loop; each y[p] exactly g2_linear_int4's. -2 also for nparts > G2_MAX_PARTS. */
+int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint8_t *const *meta, const int64_t *N, float *const *y, int n_threads);
 
 /* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
  * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */

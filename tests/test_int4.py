@@ -271,6 +271,37 @@ def test_linear_int4_decode_special_x(simd):
     assert sx[0, 0] == 0 and np.all(q[0, :32] == 0)
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([1, 4, 8, 19]), Ns=st.lists(st.integers(0, 37), min_size=1, max_size=4),
+       nsb=st.integers(1, 2), threads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**31))
+def test_linear_int4_multi_equals_separate_calls(simd, M, Ns, nsb, threads, seed):
+    """q/k/v-style: one call over several matrices (x quantised / packed once) is bitwise each
+    matrix's own linear_int4, for any thread count (empty matrices included)"""
+    r = np.random.default_rng(seed)
+    K = 256 * nsb
+    x = r.standard_normal((M, K), dtype=np.float32)
+    packed = [int4.quantize_int4(r.standard_normal((N, K), dtype=np.float32)) for N in Ns]
+    ys = nat.linear_int4_multi(x, [c for c, _ in packed], [m for _, m in packed], n_threads=threads)
+    assert len(ys) == len(Ns)
+    for y, (c, m), N in zip(ys, packed, Ns):
+        assert y.shape == (M, N)
+        np.testing.assert_array_equal(y, nat.linear_int4(x, c, m, n_threads=1))
+
+
+def test_linear_int4_multi_bad_input():
+    c, m = int4.quantize_int4(np.ones((3, 512), np.float32))
+    c2, m2 = int4.quantize_int4(np.ones((3, 256), np.float32))
+    x = np.ones((2, 512), np.float32)
+    with pytest.raises(ValueError, match="expects 256"):
+        nat.linear_int4_multi(x, [c, c2], [m, m2])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_int4_multi(x, [c], [m, m])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_int4_multi(x, [c] * (nat.MAX_PARTS + 1), [m] * (nat.MAX_PARTS + 1))
+    with pytest.raises(ValueError, match="meta"):
+        nat.linear_int4_multi(x, [c], [m[:, :16]])
+
+
 def test_linear_int4_bad_input():
     codes, meta = int4.quantize_int4(np.ones((3, 512), np.float32))
     x = np.ones((2, 512), np.float32)
