@@ -34,13 +34,21 @@ cdef extern from "gemma2np_kernels.h" nogil:
                        int64_t N, float *y, int n_threads)
     int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t **codes,
                              const uint8_t **meta, const int64_t *N, float **y, int n_threads)
+    void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
+                            int n_threads)
+    int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                       int64_t N, float *y, int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
-    void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
-                      const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
-                      int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
-                      int64_t window, float *out, int n_threads)
+    int g2_quantize_int4(const void *w, int src_bf16, int64_t N, int64_t K, uint8_t *codes,
+                         uint8_t *meta, uint8_t *status, int n_threads)
+    int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const void *k,
+                     const void *v, int kv_bf16, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb,
+                     int64_t vsh, int64_t vss, const int64_t *q_pos, const int64_t *k_pos,
+                     const uint8_t *key_valid, int64_t B, int64_t Hq, int64_t Hkv, int64_t T,
+                     int64_t S, int64_t D, float scaling, float softcap, int64_t window, float *out,
+                     int n_threads)
     void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,
                     int n_threads)
     void g2_geglu(const float *gate, const float *up, int64_t n, int approximate, float *out,
@@ -203,6 +211,30 @@ def quantize_int8(w, int block=32, n_threads=None):
     return q, sc
 
 
+
+def quantize_int4(w, n_threads=None):
+    """W (N, K) float32, or bf16 bits as uint16, K a multiple of 256 -> (codes uint8 (N, K/2), meta
+    uint8 (N, K/256*16), status uint8 (N,)): exactly kernels.int4._quantize (status per row: 0 ok,
+    1 NaN/inf, 2 too large for int4; int4.check_status raises for them)."""
+    w = np.asarray(w)
+    if w.dtype == np.uint16:
+        _check(w, "w", np.uint16, 2)
+    else:
+        _check(w, "w", np.float32, 2)
+    cdef int64_t N = w.shape[0], K = w.shape[1]
+    if K % 256 or K == 0:
+        raise ValueError("int4 weights need in_features a positive multiple of 256, got %d" % K)
+    cdef int src_bf16 = 1 if w.dtype == np.uint16 else 0
+    cdef int nt = _threads(n_threads)
+    codes = np.empty((N, K // 2), dtype=np.uint8)
+    meta = np.empty((N, K // 256 * 16), dtype=np.uint8)
+    status = np.empty(N, dtype=np.uint8)
+    cdef cnp.ndarray wa = w, ca = codes, ma = meta, sa = status
+    with nogil:
+        g2_quantize_int4(<const void *>cnp.PyArray_DATA(wa), src_bf16, N, K, <uint8_t *>cnp.PyArray_DATA(ca),
+                         <uint8_t *>cnp.PyArray_DATA(ma), <uint8_t *>cnp.PyArray_DATA(sa), nt)
+    return codes, meta, status
+
 def linear(x, w, str fmt="float32", scales=None, bias=None, int block=0, n_threads=None, out=None):
     """y = x @ W^T (+ bias).
 
@@ -276,6 +308,57 @@ def dequantize_int4(codes, meta, n_threads=None):
         g2_dequantize_int4(<const uint8_t *>cnp.PyArray_DATA(ca), <const uint8_t *>cnp.PyArray_DATA(ma), n, k,
                            <float *>cnp.PyArray_DATA(oa), nt)
     return out
+
+
+def _check_q4_0(codes, scales):
+    _check(codes, "codes", np.uint8, 2)
+    _check(scales, "scales", np.uint16, 2)
+    cdef int64_t N = codes.shape[0], K = 2 * codes.shape[1]
+    if K == 0 or K % 32:
+        raise ValueError("q4_0 codes must have shape (N, K/2) with K a multiple of 32, got %s" % (codes.shape,))
+    if scales.shape[0] != N or scales.shape[1] != K // 32:
+        raise ValueError("q4_0 scales must have shape (%d, %d), got %s" % (N, K // 32, scales.shape))
+    return N, K
+
+
+def dequantize_q4_0(codes, scales, n_threads=None):
+    """q4_0 (codes uint8 (N, K/2), scales uint16 f16 bits (N, K/32)) -> float32 (N, K); exactly
+    kernels.q4_0.dequantize_q4_0."""
+    N, K = _check_q4_0(codes, scales)
+    cdef int nt = _threads(n_threads)
+    out = np.empty((N, K), dtype=np.float32)
+    cdef cnp.ndarray ca = codes, sa = scales, oa = out
+    cdef int64_t n = N, k = K
+    with nogil:
+        g2_dequantize_q4_0(<const uint8_t *>cnp.PyArray_DATA(ca), <const uint16_t *>cnp.PyArray_DATA(sa), n, k,
+                           <float *>cnp.PyArray_DATA(oa), nt)
+    return out
+
+
+def linear_q4_0(x, codes, scales, bias=None, n_threads=None, out=None):
+    """y = x @ W^T (+ bias), W in the q4_0 layout (kernels/q4_0.py, llama.cpp's Q4_0 blocks); x (M, K)
+    float32. Bitwise kernels.q4_0.linear with fewer than DP_MIN_M rows. Returns (M, N) float32."""
+    _check(x, "x", np.float32, 2)
+    N, K = _check_q4_0(codes, scales)
+    if x.shape[1] != K:
+        raise ValueError("x has %d features, the q4_0 weights expect %d" % (x.shape[1], K))
+    if bias is not None:
+        _check(bias, "bias", np.float32, 1)
+        if bias.shape[0] != N:
+            raise ValueError("bias must have shape (%d,), got %s" % (N, bias.shape))
+    cdef int64_t M = x.shape[0], n = N, k = K
+    cdef int nt = _threads(n_threads)
+    y = _out(out, (M, N), np.float32)
+    cdef cnp.ndarray xa = x, ca = codes, sa = scales, ya = y
+    cdef int rc
+    with nogil:
+        rc = g2_linear_q4_0(<const float *>cnp.PyArray_DATA(xa), M, k, <const uint8_t *>cnp.PyArray_DATA(ca),
+                            <const uint16_t *>cnp.PyArray_DATA(sa), n, <float *>cnp.PyArray_DATA(ya), nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_q4_0: out of memory")
+    if bias is not None:
+        y += bias
+    return y
 
 
 def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):
@@ -409,12 +492,37 @@ def linear_multi(x, ws, str fmt="float32", scales=None, int block=0, n_threads=N
     return ys
 
 
+cdef _check_rows(a, str name, dtypes):
+    """A 4-D array of one of `dtypes` whose last axis is contiguous (any other strides, in whole
+    elements): returns its element strides of the first three axes."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray, got %s" % (name, type(a).__name__))
+    if a.dtype not in dtypes:
+        raise TypeError("%s must have dtype %s, got %s" % (name, " or ".join(str(np.dtype(d)) for d in dtypes), a.dtype))
+    if a.ndim != 4:
+        raise ValueError("%s must be 4-D, got shape %s" % (name, a.shape))
+    cdef int64_t isz = a.itemsize
+    if a.shape[3] > 1 and a.strides[3] != isz:
+        raise ValueError("%s must be contiguous along its last axis" % name)
+    if any(st % isz for st in a.strides[:3]):
+        raise ValueError("%s strides must be whole elements" % name)
+    return a.strides[0] // isz, a.strides[1] // isz, a.strides[2] // isz
+
+
 def attention(q, k, v, q_pos, k_pos, key_valid, double scaling, softcap=None, window=None,
               n_threads=None, out=None):
-    """Fused attention, see gemma2np_kernels.h. key_valid: (B, S) bool/uint8 or None."""
-    _check(q, "q", np.float32, 4)
-    _check(k, "k", np.float32, 4)
-    _check(v, "v", np.float32, 4)
+    """Fused attention, see gemma2np_kernels.h. q float32 (B,Hq,T,D); k, v (B,Hkv,S,D) both float32
+    or both bf16 (uint16 bits, or ml_dtypes.bfloat16); q, k, v may be strided views (a cache
+    buffer's) as long as their last axis is contiguous. key_valid: (B, S) bool/uint8 or None."""
+    if isinstance(k, np.ndarray) and k.dtype.name == "bfloat16":
+        k = k.view(np.uint16)
+    if isinstance(v, np.ndarray) and v.dtype.name == "bfloat16":
+        v = v.view(np.uint16)
+    qsb, qsh, qst = _check_rows(q, "q", (np.float32,))
+    ksb, ksh, kss = _check_rows(k, "k", (np.float32, np.uint16))
+    vsb, vsh, vss = _check_rows(v, "v", (np.float32, np.uint16))
+    if v.dtype != k.dtype:
+        raise TypeError("k and v must have the same dtype, got %s and %s" % (k.dtype, v.dtype))
     _check(q_pos, "q_pos", np.int64, 1)
     _check(k_pos, "k_pos", np.int64, 1)
     cdef int64_t B = q.shape[0], Hq = q.shape[1], T = q.shape[2], D = q.shape[3]
@@ -452,11 +560,17 @@ def attention(q, k, v, q_pos, k_pos, key_valid, double scaling, softcap=None, wi
     cdef cnp.ndarray qa = q, ka = k, va = v, qpa = q_pos, kpa = k_pos, oa = o
     cdef const uint8_t *kvp = NULL if kva is None else <const uint8_t *>cnp.PyArray_DATA(kva)
     cdef float sc = scaling
+    cdef int bf = k.dtype == np.uint16
+    cdef int64_t a0 = qsb, a1 = qsh, a2 = qst, b0 = ksb, b1 = ksh, b2 = kss, c0 = vsb, c1 = vsh, c2 = vss
+    cdef int rc
     with nogil:
-        g2_attention(<const float *>cnp.PyArray_DATA(qa), <const float *>cnp.PyArray_DATA(ka),
-                     <const float *>cnp.PyArray_DATA(va), <const int64_t *>cnp.PyArray_DATA(qpa),
-                     <const int64_t *>cnp.PyArray_DATA(kpa), kvp, B, Hq, Hkv, T, S, D, sc, cap,
-                     win, <float *>cnp.PyArray_DATA(oa), nt)
+        rc = g2_attention(<const float *>cnp.PyArray_DATA(qa), a0, a1, a2,
+                          <const void *>cnp.PyArray_DATA(ka), <const void *>cnp.PyArray_DATA(va), bf,
+                          b0, b1, b2, c0, c1, c2, <const int64_t *>cnp.PyArray_DATA(qpa),
+                          <const int64_t *>cnp.PyArray_DATA(kpa), kvp, B, Hq, Hkv, T, S, D, sc, cap,
+                          win, <float *>cnp.PyArray_DATA(oa), nt)
+    if rc != 0:
+        raise MemoryError("g2_attention: out of memory")
     return o
 
 

@@ -1,168 +1,663 @@
-/* Fused attention (online softmax over blocks of ATT_BLOCK keys, no T x S matrix): per query row
- * the scores, the running max / sum and the weighted sum of V, on the scalar path or the AVX-512
- * one. The scalar helpers and their AVX-512 twins sit side by side; tests/test_kernels.py runs
- * both (the `simd` fixture) against the NumPy twin. */
+/* Fused attention, flash style (no T x S matrix; memory O(T * D)), on the scalar path or the
+ * AVX-512 one. The scalar helpers and their AVX-512 twins sit side by side; tests/test_kernels.py
+ * and tests/test_attention_kernels.py run both (the `simd` fixture) against the NumPy twin
+ * (kernels/twins.py: attention), which follows the same chunking and merge order.
+ *
+ * The arithmetic of one query row (the same whatever the schedule or the thread count):
+ *   - the keys are cut into FIXED chunks of ATT_CHUNK keys, [0, 256), [256, 512), ...;
+ *   - a chunk's partial (max m, sum l, unnormalised sum of p * v) is an online softmax over its
+ *     blocks of ATT_BLOCK keys (exactly the per-row loop of the earlier kernel, restricted to the
+ *     chunk), masked keys skipped;
+ *   - the partials of the chunks with a visible key are merged in chunk order,
+ *     M' = max(M, m), L' = L * e^(M - M') + l * e^(m - M'), acc' = acc * e^(M - M') + a_c * e^(m - M');
+ *   - out = acc / L (a row with no visible key: the uniform average over all S keys).
+ * With S <= ATT_CHUNK there is one chunk and the result is bitwise the earlier kernel's on the
+ * AVX-512 path. Two schedules compute it:
+ *   - stream (prefill, or one thread): work items are (batch, kv head, block of ATT_QBLOCK query
+ *     rows) for all the query heads of the group; a chunk is read once for those rows (it stays in
+ *     L2) and merged into the rows' running state at once; chunks no row of the block can see
+ *     (causal future, outside the sliding window: decided from k_pos alone) are never touched;
+ *   - split (decode: few query rows, several threads): work items are (batch, kv head, chunk),
+ *     their partials go to a buffer and are merged per row afterwards, in chunk order
+ *     (flash-decoding), so the threads share the keys of a single query row.
+ * Both call the same att_row_chunk / att_merge, so their results are bitwise equal.
+ *
+ * K and V are float32 or bf16 bits (uint16, widened exactly in registers), with element strides
+ * (batch, head, row) and a contiguous last axis, so a view into a preallocated cache needs no copy. */
 #include "g2_internal.h"
 #include "g2_simd_math.h"
+
+#include <string.h>
+
+#define ATT_BLOCK 64   /* keys per inner online-softmax step (scores kept on the stack) */
+#define ATT_CHUNK 256  /* keys per chunk: the unit of the split and of the merge; a constant (never
+                        * derived from the thread count) so the bits do not depend on the threads;
+                        * a multiple of ATT_BLOCK so blocks are aligned as in the earlier kernel */
+#define ATT_QBLOCK 16  /* query rows (per query head) of a stream work item */
+
+typedef struct {
+    const char *k, *v;   /* base pointers */
+    int64_t esz;         /* bytes per element: 4 (float32) or 2 (bf16 bits) */
+    int bf16;
+    int64_t ksb, ksh, kss, vsb, vsh, vss; /* element strides (batch, head, row) */
+    const int64_t *k_pos;
+    const uint8_t *key_valid; /* (B, S) or NULL */
+    int64_t S, D, window;
+    float scaling, softcap;
+    int simd;
+} att_ctx;
+
+static inline const void *att_krow(const att_ctx *c, int64_t b, int64_t g, int64_t s) {
+    return c->k + (b * c->ksb + g * c->ksh + s * c->kss) * c->esz;
+}
+
+static inline const void *att_vrow(const att_ctx *c, int64_t b, int64_t g, int64_t s) {
+    return c->v + (b * c->vsb + g * c->vsh + s * c->vss) * c->esz;
+}
+
+/* ---- scalar math of the portable path: float32 results of the double functions, so the NumPy
+ * twin reproduces them bitwise (np.exp / np.tanh in float64, then rounded to float32). libm's and
+ * NumPy's double results may differ in their last bit, which changes the float32 only when the
+ * exact value lies within a double ulp of a float32 rounding boundary (odds ~2^-29 per value; none
+ * in 2e7 random arguments of each). The earlier kernel used expf / tanhf (not reproducible by
+ * NumPy); these are as accurate (correctly rounded but for such boundary cases). ------------------ */
+
+static inline float exp_ref(float x) { return (float)exp((double)x); }
+static inline float tanh_ref(float x) { return (float)tanh((double)x); }
+
+/* the rescale factor e^(a - b) of the online softmax and the merge: expf on the AVX-512 path (what
+ * the earlier kernel used, so one-chunk rows stay bitwise), exp_ref on the scalar path */
+static inline float att_rescale(int simd, float x) { return simd ? expf(x) : exp_ref(x); }
+
+static inline float bf16_widen(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
 
 /* ---- scores of keys [s0, s1) for one query row: sbuf[s - s0] = softcap(q . k_s * scaling) for
  * visible keys, 0 for the others ---------------------------------------------------------- */
 
 /* q . k over D (8 independent lanes, then a fixed pairwise sum) */
-static float dot_scalar(const float *a, const float *b, int64_t n) {
+static float dot_scalar(const float *a, const void *bv, int bf16, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    if (bf16) {
+        const uint16_t *b = (const uint16_t *)bv;
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * bf16_widen(b[i]);
+    } else {
+        const float *b = (const float *)bv;
+        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    }
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
 }
 
-static void att_scores_scalar(const float *qr, const float *kb, int64_t s0, int64_t s1, int64_t D,
-                              float scaling, float softcap, const unsigned char *vis, float *sbuf) {
+static void att_scores_scalar(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t s0,
+                              int64_t s1, const unsigned char *vis, float *sbuf) {
     for (int64_t s = s0; s < s1; s++) {
         if (!vis[s - s0]) { sbuf[s - s0] = 0.0f; continue; }
-        float sc = dot_scalar(qr, kb + s * D, D) * scaling;
-        if (softcap > 0.0f) sc = softcap * tanhf(sc / softcap);
+        float sc = dot_scalar(qr, att_krow(c, b, g, s), c->bf16, c->D) * c->scaling;
+        if (c->softcap > 0.0f) sc = c->softcap * tanh_ref(sc / c->softcap);
         sbuf[s - s0] = sc;
     }
 }
 
 #if G2_X86
-/* 4 keys at a time: 4 independent FMA chains, one 16-lane accumulator per key */
-static G2_TGT void att_scores_avx512(const float *qr, const float *kb, int64_t s0, int64_t s1,
-                                     int64_t D, float scaling, float softcap,
-                                     const unsigned char *vis, float *sbuf) {
-    int64_t s = s0;
-    for (; s < s1; s += 4) {
-        int nk = (int)G2_MIN(4, s1 - s);
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        const float *k0 = kb + s * D;
-        const float *k1 = nk > 1 ? k0 + D : k0, *k2 = nk > 2 ? k0 + 2 * D : k0, *k3 = nk > 3 ? k0 + 3 * D : k0;
-        int64_t d = 0;
-        for (; d < D; d += 16) {
-            __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-            __m512 qv = _mm512_maskz_loadu_ps(m, qr + d);
-            a0 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k0 + d), a0);
-            a1 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k1 + d), a1);
-            a2 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k2 + d), a2);
-            a3 = _mm512_fmadd_ps(qv, _mm512_maskz_loadu_ps(m, k3 + d), a3);
-        }
-        float r[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
-                      _mm512_reduce_add_ps(a3)};
-        for (int j = 0; j < nk; j++) sbuf[s - s0 + j] = vis[s - s0 + j] ? r[j] * scaling : 0.0f;
+/* 16 elements of a K/V row from element d (masked), widened from bf16 when needed */
+static G2_TGT inline __m512 att_load16(const void *row, int bf16, int64_t d, __mmask16 m) {
+    if (bf16) {
+        __m256i h = _mm256_maskz_loadu_epi16(m, (const uint16_t *)row + d);
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
-    if (softcap > 0.0f) g2_softcap_avx512(sbuf, sbuf, s1 - s0, softcap);
+    return _mm512_maskz_loadu_ps(m, (const float *)row + d);
 }
+
 #endif
 
 /* ---- weighted sum of V -------------------------------------------------------------------- */
 
-static void scale_axpy_scalar(float *acc, float a, const float *v, float p, int64_t n) {
-    /* acc = acc * a + p * v */
-    for (int64_t i = 0; i < n; i++) acc[i] = acc[i] * a + p * v[i];
-}
-
-#if G2_X86
-/* acc[0:D) += p * v */
-static G2_TGT void axpy_avx512(float *acc, float p, const float *v, int64_t D) {
-    __m512 pv = _mm512_set1_ps(p);
-    for (int64_t d = 0; d < D; d += 16) {
-        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-        _mm512_mask_storeu_ps(acc + d, m, _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, v + d),
-                                                          _mm512_maskz_loadu_ps(m, acc + d)));
+/* acc = acc + p * v (the scalar path: a multiply then an add, as NumPy rounds it) */
+static void axpy_scalar(float *acc, float p, const void *vv, int bf16, int64_t n) {
+    if (bf16) {
+        const uint16_t *v = (const uint16_t *)vv;
+        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + p * bf16_widen(v[i]);
+    } else {
+        const float *v = (const float *)vv;
+        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + p * v[i];
     }
 }
-#endif
 
-#define ATT_BLOCK 64
 
-void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
-                  const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
-                  int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
-                  int64_t window, float *out, int n_threads) {
-    int simd = 0;
+/* ---- the scalar path: one query row against one chunk [c0, c1), online softmax over blocks of
+ * ATT_BLOCK keys (the AVX-512 path: att_rows_chunk_avx512, the same steps for several rows).
+ * acc[0:D) gets the unnormalised sum of p * v, *mx_out the max, *l_out the sum of p; returns the
+ * number of visible keys (0: nothing written but acc = 0) -------------------------------------- */
+static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t qp,
+                             int64_t c0, int64_t c1, float *acc, float *mx_out, float *l_out) {
+    const int64_t D = c->D, window = c->window;
+    const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
+    float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
+    unsigned char vis[ATT_BLOCK];
+    float mx = -INFINITY, l = 0.0f;
+    int64_t nvis = 0;
+    for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
+    for (int64_t s0 = c0; s0 < c1; s0 += ATT_BLOCK) {
+        int64_t s1 = G2_MIN(c1, s0 + ATT_BLOCK), nbk = s1 - s0;
+        int any = 0;
+        for (int64_t s = s0; s < s1; s++) {
+            int64_t kp = c->k_pos[s];
+            int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
+            vis[s - s0] = (unsigned char)ok;
+            any |= ok;
+        }
+        if (!any) continue;
+        att_scores_scalar(c, qr, b, g, s0, s1, vis, sbuf);
+        float bmax = -INFINITY;
+        int first = 1;
+        for (int64_t j = 0; j < nbk; j++)
+            if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
+        if (bmax > mx) {
+            float a = (nvis == 0) ? 0.0f : exp_ref(mx - bmax);
+            l *= a;
+            for (int64_t d = 0; d < D; d++) acc[d] *= a;
+            mx = bmax;
+        }
+        for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
+        for (int64_t j = 0; j < nbk; j++) pbuf[j] = exp_ref(pbuf[j]);
+        for (int64_t s = s0; s < s1; s++) {
+            if (!vis[s - s0]) continue;
+            float p = pbuf[s - s0];
+            l += p;
+            axpy_scalar(acc, p, att_vrow(c, b, g, s), c->bf16, D);
+            nvis++;
+        }
+    }
+    *mx_out = mx;
+    *l_out = l;
+    return nvis;
+}
+
+/* a query row of a work item: its inputs and where its chunk partial goes */
+typedef struct {
+    const float *q;
+    int64_t qp;
+    float *acc;     /* D floats: the partial's unnormalised sum of p * v */
+    float mx, l;    /* the partial's max and sum */
+    int64_t nvis;   /* its number of visible keys */
+} att_row;
+
 #if G2_X86
-    simd = g2_get_simd() != 0;
-#endif
-    int64_t rep = Hq / Hkv;
-    int64_t total = B * Hq * T;
-    /* q.k and p*v over every key (masked blocks are skipped, so this is an upper bound); the
-     * AVX-512 path also pays per-key bookkeeping (max, exp, masks): ~2x the FMA tiles' cost */
-    const double macs = 2.0 * (double)total * (double)S * (double)D;
-    const int nt = g2_par_threads(NT(n_threads), macs * (simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
-#pragma omp parallel num_threads(nt) if (nt > 1)
-    {
-        float *acc = (float *)malloc((size_t)(D > 0 ? D : 1) * sizeof(float));
-        float sbuf[ATT_BLOCK], pbuf[ATT_BLOCK];
-        unsigned char vis[ATT_BLOCK];
-        int64_t idx;
-#pragma omp for schedule(dynamic, 2)
-        for (idx = 0; idx < total; idx++) {
-            if (!acc) continue; /* out of memory: leave row (cannot raise from here) */
-            int64_t t = idx % T, h = (idx / T) % Hq, b = idx / (T * Hq), g = h / rep;
-            const float *qr = q + idx * D;
-            const float *kb = k + (b * Hkv + g) * S * D;
-            const float *vb = v + (b * Hkv + g) * S * D;
-            const uint8_t *valid = key_valid ? key_valid + b * S : NULL;
-            float *o = out + idx * D;
-            int64_t qp = q_pos[t];
-            float mx = -INFINITY, l = 0.0f;
-            int64_t nvis = 0;
-            for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-            for (int64_t s0 = 0; s0 < S; s0 += ATT_BLOCK) {
-                int64_t s1 = G2_MIN(S, s0 + ATT_BLOCK), nbk = s1 - s0;
-                int any = 0;
-                for (int64_t s = s0; s < s1; s++) {
-                    int64_t kp = k_pos[s];
-                    int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
-                    vis[s - s0] = (unsigned char)ok;
-                    any |= ok;
-                }
-                if (!any) continue;
-#if G2_X86
-                if (simd) {
-                    att_scores_avx512(qr, kb, s0, s1, D, scaling, softcap, vis, sbuf);
-                } else
-#endif
-                    att_scores_scalar(qr, kb, s0, s1, D, scaling, softcap, vis, sbuf);
-                float bmax = -INFINITY;
-                int first = 1;
-                for (int64_t j = 0; j < nbk; j++)
-                    if (vis[j] && (first || sbuf[j] > bmax)) { bmax = sbuf[j]; first = 0; }
-                if (bmax > mx) {
-                    float a = (nvis == 0) ? 0.0f : expf(mx - bmax);
-                    l *= a;
-                    for (int64_t d = 0; d < D; d++) acc[d] *= a;
-                    mx = bmax;
-                }
-                for (int64_t j = 0; j < nbk; j++) pbuf[j] = vis[j] ? sbuf[j] - mx : -INFINITY;
-#if G2_X86
-                if (simd) g2_exp_avx512(pbuf, pbuf, nbk);
-                else
-#endif
-                    for (int64_t j = 0; j < nbk; j++) pbuf[j] = expf(pbuf[j]);
-                for (int64_t s = s0; s < s1; s++) {
-                    if (!vis[s - s0]) continue;
-                    float p = pbuf[s - s0];
-                    l += p;
-#if G2_X86
-                    if (simd) axpy_avx512(acc, p, vb + s * D, D);
-                    else
-#endif
-                        scale_axpy_scalar(acc, 1.0f, vb + s * D, p, D);
-                    nvis++;
-                }
+#define ATT_TROWS 32 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+
+/* The partials of nr <= ATT_TROWS rows (of one batch and kv head) over the chunk [c0, c1), in
+ * tiles: scores 4 rows x 4 keys at a time, p * V 4 rows x 64 elements of D at a time (2 x 8 and
+ * 2 x 128 for a last one or two rows), so K and V are loaded once for 4 (2) rows. Per row the
+ * operations are att_row_chunk's steps, with the earlier one-row AVX-512 kernel's arithmetic, in
+ * the same order: one FMA chain per (row, key) over D then _mm512_reduce_add_ps, the elementwise
+ * polynomial softcap / exp, expf for the rescale, one FMA per visible key and element of D in key
+ * order (masked off for invisible keys). So a row's bits do not depend on the tile it shares or on
+ * the rows next to it (tests/test_attention_kernels.py checks it against one-row calls). */
+static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int nr,
+                                         int64_t c0, int64_t c1) {
+    const int64_t D = c->D, window = c->window;
+    const int bf = c->bf16;
+    const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
+    float sbuf[ATT_TROWS][ATT_BLOCK], pbuf[ATT_TROWS][ATT_BLOCK];
+    unsigned char vis[ATT_TROWS][ATT_BLOCK];
+    int act[ATT_TROWS];
+    for (int r = 0; r < nr; r++) {
+        for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
+        rows[r].mx = -INFINITY;
+        rows[r].l = 0.0f;
+        rows[r].nvis = 0;
+    }
+    for (int64_t s0 = c0; s0 < c1; s0 += ATT_BLOCK) {
+        const int64_t s1 = G2_MIN(c1, s0 + ATT_BLOCK), nbk = s1 - s0;
+        int na = 0;
+        for (int r = 0; r < nr; r++) {
+            const int64_t qp = rows[r].qp;
+            int any = 0;
+            for (int64_t s = s0; s < s1; s++) {
+                int64_t kp = c->k_pos[s];
+                int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
+                vis[r][s - s0] = (unsigned char)ok;
+                any |= ok;
             }
-            if (nvis == 0) {
-                /* no visible key: uniform softmax over all S keys (what HF's finfo.min mask gives) */
-                for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
-                for (int64_t s = 0; s < S; s++) scale_axpy_scalar(acc, 1.0f, vb + s * D, 1.0f, D);
-                l = (float)S;
+            if (any) act[na++] = r;
+        }
+        if (!na) continue;
+        /* scores: tiles of 4 active rows x 4 keys (2 rows x 8 keys when at most 2 are left:
+         * decode with 2 query heads per kv head), one FMA chain per (row, key) either way */
+        for (int rg = 0; rg < na; rg += 4) {
+            const int nrr = G2_MIN(4, na - rg);
+            if (nrr <= 2) {
+                const int r0 = act[rg], r1 = act[rg + (nrr > 1)];
+                const float *q0 = rows[r0].q, *q1 = rows[r1].q;
+                for (int64_t s = s0; s < s1; s += 8) {
+                    const int nk = (int)G2_MIN(8, s1 - s);
+                    const void *kr[8];
+                    for (int j = 0; j < 8; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
+                    __m512 x0 = _mm512_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0,
+                           x7 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0, y6 = x0, y7 = x0;
+                    for (int64_t d = 0; d < D; d += 16) {
+                        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                        __m512 qa = _mm512_maskz_loadu_ps(m, q0 + d), qb = _mm512_maskz_loadu_ps(m, q1 + d), kv;
+#define ATT_K2(j) kv = att_load16(kr[j], bf, d, m); x##j = _mm512_fmadd_ps(qa, kv, x##j); \
+                  y##j = _mm512_fmadd_ps(qb, kv, y##j);
+                        ATT_K2(0) ATT_K2(1) ATT_K2(2) ATT_K2(3) ATT_K2(4) ATT_K2(5) ATT_K2(6) ATT_K2(7)
+#undef ATT_K2
+                    }
+                    float red[2][8] = {
+                        {_mm512_reduce_add_ps(x0), _mm512_reduce_add_ps(x1), _mm512_reduce_add_ps(x2), _mm512_reduce_add_ps(x3),
+                         _mm512_reduce_add_ps(x4), _mm512_reduce_add_ps(x5), _mm512_reduce_add_ps(x6), _mm512_reduce_add_ps(x7)},
+                        {_mm512_reduce_add_ps(y0), _mm512_reduce_add_ps(y1), _mm512_reduce_add_ps(y2), _mm512_reduce_add_ps(y3),
+                         _mm512_reduce_add_ps(y4), _mm512_reduce_add_ps(y5), _mm512_reduce_add_ps(y6), _mm512_reduce_add_ps(y7)}};
+                    for (int i = 0; i < nrr; i++) {
+                        const int r = i ? r1 : r0;
+                        for (int j = 0; j < nk; j++)
+                            sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
+                    }
+                }
+                continue;
             }
-            if (S == 0) {
-                for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
-            } else {
-                for (int64_t d = 0; d < D; d++) o[d] = acc[d] / l;
+            const float *qr[4];
+            for (int i = 0; i < 4; i++) qr[i] = rows[act[rg + (i < nrr ? i : 0)]].q;
+            for (int64_t s = s0; s < s1; s += 4) {
+                const int nk = (int)G2_MIN(4, s1 - s);
+                const void *kr[4];
+                for (int j = 0; j < 4; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
+                /* 16 named accumulators (arrays of __m512 get spilled to the stack) */
+                __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00,
+                       a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,
+                       a31 = a00, a32 = a00, a33 = a00;
+                const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
+                const void *k0 = kr[0], *k1 = kr[1], *k2 = kr[2], *k3 = kr[3];
+                for (int64_t d = 0; d < D; d += 16) {
+                    __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                    __m512 kv0 = att_load16(k0, bf, d, m), kv1 = att_load16(k1, bf, d, m);
+                    __m512 kv2 = att_load16(k2, bf, d, m), kv3 = att_load16(k3, bf, d, m);
+                    __m512 qv = _mm512_maskz_loadu_ps(m, q0 + d);
+                    a00 = _mm512_fmadd_ps(qv, kv0, a00); a01 = _mm512_fmadd_ps(qv, kv1, a01);
+                    a02 = _mm512_fmadd_ps(qv, kv2, a02); a03 = _mm512_fmadd_ps(qv, kv3, a03);
+                    qv = _mm512_maskz_loadu_ps(m, q1 + d);
+                    a10 = _mm512_fmadd_ps(qv, kv0, a10); a11 = _mm512_fmadd_ps(qv, kv1, a11);
+                    a12 = _mm512_fmadd_ps(qv, kv2, a12); a13 = _mm512_fmadd_ps(qv, kv3, a13);
+                    qv = _mm512_maskz_loadu_ps(m, q2 + d);
+                    a20 = _mm512_fmadd_ps(qv, kv0, a20); a21 = _mm512_fmadd_ps(qv, kv1, a21);
+                    a22 = _mm512_fmadd_ps(qv, kv2, a22); a23 = _mm512_fmadd_ps(qv, kv3, a23);
+                    qv = _mm512_maskz_loadu_ps(m, q3 + d);
+                    a30 = _mm512_fmadd_ps(qv, kv0, a30); a31 = _mm512_fmadd_ps(qv, kv1, a31);
+                    a32 = _mm512_fmadd_ps(qv, kv2, a32); a33 = _mm512_fmadd_ps(qv, kv3, a33);
+                }
+                float red[4][4] = {
+                    {_mm512_reduce_add_ps(a00), _mm512_reduce_add_ps(a01), _mm512_reduce_add_ps(a02), _mm512_reduce_add_ps(a03)},
+                    {_mm512_reduce_add_ps(a10), _mm512_reduce_add_ps(a11), _mm512_reduce_add_ps(a12), _mm512_reduce_add_ps(a13)},
+                    {_mm512_reduce_add_ps(a20), _mm512_reduce_add_ps(a21), _mm512_reduce_add_ps(a22), _mm512_reduce_add_ps(a23)},
+                    {_mm512_reduce_add_ps(a30), _mm512_reduce_add_ps(a31), _mm512_reduce_add_ps(a32), _mm512_reduce_add_ps(a33)}};
+                for (int i = 0; i < nrr; i++) {
+                    const int r = act[rg + i];
+                    for (int j = 0; j < nk; j++)
+                        sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
+                }
             }
         }
-        free(acc);
+        /* per row: softcap, block max, rescale, p = exp(s - max), l += p (att_row_chunk's steps) */
+        for (int ia = 0; ia < na; ia++) {
+            const int r = act[ia];
+            att_row *w = &rows[r];
+            if (c->softcap > 0.0f) g2_softcap_avx512(sbuf[r], sbuf[r], nbk, c->softcap);
+            float bmax = -INFINITY;
+            int first = 1;
+            for (int64_t j = 0; j < nbk; j++)
+                if (vis[r][j] && (first || sbuf[r][j] > bmax)) { bmax = sbuf[r][j]; first = 0; }
+            if (bmax > w->mx) {
+                float f = (w->nvis == 0) ? 0.0f : att_rescale(1, w->mx - bmax);
+                w->l *= f;
+                for (int64_t d = 0; d < D; d++) w->acc[d] *= f;
+                w->mx = bmax;
+            }
+            for (int64_t j = 0; j < nbk; j++) pbuf[r][j] = vis[r][j] ? sbuf[r][j] - w->mx : -INFINITY;
+            g2_exp_avx512(pbuf[r], pbuf[r], nbk);
+            float l = w->l;
+            int64_t nv = w->nvis;
+            for (int64_t j = 0; j < nbk; j++)
+                if (vis[r][j]) { l += pbuf[r][j]; nv++; }
+            w->l = l;
+            w->nvis = nv;
+        }
+        /* acc += p * v: tiles of 4 active rows x 64 elements of D (2 rows x 128 when at most 2
+         * are left), keys in order */
+        for (int rg = 0; rg < na; rg += 4) {
+            const int nrr = G2_MIN(4, na - rg);
+            if (nrr <= 2) {
+                const int r0 = act[rg], r1 = act[rg + (nrr > 1)], on1 = nrr > 1;
+                const unsigned char *v0 = vis[r0], *v1 = vis[r1];
+                const float *p0 = pbuf[r0], *p1 = pbuf[r1];
+                for (int64_t pd = 0; pd < D; pd += 128) {
+                    float *o0 = rows[r0].acc + pd, *o1 = rows[r1].acc + pd;
+                    __mmask16 mm[8];
+                    for (int u = 0; u < 8; u++) {
+                        int64_t d = pd + 16 * u;
+                        mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                    }
+#define ATT_LD2(u) __m512 e##u = _mm512_maskz_loadu_ps(mm[u], o0 + 16 * u), f##u = _mm512_maskz_loadu_ps(mm[u], o1 + 16 * u);
+                    ATT_LD2(0) ATT_LD2(1) ATT_LD2(2) ATT_LD2(3) ATT_LD2(4) ATT_LD2(5) ATT_LD2(6) ATT_LD2(7)
+#undef ATT_LD2
+                    for (int64_t s = s0; s < s1; s++) {
+                        const int64_t j = s - s0;
+                        const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0;
+                        if (!(k0 | k1)) continue;
+                        const void *vr = att_vrow(c, b, g, s);
+                        const __m512 pa = _mm512_set1_ps(p0[j]), pb = _mm512_set1_ps(p1[j]);
+                        __m512 w;
+#define ATT_PV2(u) w = att_load16(vr, bf, pd + 16 * u, mm[u]); e##u = _mm512_mask3_fmadd_ps(pa, w, e##u, k0); \
+                   f##u = _mm512_mask3_fmadd_ps(pb, w, f##u, k1);
+                        ATT_PV2(0) ATT_PV2(1) ATT_PV2(2) ATT_PV2(3) ATT_PV2(4) ATT_PV2(5) ATT_PV2(6) ATT_PV2(7)
+#undef ATT_PV2
+                    }
+#define ATT_ST2(u) _mm512_mask_storeu_ps(o0 + 16 * u, mm[u], e##u); if (on1) _mm512_mask_storeu_ps(o1 + 16 * u, mm[u], f##u);
+                    ATT_ST2(0) ATT_ST2(1) ATT_ST2(2) ATT_ST2(3) ATT_ST2(4) ATT_ST2(5) ATT_ST2(6) ATT_ST2(7)
+#undef ATT_ST2
+                }
+                continue;
+            }
+            int ri[4];
+            for (int i = 0; i < 4; i++) ri[i] = act[rg + (i < nrr ? i : 0)];
+            for (int64_t pd = 0; pd < D; pd += 64) {
+                __mmask16 m[4];
+                for (int u = 0; u < 4; u++) {
+                    int64_t d = pd + 16 * u;
+                    m[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                }
+                /* 4 rows x 4 vectors, named (see the scores); rows past nrr are never stored */
+                float *o0 = rows[ri[0]].acc + pd, *o1 = rows[ri[1]].acc + pd, *o2 = rows[ri[2]].acc + pd,
+                      *o3 = rows[ri[3]].acc + pd;
+                const unsigned char *v0 = vis[ri[0]], *v1 = vis[ri[1]], *v2 = vis[ri[2]], *v3 = vis[ri[3]];
+                const float *p0 = pbuf[ri[0]], *p1 = pbuf[ri[1]], *p2 = pbuf[ri[2]], *p3 = pbuf[ri[3]];
+                const __mmask16 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
+                __m512 c00 = _mm512_maskz_loadu_ps(m0, o0), c01 = _mm512_maskz_loadu_ps(m1, o0 + 16),
+                       c02 = _mm512_maskz_loadu_ps(m2, o0 + 32), c03 = _mm512_maskz_loadu_ps(m3, o0 + 48);
+                __m512 c10 = _mm512_maskz_loadu_ps(m0, o1), c11 = _mm512_maskz_loadu_ps(m1, o1 + 16),
+                       c12 = _mm512_maskz_loadu_ps(m2, o1 + 32), c13 = _mm512_maskz_loadu_ps(m3, o1 + 48);
+                __m512 c20 = _mm512_maskz_loadu_ps(m0, o2), c21 = _mm512_maskz_loadu_ps(m1, o2 + 16),
+                       c22 = _mm512_maskz_loadu_ps(m2, o2 + 32), c23 = _mm512_maskz_loadu_ps(m3, o2 + 48);
+                __m512 c30 = _mm512_maskz_loadu_ps(m0, o3), c31 = _mm512_maskz_loadu_ps(m1, o3 + 16),
+                       c32 = _mm512_maskz_loadu_ps(m2, o3 + 32), c33 = _mm512_maskz_loadu_ps(m3, o3 + 48);
+                const int on1 = nrr > 1, on2 = nrr > 2, on3 = nrr > 3;
+                for (int64_t s = s0; s < s1; s++) {
+                    const int64_t j = s - s0;
+                    /* an invisible key leaves a row's accumulators as they are (masked FMA) */
+                    const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0,
+                                    k2 = (on2 && v2[j]) ? 0xFFFF : 0, k3 = (on3 && v3[j]) ? 0xFFFF : 0;
+                    if (!(k0 | k1 | k2 | k3)) continue;
+                    const void *vr = att_vrow(c, b, g, s);
+                    __m512 w0 = att_load16(vr, bf, pd, m0), w1 = att_load16(vr, bf, pd + 16, m1);
+                    __m512 w2 = att_load16(vr, bf, pd + 32, m2), w3 = att_load16(vr, bf, pd + 48, m3);
+                    __m512 pv = _mm512_set1_ps(p0[j]);
+                    c00 = _mm512_mask3_fmadd_ps(pv, w0, c00, k0); c01 = _mm512_mask3_fmadd_ps(pv, w1, c01, k0);
+                    c02 = _mm512_mask3_fmadd_ps(pv, w2, c02, k0); c03 = _mm512_mask3_fmadd_ps(pv, w3, c03, k0);
+                    pv = _mm512_set1_ps(p1[j]);
+                    c10 = _mm512_mask3_fmadd_ps(pv, w0, c10, k1); c11 = _mm512_mask3_fmadd_ps(pv, w1, c11, k1);
+                    c12 = _mm512_mask3_fmadd_ps(pv, w2, c12, k1); c13 = _mm512_mask3_fmadd_ps(pv, w3, c13, k1);
+                    pv = _mm512_set1_ps(p2[j]);
+                    c20 = _mm512_mask3_fmadd_ps(pv, w0, c20, k2); c21 = _mm512_mask3_fmadd_ps(pv, w1, c21, k2);
+                    c22 = _mm512_mask3_fmadd_ps(pv, w2, c22, k2); c23 = _mm512_mask3_fmadd_ps(pv, w3, c23, k2);
+                    pv = _mm512_set1_ps(p3[j]);
+                    c30 = _mm512_mask3_fmadd_ps(pv, w0, c30, k3); c31 = _mm512_mask3_fmadd_ps(pv, w1, c31, k3);
+                    c32 = _mm512_mask3_fmadd_ps(pv, w2, c32, k3); c33 = _mm512_mask3_fmadd_ps(pv, w3, c33, k3);
+                }
+                _mm512_mask_storeu_ps(o0, m0, c00); _mm512_mask_storeu_ps(o0 + 16, m1, c01);
+                _mm512_mask_storeu_ps(o0 + 32, m2, c02); _mm512_mask_storeu_ps(o0 + 48, m3, c03);
+                if (on1) {
+                    _mm512_mask_storeu_ps(o1, m0, c10); _mm512_mask_storeu_ps(o1 + 16, m1, c11);
+                    _mm512_mask_storeu_ps(o1 + 32, m2, c12); _mm512_mask_storeu_ps(o1 + 48, m3, c13);
+                }
+                if (on2) {
+                    _mm512_mask_storeu_ps(o2, m0, c20); _mm512_mask_storeu_ps(o2 + 16, m1, c21);
+                    _mm512_mask_storeu_ps(o2 + 32, m2, c22); _mm512_mask_storeu_ps(o2 + 48, m3, c23);
+                }
+                if (on3) {
+                    _mm512_mask_storeu_ps(o3, m0, c30); _mm512_mask_storeu_ps(o3 + 16, m1, c31);
+                    _mm512_mask_storeu_ps(o3 + 32, m2, c32); _mm512_mask_storeu_ps(o3 + 48, m3, c33);
+                }
+            }
+        }
     }
+}
+#endif
+
+/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path, row by row on the scalar one */
+static void att_rows_chunk(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int64_t nr, int64_t c0,
+                           int64_t c1) {
+#if G2_X86
+    if (c->simd) {
+        for (int64_t r0 = 0; r0 < nr; r0 += ATT_TROWS)
+            att_rows_chunk_avx512(c, b, g, rows + r0, (int)G2_MIN(ATT_TROWS, nr - r0), c0, c1);
+        return;
+    }
+#endif
+    for (int64_t r = 0; r < nr; r++)
+        rows[r].nvis = att_row_chunk(c, rows[r].q, b, g, rows[r].qp, c0, c1, rows[r].acc, &rows[r].mx, &rows[r].l);
+}
+
+/* merge a chunk partial (m, l, a[0:D), nvc visible keys) into a row's running state (M, L, ACC,
+ * nv); the first partial is taken as it is (so a one-chunk row is the chunk's arithmetic) */
+static void att_merge(int simd, int64_t D, float *M, float *L, float *ACC, int64_t *nv, float m,
+                      float l, const float *a, int64_t nvc) {
+    if (nvc == 0) return;
+    if (*nv == 0) {
+        *M = m;
+        *L = l;
+        for (int64_t d = 0; d < D; d++) ACC[d] = a[d];
+        *nv = nvc;
+        return;
+    }
+    float mn = m > *M ? m : *M;
+    float fo = att_rescale(simd, *M - mn), fn = att_rescale(simd, m - mn);
+    *L = *L * fo + l * fn;  /* two products and a sum, unfused on both paths */
+    for (int64_t d = 0; d < D; d++) ACC[d] = ACC[d] * fo + a[d] * fn;
+    *M = mn;
+    *nv += nvc;
+}
+
+/* out row o = ACC / L, or, with no visible key, the uniform average over all S keys (what HF's
+ * finfo.min mask gives), summed in key order; ACC may be o itself */
+static void att_finish(const att_ctx *c, int64_t b, int64_t g, float L, const float *ACC, int64_t nv,
+                       float *o) {
+    const int64_t D = c->D, S = c->S;
+    if (S == 0) {
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        return;
+    }
+    if (nv == 0) {
+        for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+        for (int64_t s = 0; s < S; s++) axpy_scalar(o, 1.0f, att_vrow(c, b, g, s), c->bf16, D);
+        L = (float)S;
+        ACC = o;
+    }
+    for (int64_t d = 0; d < D; d++) o[d] = ACC[d] / L;
+}
+
+/* can a query at position qp (or any in [qmin, qmax]) see a key of chunk ch? (k_pos only) */
+static inline int att_chunk_dead(const int64_t *kmin, const int64_t *kmax, int64_t ch, int64_t qmin,
+                                 int64_t qmax, int64_t window) {
+    return kmin[ch] > qmax || (window > 0 && kmax[ch] <= qmin - window);
+}
+
+int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const void *k, const void *v,
+                 int kv_bf16, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh,
+                 int64_t vss, const int64_t *q_pos, const int64_t *k_pos, const uint8_t *key_valid,
+                 int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling,
+                 float softcap, int64_t window, float *out, int n_threads) {
+    att_ctx c;
+    c.k = (const char *)k;
+    c.v = (const char *)v;
+    c.bf16 = kv_bf16 != 0;
+    c.esz = c.bf16 ? 2 : 4;
+    c.ksb = ksb; c.ksh = ksh; c.kss = kss;
+    c.vsb = vsb; c.vsh = vsh; c.vss = vss;
+    c.k_pos = k_pos;
+    c.key_valid = key_valid;
+    c.S = S; c.D = D; c.window = window;
+    c.scaling = scaling; c.softcap = softcap;
+    c.simd = 0;
+#if G2_X86
+    c.simd = g2_get_simd() != 0;
+#endif
+    if (B <= 0 || Hq <= 0 || T <= 0) return 0;
+    const int64_t rep = Hq / Hkv;
+    const int64_t nch = S > 0 ? (S + ATT_CHUNK - 1) / ATT_CHUNK : 0;
+    const int64_t nqb = (T + ATT_QBLOCK - 1) / ATT_QBLOCK;
+    const int64_t Dp = D > 0 ? D : 1;
+    /* per chunk: min and max key position, for skipping chunks from k_pos alone */
+    int64_t *kmin = (int64_t *)malloc((size_t)(nch > 0 ? 2 * nch : 1) * sizeof(int64_t));
+    if (!kmin) return -1;
+    int64_t *kmax = kmin + nch;
+    for (int64_t ch = 0; ch < nch; ch++) {
+        int64_t lo = INT64_MAX, hi = INT64_MIN;
+        for (int64_t s = ch * ATT_CHUNK; s < G2_MIN(S, (ch + 1) * ATT_CHUNK); s++) {
+            lo = G2_MIN(lo, k_pos[s]);
+            hi = k_pos[s] > hi ? k_pos[s] : hi;
+        }
+        kmin[ch] = lo;
+        kmax[ch] = hi;
+    }
+    /* q.k and p*v over every key (dead chunks are skipped, so this is an upper bound); the AVX-512
+     * path also pays per-key bookkeeping (max, exp, masks): ~2x the FMA tiles' cost */
+    const double macs = 2.0 * (double)(B * Hq * T) * (double)S * (double)D;
+    const int nt = g2_par_threads(NT(n_threads), macs * (c.simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
+    /* the split schedule when few query rows would leave threads idle (the bits are the same) */
+    int split = nt > 1 && nch > 1 && T <= ATT_QBLOCK && B * Hkv < 4 * nt;
+    float *part = NULL;  /* (row, chunk) -> [m, l, acc[0:D)] */
+    int64_t *pnv = NULL;
+    const int64_t pstride = Dp + 2;
+    if (split) {
+        part = (float *)malloc((size_t)(B * Hq * T * nch) * (size_t)pstride * sizeof(float));
+        pnv = (int64_t *)malloc((size_t)(B * Hq * T * nch) * sizeof(int64_t));
+        if (!part || !pnv) { free(part); free(pnv); part = NULL; pnv = NULL; split = 0; }
+    }
+    int err = 0;
+    const int64_t nrow = rep * ATT_QBLOCK; /* rows of a work item, at most */
+    if (split) {
+        const int64_t items = B * Hkv * nch;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            att_row *rw = (att_row *)malloc((size_t)nrow * sizeof(att_row));
+            if (!rw) {
+#pragma omp atomic write
+                err = 1;
+            }
+            int64_t it;
+#pragma omp for schedule(dynamic, 1)
+            for (it = 0; it < items; it++) {
+                if (!rw) continue; /* out of memory: reported after the loop */
+                int64_t ch = it % nch, g = (it / nch) % Hkv, b = it / (nch * Hkv);
+                int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK), nr = 0;
+                for (int64_t hh = 0; hh < rep; hh++) {
+                    int64_t h = g * rep + hh;
+                    for (int64_t t = 0; t < T; t++) {
+                        int64_t pi = ((b * Hq + h) * T + t) * nch + ch;
+                        int64_t qp = q_pos[t];
+                        pnv[pi] = 0;
+                        if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) continue;
+                        rw[nr].q = q + b * qsb + h * qsh + t * qst;
+                        rw[nr].qp = qp;
+                        rw[nr].acc = part + pi * pstride + 2;
+                        nr++;
+                    }
+                }
+                att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                for (int64_t r = 0; r < nr; r++) {
+                    float *pp = rw[r].acc - 2;
+                    pp[0] = rw[r].mx;
+                    pp[1] = rw[r].l;
+                    pnv[(pp - part) / pstride] = rw[r].nvis;
+                }
+            }
+            free(rw);
+        }
+        const int64_t rows = B * Hq * T;
+        int64_t row;
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+        for (row = 0; row < rows; row++) {
+            int64_t b = row / (Hq * T), h = (row / T) % Hq, g = h / rep;
+            float *o = out + row * D;
+            float M = -INFINITY, L = 0.0f;
+            int64_t nv = 0;
+            for (int64_t ch = 0; ch < nch; ch++) {
+                const float *pp = part + (row * nch + ch) * pstride;
+                att_merge(c.simd, D, &M, &L, o, &nv, pp[0], pp[1], pp + 2, pnv[row * nch + ch]);
+            }
+            att_finish(&c, b, g, L, o, nv, o);
+        }
+    } else {
+        const int64_t items = B * Hkv * nqb;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+        {
+            /* per thread: the item's rows, their chunk partials, their running (M, L, nv); their
+             * running acc lives in the output rows */
+            att_row *rw = (att_row *)malloc((size_t)nrow * sizeof(att_row));
+            float *pacc = (float *)malloc((size_t)(nrow * Dp) * sizeof(float));
+            float *ML = (float *)malloc((size_t)(2 * nrow) * sizeof(float));
+            int64_t *NV = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
+            int64_t *RI = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
+            int ok = rw && pacc && ML && NV && RI;
+            if (!ok) {
+#pragma omp atomic write
+                err = 1;
+            }
+            int64_t it;
+#pragma omp for schedule(dynamic, 1)
+            for (it = 0; it < items; it++) {
+                if (!ok) continue; /* out of memory: reported after the loop */
+                int64_t qb = it % nqb, g = (it / nqb) % Hkv, b = it / (nqb * Hkv);
+                int64_t t0 = qb * ATT_QBLOCK, t1 = G2_MIN(T, t0 + ATT_QBLOCK), nt_ = t1 - t0;
+                int64_t qmin = INT64_MAX, qmax = INT64_MIN;
+                for (int64_t t = t0; t < t1; t++) {
+                    qmin = G2_MIN(qmin, q_pos[t]);
+                    qmax = q_pos[t] > qmax ? q_pos[t] : qmax;
+                }
+                for (int64_t r = 0; r < rep * nt_; r++) { ML[2 * r] = -INFINITY; ML[2 * r + 1] = 0.0f; NV[r] = 0; }
+                for (int64_t ch = 0; ch < nch; ch++) {
+                    if (att_chunk_dead(kmin, kmax, ch, qmin, qmax, window)) continue;
+                    int64_t c0 = ch * ATT_CHUNK, c1 = G2_MIN(S, c0 + ATT_CHUNK), nr = 0;
+                    for (int64_t hh = 0; hh < rep; hh++) {
+                        int64_t h = g * rep + hh;
+                        for (int64_t t = t0; t < t1; t++) {
+                            int64_t qp = q_pos[t];
+                            if (att_chunk_dead(kmin, kmax, ch, qp, qp, window)) continue;
+                            rw[nr].q = q + b * qsb + h * qsh + t * qst;
+                            rw[nr].qp = qp;
+                            rw[nr].acc = pacc + nr * Dp;
+                            RI[nr] = hh * nt_ + (t - t0);
+                            nr++;
+                        }
+                    }
+                    att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                    for (int64_t i = 0; i < nr; i++) {
+                        int64_t r = RI[i], h = g * rep + r / nt_, t = t0 + r % nt_;
+                        att_merge(c.simd, D, &ML[2 * r], &ML[2 * r + 1], out + ((b * Hq + h) * T + t) * D,
+                                  &NV[r], rw[i].mx, rw[i].l, rw[i].acc, rw[i].nvis);
+                    }
+                }
+                for (int64_t hh = 0; hh < rep; hh++) {
+                    int64_t h = g * rep + hh;
+                    for (int64_t t = t0; t < t1; t++) {
+                        int64_t r = hh * nt_ + (t - t0);
+                        float *o = out + ((b * Hq + h) * T + t) * D;
+                        att_finish(&c, b, g, ML[2 * r + 1], o, NV[r], o);
+                    }
+                }
+            }
+            free(rw);
+            free(pacc);
+            free(ML);
+            free(NV);
+            free(RI);
+        }
+    }
+    free(part);
+    free(pnv);
+    free(kmin);
+    return err ? -1 : 0;
 }

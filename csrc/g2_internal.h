@@ -6,6 +6,8 @@
  *   g2_linear_drive.c linear: how W is cut into blocks and spread over threads (no arithmetic)
  *   g2_attention.c    fused attention: scalar and AVX-512 helpers side by side
  *   g2_int4.c         linear with int4 weights: dequantise blocks of rows, run g2_linear on them
+ *   g2_q4_0.c         linear with llama.cpp Q4_0 weights: fused decode lanes, bf16 prefill (as g2_int4.c)
+ *   g2_int4_quant.c   the int4 quantiser (RMSE-optimal scales), bitwise its NumPy twin
  *   g2_elementwise.c  rmsnorm, GeGLU, RoPE, softcap / tanh / exp, argmax / top-k, f32 -> bf16
  *   g2_simd_math.h    AVX-512 exp / tanh / bf16 rounding shared by those files
  *

@@ -83,6 +83,14 @@ int g2_tune_malloc(void);
 void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                       float *scales, int n_threads);
 
+/* int4 quantisation (csrc/g2_int4_quant.c): W (N, K), K a multiple of 256, float32 (src_bf16 = 0) or
+ * bf16 bits (src_bf16 = 1) -> codes (N, K/2), meta (N, K/256*16) in the layout of g2_linear_int4,
+ * bitwise kernels/int4.py's quantize_int4 (llama.cpp's RMSE-optimal scale search), and status (N)
+ * per row: 0 ok, 1 a NaN / inf (the row is quantised as zeros), 2 too large for int4 (|w| > 2^40:
+ * quantised as zeros; or a float16 d / dmin overflowed). Returns 1 if any status is not 0. */
+int g2_quantize_int4(const void *w, int src_bf16, int64_t N, int64_t K, uint8_t *codes, uint8_t *meta,
+                     uint8_t *status, int n_threads);
+
 int g2_linear(const float *x, int64_t M, int64_t K, int fmt, const void *w,
               const float *scales, int64_t block, int64_t N, const float *bias,
               float *y, int n_threads);
@@ -112,17 +120,30 @@ int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
 int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
                          const uint8_t *const *meta, const int64_t *N, float *const *y, int n_threads);
 
+/* llama.cpp Q4_0 weights (layout: gemma2np/kernels/q4_0.py; K a multiple of 32): codes (N, K/2), per
+ * block of 32 byte i = input i (low nibble) and i + 16 (high), scales (N, K/32) f16 bits of d.
+ * g2_dequantize_q4_0: out (N, K) float32 = d * (u - 8). g2_linear_q4_0: y (M, N) = x @ W^T, with
+ * M < G2_DP_MIN_M the fused lane arithmetic of kernels/q4_0.py (bitwise its twin), else bf16 of W with x
+ * rounded to bf16 (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 32. */
+void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
+                        int n_threads);
+int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                   int64_t N, float *y, int n_threads);
+
 /* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
  * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */
 void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads);
 
-/* Fused attention (online softmax, no T x S matrix).
- * q (B,Hq,T,D), k/v (B,Hkv,S,D), out (B,Hq,T,D), q_pos (T), k_pos (S), key_valid (B,S) or NULL.
- * softcap <= 0: none; window <= 0: none. */
-void g2_attention(const float *q, const float *k, const float *v, const int64_t *q_pos,
-                  const int64_t *k_pos, const uint8_t *key_valid, int64_t B, int64_t Hq,
-                  int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling, float softcap,
-                  int64_t window, float *out, int n_threads);
+/* Fused attention (online softmax over fixed chunks of keys, no T x S matrix; g2_attention.c).
+ * q (B,Hq,T,D) float32 with element strides (qsb, qsh, qst) and a contiguous last axis; k/v
+ * (B,Hkv,S,D) float32 (kv_bf16 = 0) or bf16 bits (kv_bf16 = 1), element strides (batch, head, row),
+ * last axis contiguous; out (B,Hq,T,D) contiguous; q_pos (T), k_pos (S), key_valid (B,S) or NULL.
+ * softcap <= 0: none; window <= 0: none. Returns 0, or -1 when out of memory. */
+int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const void *k, const void *v,
+                 int kv_bf16, int64_t ksb, int64_t ksh, int64_t kss, int64_t vsb, int64_t vsh,
+                 int64_t vss, const int64_t *q_pos, const int64_t *k_pos, const uint8_t *key_valid,
+                 int64_t B, int64_t Hq, int64_t Hkv, int64_t T, int64_t S, int64_t D, float scaling,
+                 float softcap, int64_t window, float *out, int n_threads);
 
 /* out[r,:] = x[r,:] * 1/sqrt(mean(x[r,:]^2) + eps) * (1 + w)   (float32) */
 void g2_rmsnorm(const float *x, const float *w, int64_t R, int64_t D, float eps, float *out,

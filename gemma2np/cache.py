@@ -10,12 +10,22 @@ itself. During one call a sliding layer attends over (kept keys + new keys); the
 Storage (issue #15): nothing is concatenated per step. A layer that keeps everything writes the new
 rows in place into a preallocated buffer (B, K, capacity, D) -- capacity doubles when it runs out,
 or is set once from a hint (`capacity=`, `reserve()`; generate() passes max_length) -- and attention
-gets a view of the filled part. A sliding layer grows the same way up to W - 1 rows, then becomes a
-ring buffer of exactly W - 1 rows. What update() returns is always exactly what the concatenating
-cache returned: kept + new keys, in positional order, same shape and values. Order matters: the
-attention is a softmax-weighted sum over the keys, so another key order would change the float32
-summation order (and the bits). Once a ring has wrapped, that order is restored by a copy of the
-kept W - 1 rows into the returned array (the only per-step copy; `rows_copied` counts them).
+gets a view of the filled part. A sliding layer keeps its rows *contiguous and in positional order*
+in a buffer of up to 2 (W - 1) rows: the new rows are written right after the kept ones, update()
+returns a view of kept + new, and the kept window then just slides forward (its start advances).
+When the new rows no longer fit behind it, the W - 1 kept rows move to the front once: with 2 (W - 1)
+rows that is one move of W - 1 rows every W - 1 decode steps, i.e. amortised one row per token, where
+a ring buffer of exactly W - 1 rows had to copy W - 1 rows per token to hand them over in order. Order
+matters: the attention is a softmax-weighted sum over the keys, so another key order would change the
+float32 summation order (and the bits). What update() returns is always exactly what the concatenating
+cache returned: kept + new keys, in positional order, same shape and values (`rows_copied` counts the
+old rows moved or copied; a call bringing more than W - 1 + W - 1 rows gets a fresh array instead).
+
+dtype (cache_dtype, issue #15 item 2): None keeps the keys in the dtype they arrive in (the model's
+compute dtype: float32, or float64). "bfloat16" rounds keys and values to bfloat16 when they are written
+(round to nearest even: ml_dtypes' float -> bfloat16 cast) and update() returns bfloat16 arrays: every
+key the attention sees, the new ones included, is the stored bf16 value (llama.cpp's f16 cache works
+the same way), and the backends widen them exactly to float32 (docs/precision.md, "KV cache dtype").
 
 The legacy format -- a tuple with one `(keys, values)` pair per layer, arrays of shape
 (B, K, L, D) -- is accepted as `past_key_values` and returned in kind.
@@ -25,9 +35,33 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checkpoint import bfloat16
+
 
 class CacheError(ValueError):
     pass
+
+
+# cache_dtype names -> dtype; None means "as the keys arrive" (the model's compute dtype)
+CACHE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": bfloat16}
+
+
+def check_cache_dtype(dtype) -> np.dtype | None:
+    """A cache dtype: None (or "auto") -> None; "float32" / "bfloat16" (names or dtypes) -> the dtype;
+    anything else a CacheError naming the choices."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "auto"):
+        return None
+    if isinstance(dtype, str):
+        if dtype in CACHE_DTYPES:
+            return CACHE_DTYPES[dtype]
+    else:
+        try:
+            dt = np.dtype(dtype)
+        except (TypeError, ValueError):
+            dt = None
+        if dt is not None and dt in CACHE_DTYPES.values():
+            return dt
+    raise CacheError(f"cache_dtype must be 'float32', 'bfloat16' or None (the model's dtype), got {dtype!r:.40}")
 
 
 def _check_capacity(capacity):
@@ -44,28 +78,35 @@ class Gemma2Cache:
 
     capacity: an optional hint, the total number of tokens this cache will hold (generate() passes
     max_length): global layers allocate that many rows at their first update instead of growing by
-    doubling; sliding layers never hold more than sliding_window - 1. np.empty leaves untouched rows
-    unbacked by memory, so a generous hint costs address space, not RSS.
+    doubling; sliding layers never hold more than 2 (sliding_window - 1). np.empty leaves untouched
+    rows unbacked by memory, so a generous hint costs address space, not RSS.
+
+    dtype: None (default: keys and values stay in the dtype they arrive in), "float32" or "bfloat16"
+    (rounded when written, see the module docstring). transformers' StaticCache takes its dtype the
+    same way; models take it as from_pretrained(..., cache_dtype=...).
 
     keys / values / positions are built on access, in positional order: views of the filled rows for a
-    layer that keeps everything, copies for a sliding layer (its ring overwrites rows later); either way
-    they stay valid as the cache moves on. For shapes alone use layer_shape(i), which builds nothing."""
+    layer that keeps everything, copies for a sliding layer (its buffer is rewritten later); either way
+    they stay valid as the cache moves on. update()'s arrays are views (no copy) and are meant for the
+    call that made them: a sliding layer's rows are moved later. For shapes alone use layer_shape(i),
+    which builds nothing."""
 
-    def __init__(self, layer_types, sliding_window: int | None, capacity: int | None = None):
+    def __init__(self, layer_types, sliding_window: int | None, capacity: int | None = None, dtype=None):
         self.layer_types = list(layer_types)
         self.sliding_window = sliding_window
         self.capacity = _check_capacity(capacity)
+        self.dtype = check_cache_dtype(dtype)
         n = len(self.layer_types)
-        # per layer: key / value / position buffers (None until the first update), rows kept, ring start
+        # per layer: key / value / position buffers (None until the first update), rows kept, first kept row
         self._k: list[np.ndarray | None] = [None] * n
         self._v: list[np.ndarray | None] = [None] * n
         self._p: list[np.ndarray | None] = [None] * n
         self._n = [0] * n
-        self._start = [0] * n
+        self._start = [0] * n  # always 0 on a layer that keeps everything
         # False for arrays adopted from a legacy tuple: they belong to the caller and are never written into
         self._owned = [True] * n
         self.seen_tokens = 0  # tokens processed so far (transformers: get_seq_length())
-        self.rows_copied = 0  # rows of old keys copied by update() (growth, ring reordering): a cost counter
+        self.rows_copied = 0  # rows of old keys copied by update() (growth, sliding moves): a cost counter
 
     # transformers-style accessors
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -98,25 +139,16 @@ class Gemma2Cache:
         return None if k is None else (k.shape[0], k.shape[1], self._n[i], k.shape[3])
 
     # ------------------------------------------------------------------------------ contents
-    def _segments(self, i: int) -> list:
-        """Buffer row ranges [(a, b), ...] that hold layer i's rows in positional order (two once a ring wrapped)."""
-        n, start, cap = self._n[i], self._start[i], self._k[i].shape[2]
-        if start + n <= cap:
-            return [(start, start + n)]
-        return [(start, cap), (0, start + n - cap)]
-
     def _ordered(self, buf: np.ndarray | None, i: int) -> np.ndarray | None:
         """Layer i's rows of buf in positional order (axis -2 for keys/values, axis 0 for positions).
 
         A layer that keeps everything: a view of the filled part (rows there are never written again, so
-        the view stays valid). A sliding layer: a fresh array, since its ring overwrites rows later."""
+        the view stays valid). A sliding layer: a copy, since its rows move to the front later."""
         if buf is None:
             return None
-        pos = buf.ndim == 1
-        if self._keep(i) is None:
-            return buf[:self._n[i]] if pos else buf[:, :, :self._n[i]]
-        parts = [buf[a:b] if pos else buf[:, :, a:b] for a, b in self._segments(i)]
-        return np.concatenate(parts, axis=0 if pos else 2)
+        a, b = self._start[i], self._start[i] + self._n[i]
+        rows = buf[a:b] if buf.ndim == 1 else buf[:, :, a:b]
+        return rows if self._keep(i) is None else rows.copy()
 
     @property
     def keys(self) -> list:
@@ -131,126 +163,158 @@ class Gemma2Cache:
         return [self._ordered(b, i) for i, b in enumerate(self._p)]
 
     # ------------------------------------------------------------------------------ update
-    def _grow(self, i: int, need: int, like_k: np.ndarray, vdtype, limit: int | None) -> None:
-        """Make layer i's buffers (unringed, start 0) hold at least `need` rows: capacity max(need, 2 x old,
-        hint), at most `limit`; the filled rows are copied over once (amortised O(1) per token)."""
-        k, n = self._k[i], self._n[i]
-        cap = 0 if k is None else k.shape[2]
-        if need <= cap and self._owned[i] and (k is None or self._v[i].dtype == vdtype):
-            return
-        new_cap = max(need, 2 * cap, self.capacity or 0)
-        if limit is not None:
-            new_cap = min(new_cap, limit)
+    def _realloc(self, i: int, new_cap: int, like_k: np.ndarray, kdtype, vdtype) -> None:
+        """New buffers of new_cap rows for layer i; its kept rows are copied to the front (counted), start 0."""
+        k, n, a = self._k[i], self._n[i], self._start[i]
         B, K, _, D = like_k.shape if k is None else k.shape
-        kdtype = like_k.dtype if k is None else k.dtype
         nk = np.empty((B, K, new_cap, D), kdtype)
         nv = np.empty((B, K, new_cap, D), vdtype)
         npos = np.empty(new_cap, np.int64)
         if n:
-            nk[:, :, :n] = k[:, :, :n]
-            nv[:, :, :n] = self._v[i][:, :, :n]
-            npos[:n] = self._p[i][:n]
+            # (into a bf16 cache this rounds rows adopted from a float legacy tuple: they are written into it)
+            nk[:, :, :n] = k[:, :, a:a + n]
+            nv[:, :, :n] = self._v[i][:, :, a:a + n]
+            npos[:n] = self._p[i][a:a + n]
             self.rows_copied += n
-        self._k[i], self._v[i], self._p[i], self._owned[i] = nk, nv, npos, True
+        self._k[i], self._v[i], self._p[i], self._owned[i], self._start[i] = nk, nv, npos, True, 0
+
+    def _usable(self, i: int, kdtype, vdtype) -> bool:
+        """Layer i's buffers exist, are ours to write, and have the dtypes this update writes."""
+        return (self._k[i] is not None and self._owned[i] and self._k[i].dtype == kdtype
+                and self._v[i].dtype == vdtype)
+
+    def _dtypes(self, i: int, k: np.ndarray, v: np.ndarray):
+        """(kdtype, vdtype) of layer i after this update, checking the new keys fit the cached ones.
+
+        With a cache dtype both are it. Without one, the values of the concatenating cache this replaces:
+        the kept rows' dtype wins (new keys and values are cast to the keys' dtype, as
+        `np.concatenate([old, k.astype(old.dtype)])` did), and values take the dtype that concatenation gave."""
+        old = self._k[i]
+        if old is not None and (old.shape[0] != k.shape[0] or old.shape[1] != k.shape[1] or old.shape[3] != k.shape[3]):
+            raise CacheError(
+                f"layer {i}: cached keys have shape {self.layer_shape(i)}, new keys {k.shape}: batch size, "
+                "kv heads and head_dim must match the cache"
+            )
+        if self.dtype is not None:
+            return self.dtype, self.dtype
+        if old is None:
+            return k.dtype, v.dtype
+        return old.dtype, np.result_type(self._v[i].dtype, old.dtype)
 
     def update(self, k: np.ndarray, v: np.ndarray, k_pos: np.ndarray, layer_idx: int):
         """Append new keys/values (B, K, T, D) at positions k_pos (T,); return everything this call attends to:
         (keys, values, positions) = kept + new, in positional order. Then a sliding layer keeps its last W - 1.
 
-        The values are those of the concatenating cache this replaces, bit for bit: the kept rows' dtype
-        wins (new keys and values are cast to the keys' dtype, as `np.concatenate([old, k.astype(old.dtype)])`
-        did), and values take the dtype that concatenation would have given."""
+        The values are those of the concatenating cache this replaces, bit for bit (see _dtypes; with a
+        cache dtype, the new rows rounded to it)."""
         i = layer_idx
-        old = self._k[i]
-        if old is not None:
-            if old.shape[0] != k.shape[0] or old.shape[1] != k.shape[1] or old.shape[3] != k.shape[3]:
-                raise CacheError(
-                    f"layer {i}: cached keys have shape {self.layer_shape(i)}, new keys {k.shape}: batch size, "
-                    "kv heads and head_dim must match the cache"
-                )
-            kdtype = old.dtype
-            vdtype = np.result_type(self._v[i].dtype, kdtype)
+        kdtype, vdtype = self._dtypes(i, k, v)
+        if self.dtype is not None or self._k[i] is not None:
+            # (to bfloat16: ml_dtypes' cast, round to nearest even; to float32 from float32: no copy)
             k, v = k.astype(kdtype, copy=False), v.astype(kdtype, copy=False)
-        else:
-            kdtype, vdtype = k.dtype, v.dtype
         T = k.shape[2]
         n, keep = self._n[i], self._keep(i)
         need = n + T
-        if keep is None or (self._start[i] == 0 and need <= keep):
-            # in place: write the new rows after the kept ones, return views of the filled part
-            self._grow(i, need, k, vdtype, keep)
-            kb, vb, pb = self._k[i], self._v[i], self._p[i]
-            kb[:, :, n:need] = k
-            vb[:, :, n:need] = v
-            pb[n:need] = k_pos
-            self._n[i] = need
-            return kb[:, :, :need], vb[:, :, :need], pb[:need]
-        # a sliding layer that is full or fills up now: kept + new in positional order is a fresh array
-        # (at most W - 1 old rows copied), then the ring keeps the last W - 1 of them
-        if n == 0:  # nothing kept (a first prefill longer than the window): the new arrays themselves, no copy
+        if keep is None:
+            # a layer that keeps everything: grow (capacity max(need, 2 x old, hint); amortised O(1) rows
+            # copied per token), write the new rows after the kept ones, return views of the filled part
+            cap = 0 if self._k[i] is None else self._k[i].shape[2]
+            if need > cap or not self._usable(i, kdtype, vdtype):
+                self._realloc(i, max(need, 2 * cap, self.capacity or 0), k, kdtype, vdtype)
+            return self._write(i, 0, n, k, v, k_pos)
+        if need > 2 * keep:
+            return self._fresh(i, k, v, k_pos, kdtype, vdtype)
+        # a sliding layer: kept rows [start, start + n) are contiguous and in order; write the new ones behind
+        cap = 0 if self._k[i] is None else self._k[i].shape[2]
+        if need > cap or not self._usable(i, kdtype, vdtype):
+            # grow by doubling (or to the hint) up to 2 (W - 1) rows: room for W - 1 steps past the window
+            self._realloc(i, max(need, min(max(2 * cap, self.capacity or 0), 2 * keep)), k, kdtype, vdtype)
+        elif self._start[i] + need > cap and cap < 2 * keep:
+            # no room behind the kept rows of a buffer smaller than 2 (W - 1): grow it to that once (moving
+            # the kept rows as a move to the front would), so that moves then come once per W - 1 new rows
+            self._realloc(i, 2 * keep, k, kdtype, vdtype)
+        elif self._start[i] + need > cap:
+            # no room behind the kept rows: move them to the front, once per (cap - W + 1) >= W - 1 new rows
+            a = self._start[i]
+            for buf in (self._k[i], self._v[i]):
+                buf[:, :, :n] = buf[:, :, a:a + n]  # (numpy copies through a buffer if the ranges overlap)
+            self._p[i][:n] = self._p[i][a:a + n]
+            self._start[i] = 0
+            self.rows_copied += n
+        out = self._write(i, self._start[i], n, k, v, k_pos)
+        drop = max(0, need - keep)  # the window slides: the oldest rows fall out of what is kept
+        self._start[i] += drop
+        self._n[i] = need - drop
+        return out
+
+    def _write(self, i: int, a: int, n: int, k, v, k_pos):
+        """Write the T new rows after layer i's n kept rows at buffer row a; return views of kept + new."""
+        b = a + n + k.shape[2]
+        kb, vb, pb = self._k[i], self._v[i], self._p[i]
+        kb[:, :, a + n:b] = k
+        vb[:, :, a + n:b] = v
+        pb[a + n:b] = k_pos
+        self._n[i] = b - a
+        return kb[:, :, a:b], vb[:, :, a:b], pb[a:b]
+
+    def _fresh(self, i: int, k, v, k_pos, kdtype, vdtype):
+        """A sliding-layer call bringing more rows than 2 (W - 1) - kept (a long prefill): kept + new as a fresh
+        array (the new arrays themselves when nothing is kept), then the last W - 1 rows into the buffer."""
+        n, keep, a = self._n[i], self._keep(i), self._start[i]
+        if n == 0:
             full_k, full_v, full_p = k, v, k_pos
         else:
-            full_k = np.empty(k.shape[:2] + (need,) + k.shape[3:], kdtype)
-            full_v = np.empty(full_k.shape, vdtype)
-            full_p = np.empty(need, np.int64)
-            at = 0
-            for a, b in self._segments(i):
-                full_k[:, :, at:at + b - a] = self._k[i][:, :, a:b]
-                full_v[:, :, at:at + b - a] = self._v[i][:, :, a:b]
-                full_p[at:at + b - a] = self._p[i][a:b]
-                at += b - a
-            self.rows_copied += n
+            shape = k.shape[:2] + (n + k.shape[2],) + k.shape[3:]
+            full_k, full_v, full_p = np.empty(shape, kdtype), np.empty(shape, vdtype), np.empty(shape[2], np.int64)
+            full_k[:, :, :n], full_v[:, :, :n], full_p[:n] = (
+                self._k[i][:, :, a:a + n], self._v[i][:, :, a:a + n], self._p[i][a:a + n])
             full_k[:, :, n:], full_v[:, :, n:], full_p[n:] = k, v, k_pos
+            self.rows_copied += n
         cap = 0 if self._k[i] is None else self._k[i].shape[2]
-        if T >= keep or cap < keep or not self._owned[i] or self._v[i].dtype != vdtype:
-            # a fresh ring of exactly W - 1 rows from the tail (prefill longer than the window, first fill)
-            self._k[i] = full_k[:, :, need - keep:].copy()
-            self._v[i] = full_v[:, :, need - keep:].copy()
-            self._p[i] = np.array(full_p[need - keep:], dtype=np.int64)
-            self._start[i], self._owned[i] = 0, True
-        else:
-            # T < W - 1 new rows overwrite the oldest ones, at ring slots (start + n + j) mod (W - 1)
-            at = (self._start[i] + n) % keep
-            first = min(T, keep - at)  # rows before the ring's end, then the rest from slot 0
-            for buf, new in ((self._k[i], k), (self._v[i], v)):
-                buf[:, :, at:at + first] = new[:, :, :first]
-                buf[:, :, :T - first] = new[:, :, first:]
-            self._p[i][at:at + first] = k_pos[:first]
-            self._p[i][:T - first] = k_pos[first:]
-            self._start[i] = (self._start[i] + n + T) % keep
-        self._n[i] = keep
+        if cap < keep or not self._usable(i, kdtype, vdtype):
+            self._n[i] = 0  # (nothing to carry over: the tail below replaces it)
+            # room for W - 1 decode steps behind the kept rows (or what the hint says will come)
+            self._realloc(i, min(2 * keep, max(keep, self.capacity or 2 * keep)), full_k, kdtype, vdtype)
+        tail = full_k.shape[2] - keep
+        self._k[i][:, :, :keep] = full_k[:, :, tail:]
+        self._v[i][:, :, :keep] = full_v[:, :, tail:]
+        self._p[i][:keep] = full_p[tail:]
+        self._start[i], self._n[i] = 0, keep
         return full_k, full_v, full_p
 
     def reorder(self, index: np.ndarray) -> None:
         """Select / reorder batch rows (beam search style)."""
         for i in range(len(self._k)):
             if self._k[i] is not None:
-                # only the filled rows are copied (capacity hint rows stay unbacked); a ring keeps its slots
-                rows = slice(None) if self._keep(i) is not None else slice(0, self._n[i])
-                k, v = self._k[i][:, :, rows][index], self._v[i][:, :, rows][index]
-                if rows.stop is not None:
-                    cap = self._k[i].shape[2]
-                    nk, nv = np.empty(k.shape[:2] + (cap,) + k.shape[3:], k.dtype), np.empty(
-                        v.shape[:2] + (cap,) + v.shape[3:], v.dtype)
-                    nk[:, :, :rows.stop], nv[:, :, :rows.stop] = k, v
-                    k, v = nk, nv
-                self._k[i], self._v[i], self._owned[i] = k, v, True
-                self._p[i] = self._p[i].copy()
+                # only the filled rows are copied (capacity hint rows stay unbacked), to the front of a buffer
+                # of the same capacity
+                a, n, cap = self._start[i], self._n[i], self._k[i].shape[2]
+                bufs = []
+                for buf in (self._k[i], self._v[i]):
+                    rows = buf[:, :, a:a + n][index]
+                    new = np.empty(rows.shape[:2] + (cap,) + rows.shape[3:], rows.dtype)
+                    new[:, :, :n] = rows
+                    bufs.append(new)
+                pos = np.empty(cap, np.int64)
+                pos[:n] = self._p[i][a:a + n]
+                self._k[i], self._v[i], self._p[i] = bufs[0], bufs[1], pos
+                self._start[i], self._owned[i] = 0, True
 
     # ---------------------------------------------------------------- legacy tuple format
     def to_legacy_cache(self) -> tuple:
         """((keys, values), ...) per layer, (B, K, L_i, D) in positional order. The arrays stay valid as the
-        cache moves on (views of rows never written again, or copies of a sliding layer's ring)."""
+        cache moves on (views of rows never written again, or copies of a sliding layer's rows)."""
         return tuple(zip(self.keys, self.values))
 
     @classmethod
-    def from_legacy_cache(cls, past, layer_types, sliding_window) -> "Gemma2Cache":
+    def from_legacy_cache(cls, past, layer_types, sliding_window, dtype=None) -> "Gemma2Cache":
         """Rebuild from ((k, v), ...) per layer. The number of tokens seen is read from a global layer
-        (it holds them all); a sliding layer holds the last min(seen, W - 1) of them."""
+        (it holds them all); a sliding layer holds the last min(seen, W - 1) of them. dtype: the cache dtype
+        (see Gemma2Cache); the adopted rows are converted to it when the first update copies them."""
         if not isinstance(past, (tuple, list)) or len(past) != len(layer_types):
             n = len(past) if isinstance(past, (tuple, list)) else type(past).__name__
             raise CacheError(f"past_key_values must hold one (keys, values) pair per layer ({len(layer_types)}), got {n}")
-        cache = cls(layer_types, sliding_window)
+        cache = cls(layer_types, sliding_window, dtype=dtype)
         lengths = []
         for i, pair in enumerate(past):
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):

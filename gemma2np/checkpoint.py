@@ -392,6 +392,8 @@ def gather_rows(a: np.ndarray, index: np.ndarray) -> np.ndarray:
     copies just the rows. Returns an array of shape index.shape + a.shape[1:]."""
     import mmap as _mmap
 
+    if hasattr(a, "gather"):  # a quantized GGUF tensor (gguf_quant): dequantizes only the gathered rows
+        return a.gather(index)
     base = a
     while base is not None and not isinstance(base, np.memmap):
         base = getattr(base, "base", None)
@@ -421,6 +423,8 @@ def copy_to_ram(a: np.ndarray, chunk_bytes: int = 64 << 20) -> np.ndarray:
     """A private in-memory copy of a (memory-mapped) tensor, made chunk by chunk with the file pages
     released behind it: resident memory grows by the tensor's size only, never twice. NumPy backs large
     allocations with transparent huge pages where the OS allows it."""
+    if hasattr(a, "copy_to_ram"):  # a quantized GGUF tensor (gguf_quant): its blocks, copied the same way
+        return a.copy_to_ram()
     if _mapping_of(a)[0] is None:
         return a
     out = np.empty(a.shape, a.dtype)
@@ -443,6 +447,7 @@ def release_pages(a: np.ndarray) -> None:
     """
     import mmap as _mmap
 
+    a = getattr(a, "raw", a)  # a quantized GGUF tensor (gguf_quant): the pages of its blocks
     mm, off = _mapping_of(a)
     if mm is None or not hasattr(_mmap, "MADV_DONTNEED"):
         return

@@ -41,6 +41,9 @@ _OPTIONAL_COMMANDS = [
 def _add_model_args(p: argparse.ArgumentParser, *, runtime: bool = True) -> None:
     add_model_args(p, runtime=runtime)
     if runtime:
+        p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default=None,
+                       help="KV cache storage: float32 (default) or bfloat16 (half the cache memory; keys and "
+                            "values rounded when written, see docs/precision.md)")
         p.add_argument("-v", "--verbose", action="store_true",
                        help="print what runs (backend, weight format, SIMD path, OpenMP, threads) and the load time")
 
@@ -531,6 +534,24 @@ def _gguf_types(path: str) -> dict[str, int]:
         raise UserError(f"{path} is damaged or incomplete: {_one_line(e)}") from None
 
 
+def _gguf_native_bytes(path: str) -> int:
+    """Bytes of the weights the native backend holds for a GGUF (kernels/gguf_repack.py: Q4_0 / Q4_K at the
+    file's 4.5 bits, Q8_0 / Q6_K as int8, other types bf16; vectors float32). The embedding is read by row
+    from the file's map; its bytes count once, as the (tied) LM head the backend repacks."""
+    import gguf
+
+    from .kernels.gguf_repack import native_nbytes
+
+    total = 0
+    for t in gguf.GGUFReader(path, "r").tensors:  # the file was checked by _checkpoint_summary
+        dims = [int(d) for d in t.shape]
+        if len(dims) == 2:
+            total += native_nbytes(t.tensor_type.name, dims[1], dims[0])
+        else:
+            total += 4 * math.prod(dims)
+    return total
+
+
 def run_info(args) -> int:
     src = _model_source(args)
     path = src.directory
@@ -538,6 +559,8 @@ def run_info(args) -> int:
     n = cfg.num_parameters("causal_lm")
     files, on_disk, types = _checkpoint_summary(src, cfg)
     wb = _weight_bytes(cfg)
+    if src.gguf_file is not None:  # what the native backend holds for this file's own formats
+        wb = {"gguf native": _gguf_native_bytes(src.gguf_file), **wb}
     gen_path = os.path.join(path, "generation_config.json")
     info = {
         "model": src.label,

@@ -122,7 +122,7 @@ def resolve_model(args) -> ModelSource:
                                 f"*.safetensors) or a llama.cpp GGUF file; for a safetensors model pass its directory")
             if gguf is not None:
                 raise UserError("--model names a GGUF file and --gguf-file names another: give one of them")
-            directory, gguf = os.path.dirname(os.path.abspath(model)), model
+            directory, gguf = os.path.dirname(os.path.abspath(model)), os.path.abspath(model)
         elif os.path.isdir(model):
             directory = model
         else:
@@ -173,7 +173,8 @@ def load_model(args, src: ModelSource, *, dtype: str = "float32", progress=None,
             if quiet:
                 warnings.simplefilter("ignore")
             return Gemma2ForCausalLM.from_pretrained(src.directory, gguf_file=src.gguf_file, dtype=dtype,
-                                                     progress=progress, tensor_parallel=tensor_parallel, **kw)
+                                                     progress=progress, tensor_parallel=tensor_parallel,
+                                                     cache_dtype=getattr(args, "cache_dtype", None), **kw)
     except (ValueError, OSError, KeyError, ImportError) as e:  # CheckpointError/ConfigError are ValueErrors
         raise UserError(f"cannot load the model from {src.label}: {one_line(e)}") from None
 
@@ -232,11 +233,15 @@ def system_info(model=None) -> str:
 
         return f"native backend: {native}; {_native.default_threads()} threads by default"
     be = model.backend
+    weights = model.weights_format
+    prepared = model.prepared_weights()
+    if prepared["gguf_quant"]:  # a GGUF's quantized tensors keep their own formats
+        weights = f"{'/'.join(sorted(prepared['formats']))} ({prepared['bytes'] / 1e6:.2f} MB)"
     if be.name == "numpy":
         import numpy as np
 
-        return f"backend numpy (NumPy {np.__version__}), weights {model.weights_format}"
-    return f"backend {be.name}, weights {model.weights_format}; {native}; {be.n_threads} threads"
+        return f"backend numpy (NumPy {np.__version__}), weights {weights}"
+    return f"backend {be.name}, weights {weights}; {native}; {be.n_threads} threads"
 
 
 def print_system_info(model, file=None) -> None:

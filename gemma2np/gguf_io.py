@@ -1,7 +1,8 @@
 """llama.cpp GGUF files of Gemma 2 -> (config dict, HF-named state dict).
 
 Layer 2 of the package. The file is parsed by the `gguf` package (llama.cpp's own Python reader,
-`gguf.GGUFReader`) and quantized blocks are expanded by `gguf.quants.dequantize`; this module only
+`gguf.GGUFReader`); quantized tensors stay quantized, as gguf_quant.GGUFQuantTensor (the memory-mapped
+blocks, dequantized by `gguf.quants.dequantize` where and when a consumer needs values). This module only
 maps names, shapes and metadata, and undoes llama.cpp's conventions:
 
 * Names: `token_embd` -> model.embed_tokens, `blk.N.attn_q/k/v/output` -> self_attn.{q,k,v,o}_proj,
@@ -45,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import CheckpointError, bfloat16
+from .gguf_quant import GGUFQuantTensor
 from .safeio import check_regular
 
 __all__ = ["load_gguf", "read_gguf_config", "GGUF_TO_HF"]
@@ -307,31 +309,31 @@ def read_gguf_config(path: str | os.PathLike) -> dict[str, Any]:
     return _config_from_reader(reader, path, rows)
 
 
-def _to_array(gguf, t, path: str) -> np.ndarray:
-    """One tensor as NumPy in (out, in) order. F32/F16 stay memory-mapped views, BF16 becomes an exact
-    ml_dtypes.bfloat16 view; quantized types (Q8_0, Q4_K, ...) are expanded to float32 by the gguf
-    package's reference dequantizers, so the model computes with exactly the values llama.cpp decodes."""
+def _to_array(gguf, t, path: str) -> np.ndarray | GGUFQuantTensor:
+    """One tensor in (out, in) order. F32/F16 stay memory-mapped views, BF16 becomes an exact
+    ml_dtypes.bfloat16 view; a quantized 2-D tensor (Q8_0, Q4_K, ...) becomes a GGUFQuantTensor over its
+    memory-mapped blocks (never expanded here: see gguf_quant). Other quantized shapes (1-D; no Gemma 2
+    converter writes one) are dequantized by the gguf package's reference dequantizers."""
     Q = gguf.GGMLQuantizationType
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF ne[] is fastest-first
     data = t.data
     if t.tensor_type in (Q.F32, Q.F16, Q.F64):
-        out = data
-    elif t.tensor_type == Q.BF16:
+        return data.reshape(shape)
+    if t.tensor_type == Q.BF16:
         out = data.view(np.uint16).view(bfloat16) if data.dtype == np.uint8 else data.view(bfloat16)
-    else:
-        try:
-            out = gguf.quants.dequantize(data, t.tensor_type)
-        except NotImplementedError:
-            raise CheckpointError(
-                f"{path}: tensor {t.name} is {t.tensor_type.name}, which the installed gguf package cannot "
-                "dequantize; re-quantize the model to F32/F16/BF16/Q8_0 (or a type gguf.quants supports)"
-            ) from None
-    out = out.reshape(shape)
-    return out
+        return out.reshape(shape)
+    if t.tensor_type not in gguf.GGML_QUANT_SIZES:
+        raise CheckpointError(f"{path}: tensor {t.name} has unknown GGML type {int(t.tensor_type)}")
+    if len(shape) == 2:
+        return GGUFQuantTensor(data, t.tensor_type, shape, t.name, path)
+    flat = GGUFQuantTensor(data, t.tensor_type, (1, math.prod(shape)), t.name, path)
+    return flat.dequantize().reshape(shape)
 
 
 def load_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Read a llama.cpp Gemma 2 GGUF -> (config dict for Gemma2Config.from_dict, {HF name: array})."""
+    """Read a llama.cpp Gemma 2 GGUF -> (config dict for Gemma2Config.from_dict, {HF name: array}).
+
+    Quantized weights come out as gguf_quant.GGUFQuantTensor (array-like; np.asarray dequantizes)."""
     path = os.fspath(path)
     gguf, reader = _open(path)
     arch = _field(reader, "general.architecture")
@@ -360,11 +362,13 @@ def load_gguf(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, np.nda
             hf_name = f"{hf}.{kind}"
         try:
             arr = _to_array(gguf, t, path)
+        except CheckpointError:
+            raise
         except (ValueError, IndexError) as exc:
             raise CheckpointError(f"{path}: cannot read tensor {t.name} ({exc}; truncated file?)") from None
         if is_norm:
             # stored as 1 + w (see module docstring): subtract in float32, exact for values near 1
-            arr = arr.astype(np.float32) - np.float32(1.0)
+            arr = np.asarray(arr).astype(np.float32) - np.float32(1.0)
         if hf_name == "model.embed_tokens.weight":
             rows = arr.shape[0]
         state[hf_name] = arr

@@ -71,7 +71,10 @@ def make_windows(text_ids, ctx: int, bos_id: int, max_windows: int | None = None
 
 
 def _log_probs(model, window: np.ndarray) -> np.ndarray:
-    logits = model(input_ids=window[None], use_cache=False).logits[0, :-1]  # (N - 1, V): positions 0 .. N - 2
+    # with a cache dtype (--cache-dtype) the window runs through a cache of that dtype, so every query attends to
+    # the stored (e.g. bf16-rounded) keys and values, as cached decoding does; else no cache (the same numbers)
+    use_cache = getattr(model, "cache_dtype", None) is not None
+    logits = model(input_ids=window[None], use_cache=use_cache).logits[0, :-1]  # (N - 1, V): positions 0 .. N - 2
     x = np.asarray(logits, dtype=np.float64)
     m = x.max(axis=-1, keepdims=True)
     return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
@@ -146,6 +149,8 @@ def add_perplexity_parser(subparsers) -> argparse.ArgumentParser:
                    help="weight format of the native backend")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help="compute dtype of --model")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="threads of the native backend")
+    p.add_argument("--cache-dtype", choices=("float32", "bfloat16"), default=None,
+                   help="score each window through a KV cache of this dtype (default: no cache)")
     p.add_argument("--against", metavar="REF", default=None,
                    help="reference model: a directory, a .gguf, or `float32` (this checkpoint, float32 NumPy)")
     p.add_argument("--json", metavar="OUT", help="also write the figures as JSON to OUT")
@@ -196,7 +201,8 @@ def run_perplexity(args) -> int:
             text = f.read()
     except (OSError, UnicodeDecodeError) as exc:
         return _error(f"cannot read --text {args.text}: {exc}")
-    kw = dict(backend=args.backend, weights=args.weights, dtype=args.dtype, n_threads=args.threads)
+    kw = dict(backend=args.backend, weights=args.weights, dtype=args.dtype, n_threads=args.threads,
+              cache_dtype=args.cache_dtype)
     try:
         model = _load(path, **kw)
         reference = None
@@ -236,7 +242,8 @@ def run_perplexity(args) -> int:
     else:
         scores = score_windows(model, windows, reference, progress=bar)
     res = summarize(scores, args.ctx)
-    print(f"model: {path} (backend {model.backend.name}, {args.weights or 'as stored'}, {args.dtype})  "
+    cache_note = f", {args.cache_dtype} KV cache" if args.cache_dtype else ""
+    print(f"model: {path} (backend {model.backend.name}, {args.weights or 'as stored'}, {args.dtype}{cache_note})  "
           f"text: {args.text} ({len(ids)} tokens)")
     print(f"{res['windows']} windows of {res['ctx']} tokens (<bos> + {res['ctx'] - 1}), {res['tokens_scored']} tokens "
           f"scored")

@@ -3,7 +3,7 @@
 # of the tree and run the kernel tests against it (issue 13). Nothing is installed and the tree you
 # run it from is not touched. Needs gcc (with libasan / libubsan), Cython, NumPy, pytest, hypothesis.
 #
-#   scripts/asan_kernels.sh                  # tests/test_kernels.py + tests/test_threading.py
+#   scripts/asan_kernels.sh                  # tests/test_kernels.py, test_threading.py, test_attention_kernels.py
 #   scripts/asan_kernels.sh -k linear        # extra arguments go to pytest
 #   KEEP=1 scripts/asan_kernels.sh           # keep the temporary directory (its path is printed)
 #
@@ -43,7 +43,7 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 status=0
 # deselected: the mallopt test (ASan replaces malloc, so glibc's thresholds cannot apply)
-"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_threading.py \
+"$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_threading.py tests/test_attention_kernels.py \
     --deselect tests/test_kernels.py::test_native_backend_keeps_activation_blocks_in_the_heap "$@" 2>&1 | tee "$TMP/pytest.log" || status=$?
 if grep -qE "ERROR: AddressSanitizer|runtime error:" "$TMP/pytest.log"; then
     echo "asan_kernels: SANITIZER REPORT (see above)"; exit 1

@@ -12,7 +12,7 @@ ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 LAYERS = {
     "safeio": 0,  # strict JSON and model-directory file checks, used by every loader
     "config": 1, "rope": 1,
-    "checkpoint": 2, "gguf_io": 2, "original": 2,
+    "checkpoint": 2, "gguf_io": 2, "gguf_quant": 2, "original": 2,
     "ops": 3, "intermediates": 3, "kernels": 3, "_native": 3, "parallel": 3,
     "cache": 4.0, "outputs": 4.0, "model.validation": 4.0, "model.embeddings": 4.0, "model.pretrained": 4.0, "model.decoder": 4.0,
     "generation": 4.1,

@@ -155,7 +155,7 @@ def test_weight_formats_and_float64_tensor_parallel(n, tmp_path):
     assert all(r["greedy_equal"] for r in res.values() if isinstance(r, dict)), res
     assert res["numpy/float64/None"]["max_diff"] <= 1e-12  # the float64 ground truth across ranks
     # float32: logits up to |18| here (softcap 30, not the goldens' 3), so the goldens' 1e-5 bound is taken
-    # relative to the largest logit (a few float32 ulps of it); GGUF Q8_0 is dequantised to float32 at load
+    # relative to the largest logit (a few float32 ulps of it); GGUF Q8_0 on numpy is dequantised at use
     assert res["from_config"]["unseeded_ranks_agree"]  # seed=None: rank 0's fresh seed on every rank
     assert res["resize_refused"] is True
     assert res["save_pretrained"]["max_diff"] == 0.0  # the whole model written once, by rank 0
@@ -166,6 +166,8 @@ def test_weight_formats_and_float64_tensor_parallel(n, tmp_path):
         for fmt in ("bfloat16", "int8"):
             r = res[f"native/float32/{fmt}"]
             assert r["max_diff"] <= 0.5 * r["format_error"], (fmt, r)
+        r = res["gguf-q8_0/native"]  # the Q8_0 blocks as int8 on every rank
+        assert r["int8"] and r["max_diff"] <= 0.5 * r["format_error"], r
 
 
 def test_a_rank_that_cannot_load_the_model_is_reported_once():

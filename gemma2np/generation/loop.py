@@ -236,7 +236,9 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Ge
     pos = np.cumsum(mask, axis=-1) - 1
     pos[mask == 0] = 0
     if cache is None:
-        cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=capacity) if use_cache else None
+        cache = (Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=capacity,
+                             dtype=getattr(model, "cache_dtype", None))  # from_pretrained(cache_dtype=)
+                 if use_cache else None)
         out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                     use_cache=use_cache, logits_to_keep=1, return_dict=True)
         return DecodeState(ids, mask, pos, cache), out

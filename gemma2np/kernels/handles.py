@@ -2,7 +2,8 @@
 formats), ReferenceLinear for the reference backend (the stored weight, converted at use).
 
 Formats ("float32", "bfloat16", "bfloat16_dp", "int8", "int4") and their exact semantics: kernels/twins.py
-(int4's layout: kernels/int4.py)
+(int4's layout: kernels/int4.py). "q4_0" (kernels/q4_0.py) is made only from a GGUF's Q4_0 tensors
+(kernels/gguf_repack.py), never by quantising: it is not a `weights=` choice.
 (twins.pack makes a handle; the native backend packs with its bitwise-equal C converters).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ class LinearHandle:
     def __init__(self, fmt, w, scales=None, block=0, bias=None):
         self.fmt, self.w, self.scales, self.block, self.bias = fmt, w, scales, block, bias
         self.out_features, self.in_features = w.shape
-        if fmt == "int4":  # w: the codes, two 4-bit inputs per byte; scales: the per-super-block bytes
+        if fmt in ("int4", "q4_0"):  # w: the codes, two 4-bit inputs per byte; scales: per-block bytes / f16
             self.in_features *= 2
 
     @property
@@ -76,4 +77,5 @@ class ReferenceLinear(NamedTuple):
         return self.w.shape[0]
 
     def arrays(self):
-        return [a for a in (self.w, self.bias) if a is not None]
+        # a quantized GGUF weight (gguf_quant.GGUFQuantTensor) is its blocks: never dequantized to compare
+        return [a for a in (getattr(self.w, "raw", self.w), self.bias) if a is not None]

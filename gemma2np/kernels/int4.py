@@ -16,18 +16,29 @@ per sub-block an asymmetric (scale, min) fitted by weighted least squares over 2
 roundings, weights av|x| + |x| (big weights matter more); then the 8 scales and mins are rounded to
 6 bits against the super-block's d = max scale / 63, dmin = max min / 63, and the codes re-rounded to
 the final grid. Plain absmax rounding (Q4_0) is ~1.5x the squared error (tests/test_int4.py).
-The search runs in NumPy at load (float32 arithmetic, vectorised over sub-blocks); only the matmul
-is C.
+This module is the specification (the twin): float32 / float64 arithmetic, vectorised over
+sub-blocks, every sum in an explicit order (_psum). NativeBackend quantises at load with its C port
+(csrc/g2_int4_quant.c), which does the same IEEE operations in the same order: codes and meta are
+bitwise these (tests/test_int4_quant.py). A row with a NaN / inf, or too large for float16 scales,
+raises QuantizationError.
 """
 from __future__ import annotations
 
 import numpy as np
+
+from .protocol import BackendError
 
 SUPER = 256   # inputs per super-block (one d, dmin and 12 bytes of 6-bit scales/mins)
 SUB = 32      # inputs per sub-block (one 6-bit scale and min)
 NSUB = SUPER // SUB
 META_BYTES = 16
 _NSTEP, _RMIN, _RDELTA, _NMAX = 20, -1.0, 0.1, 15
+# Rows with |w| > 2^40 are rejected before the search (their float16 scales would overflow anyway),
+# and ranges / maxima below 2^-100 skip the divisions that could overflow: every float32 intermediate
+# is then finite (w x x < 2 * 2^120), so the C quantiser and this one only meet IEEE arithmetic on
+# finite numbers where NumPy's NaN rules (clip, casts) could differ from C's.
+_HUGE = np.float32(2.0 ** 40)
+_TINY = np.float32(2.0 ** -100)
 
 
 def check_shape(N, K):
@@ -41,41 +52,62 @@ def _nearest(a):
     return np.rint(a)
 
 
+def _psum(a):
+    """Sum of each row of a (R, 32), in an explicit order: NumPy's pairwise summation of 32 values
+    (8 interleaved accumulators r_j = ((a_j + a_{j+8}) + a_{j+16}) + a_{j+24}, then
+    ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))), written out so that the result does not
+    depend on how a NumPy version reduces, and so that the C quantiser (csrc/g2_int4_quant.c) can
+    do the same additions in the same order. a's dtype is the accumulator's."""
+    r = a[:, 0:8] + a[:, 8:16]
+    r = r + a[:, 16:24]
+    r = r + a[:, 24:32]
+    return ((r[:, 0] + r[:, 1]) + (r[:, 2] + r[:, 3])) + ((r[:, 4] + r[:, 5]) + (r[:, 6] + r[:, 7]))
+
+
 def _qkx2(x, w):
     """make_qkx2_quants(32, 15, x, w, rmin=-1, rdelta=0.1, nstep=20, use_mad=False) on rows of x
     (R, 32), float32 -> (scale (R,), min_pos (R,)) with w ~= scale * L - min_pos.
 
     The candidate codes L are rounded in float32 as llama.cpp does; the weighted sums are taken in
-    float64 and each candidate's squared error is expanded from them,
+    float64 (_psum's order) and each candidate's squared error is expanded from them,
     sum w (s L + m - x)^2 = s^2 Swll + m^2 Sw + Swxx + 2 s m Swl - 2 s Swxl - 2 m Swx,
     which needs no pass over the weights beyond the three products w L, w L L, w L x (the direct
     form took ~3x the time; the float64 sums keep the expansion's cancellation ~1e-12 of Swxx, far
-    below the differences between candidates it decides)."""
+    below the differences between candidates it decides). Every operation is one IEEE operation on
+    float32 or float64 in a fixed order (the C quantiser repeats them: its results are bitwise these)."""
     f, g = np.float32, np.float64
-    mn = np.minimum(x.min(axis=1), f(0))
+    xmin = x.min(axis=1)
+    # the min is clamped to <= 0; written as a select so that a min of -0.0 gives +0.0 (np.minimum
+    # of two zeros returns either one, and the sign would reach dmin's float16 bits)
+    mn = np.where(xmin < 0, xmin, f(0))
     mx = x.max(axis=1)
-    sum_w = w.sum(axis=1, dtype=g)
-    sum_x = (w * x).sum(axis=1, dtype=g)
-    sum_xx = (w * x * x).sum(axis=1, dtype=g)
+    sum_w = _psum(w.astype(g))
+    wx = w * x
+    sum_x = _psum(wx.astype(g))
+    sum_xx = _psum((wx * x).astype(g))
     flat = mx == mn
-    safe = np.where(flat, f(1), mx - mn)
+    # a sub-block whose range is below _TINY gets scale 0 and min -mn without a search: its grid step
+    # (< 2^-104) is far below float16's smallest d, and 15 / range could overflow to inf, whose
+    # inf * 0 made NaN candidate codes (the search then ended at this same (0, -mn))
+    tiny = ~flat & (mx - mn < _TINY)
+    safe = np.where(flat | tiny, f(1), mx - mn)
     xm = x - mn[:, None]
 
     def sums(isc):
         L = np.rint(isc[:, None] * xm)
         np.clip(L, 0, _NMAX, out=L)
         wl = w * L
-        return L, wl.sum(axis=1, dtype=g), (wl * L).sum(axis=1, dtype=g), (wl * x).sum(axis=1, dtype=g)
+        return _psum(wl.astype(g)), _psum((wl * L).astype(g)), _psum((wl * x).astype(g))
 
     def err(s, m, sl, sl2, sxl):
         return s * s * sl2 + m * m * sum_w + sum_xx + 2 * s * m * sl - 2 * s * sxl - 2 * m * sum_x
 
     iscale = f(_NMAX) / safe
-    _, sl, sl2, sxl = sums(iscale)
+    sl, sl2, sxl = sums(iscale)
     best_scale, best_min = (f(1) / iscale).astype(g), mn.astype(g)
     best = err(best_scale, best_min, sl, sl2, sxl)
     for i in range(_NSTEP + 1):
-        _, sl, sl2, sxl = sums(f(_RMIN + _RDELTA * i + _NMAX) / safe)
+        sl, sl2, sxl = sums(f(_RMIN + _RDELTA * i + _NMAX) / safe)
         D = sum_w * sl2 - sl * sl
         ok = D > 0
         Ds = np.where(ok, D, 1.0)
@@ -89,7 +121,8 @@ def _qkx2(x, w):
         best = np.where(better, mad, best)
         best_scale = np.where(better, ts, best_scale)
         best_min = np.where(better, tm, best_min)
-    best_scale = np.where(flat, 0.0, best_scale)
+    best_scale = np.where(flat | tiny, 0.0, best_scale)
+    best_min = np.where(tiny, mn.astype(g), best_min)
     return best_scale.astype(f), (-best_min).astype(f)
 
 
@@ -108,38 +141,89 @@ def _unpack6(b):
     return v.reshape(b.shape[0], 16)
 
 
+class QuantizationError(BackendError):
+    """A weight matrix int4 cannot hold: a NaN or infinity, or magnitudes whose float16 super-block
+    scale d or dmin would overflow (|w| beyond about 4e6: dmin * 63 caps a sub-block's min at 4.1e6)."""
+
+
+STATUS_OK, STATUS_NONFINITE, STATUS_TOO_LARGE = 0, 1, 2
+
+
+def check_status(status, row0=0):
+    """Raise QuantizationError for the first row whose status (uint8 per row, _quantize's or the C
+    quantiser's) is not STATUS_OK; rows are numbered from row0 (a chunk's first row)."""
+    bad = np.flatnonzero(status)
+    if bad.size == 0:
+        return
+    r = int(bad[0])
+    if status[r] == STATUS_NONFINITE:
+        raise QuantizationError("int4: row %d of the weight has a NaN or infinite value" % (row0 + r))
+    raise QuantizationError("int4: row %d of the weight is too large for int4 (its float16 super-block "
+                            "scale overflows: |w| must stay below about 4e6)" % (row0 + r))
+
+
 def quantize_int4(w):
-    """w (N, K) float -> (codes uint8 (N, K//2), meta uint8 (N, K//256*16)); see the module doc."""
+    """w (N, K) float -> (codes uint8 (N, K//2), meta uint8 (N, K//256*16)); see the module doc.
+    QuantizationError names the first row with a NaN / infinity, or too large for the format."""
+    codes, meta, status = _quantize(w)
+    check_status(status)
+    return codes, meta
+
+
+def _quantize(w):
+    """quantize_int4 without raising: (codes, meta, status uint8 (N,)); a row with a bad status has
+    all-zero codes and meta, the quantisation of a row of zeros (the C quantiser's contract too)."""
     w = np.asarray(w)
     if w.ndim != 2:
         raise ValueError("weight must be 2-D (out, in), got shape %s" % (w.shape,))
     N, K = w.shape
     check_shape(N, K)
+    if K == 0:
+        raise ValueError("int4 weights need in_features a positive multiple of %d, got 0" % SUPER)
     f = np.float32
-    x = np.ascontiguousarray(w, dtype=f).reshape(-1, SUB)  # (N*K/32, 32) sub-blocks
-    av = np.sqrt((x * x).sum(axis=1, dtype=f) / f(SUB))
+    x = np.ascontiguousarray(w, dtype=f)
+    nonfinite = ~np.isfinite(x).all(axis=1)
+    status = np.where(nonfinite, STATUS_NONFINITE, STATUS_OK).astype(np.uint8)
+    with np.errstate(invalid="ignore"):
+        huge = (np.abs(x) > _HUGE).any(axis=1) & ~nonfinite
+    status[huge] = STATUS_TOO_LARGE
+    if status.any():
+        x = np.where(status[:, None] != 0, f(0), x)
+    x = x.reshape(-1, SUB)  # (N*K/32, 32) sub-blocks
+    av = np.sqrt(_psum(x * x) / f(SUB))
     wt = av[:, None] + np.abs(x)
     sc, mn = _qkx2(x, wt)
     sc = sc.reshape(-1, NSUB)
     mn = mn.reshape(-1, NSUB)
     max_sc, max_mn = sc.max(axis=1), mn.max(axis=1)
-    inv_sc = np.where(max_sc > 0, f(63) / np.where(max_sc > 0, max_sc, f(1)), f(0))
-    inv_mn = np.where(max_mn > 0, f(63) / np.where(max_mn > 0, max_mn, f(1)), f(0))
+    # 63 / max overflows for a max below ~2e-37: below _TINY the 6-bit values are 0 (d / dmin are 0 in
+    # float16 there anyway, so the weights they stand for are unchanged)
+    inv_sc = np.where(max_sc > _TINY, f(63) / np.where(max_sc > _TINY, max_sc, f(1)), f(0))
+    inv_mn = np.where(max_mn > _TINY, f(63) / np.where(max_mn > _TINY, max_mn, f(1)), f(0))
     ls = np.clip(_nearest(inv_sc[:, None] * sc), 0, 63).astype(np.uint8)
     lm = np.clip(_nearest(inv_mn[:, None] * mn), 0, 63).astype(np.uint8)
-    d = (max_sc / f(63)).astype(np.float16)
-    dmin = (max_mn / f(63)).astype(np.float16)
-    D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
+    # d = 0 (+0, not the sign of a zero max) where the max is not positive: every scale is then 0
+    with np.errstate(over="ignore"):  # an overflow to inf is reported through the status
+        d = np.where(max_sc > 0, max_sc / f(63), f(0)).astype(np.float16)
+        dmin = np.where(max_mn > 0, max_mn / f(63), f(0)).astype(np.float16)
+    overflow = ~(np.isfinite(d) & np.isfinite(dmin)).reshape(N, K // SUPER).all(axis=1)
+    status[overflow & (status == STATUS_OK)] = STATUS_TOO_LARGE
+    with np.errstate(invalid="ignore", over="ignore"):  # inf d x 0 in an overflowed row: zeroed below
+        D, M = _sub_scales(d, dmin, ls, lm)  # (S, 8) float32, exact
     xs = x.reshape(-1, NSUB, SUB)
     Dz = np.where(D > 0, D, f(1))
-    u = np.clip(_nearest((xs + M[:, :, None]) / Dz[:, :, None]), 0, 15)
-    u = np.where(D[:, :, None] > 0, u, 0).astype(np.uint8).reshape(N, K)
+    with np.errstate(invalid="ignore"):  # only rows reported as too large reach inf here
+        u = np.clip(_nearest((xs + M[:, :, None]) / Dz[:, :, None]), 0, 15)
+        u = np.where(D[:, :, None] > 0, u, 0).astype(np.uint8).reshape(N, K)
     codes = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8)
     meta = np.empty((d.shape[0], META_BYTES), np.uint8)
     meta[:, 0:2] = d.astype("<f2").view(np.uint8).reshape(-1, 2)
     meta[:, 2:4] = dmin.astype("<f2").view(np.uint8).reshape(-1, 2)
     meta[:, 4:] = _pack6(np.concatenate([ls, lm], axis=1))
-    return codes, meta.reshape(N, K // SUPER * META_BYTES)
+    meta = meta.reshape(N, K // SUPER * META_BYTES)
+    codes[status != 0] = 0  # a row int4 cannot hold: all-zero codes and meta (what zeros quantise to)
+    meta[status != 0] = 0
+    return codes, meta, status
 
 
 def _sub_scales(d, dmin, ls, lm):
@@ -195,7 +279,8 @@ def quantize_rows(w, chunk_bytes=4 << 20, release=None, n_threads=1):
 
     def one(r0):
         chunk = w[r0:r0 + rows]
-        codes[r0:r0 + rows], meta[r0:r0 + rows] = quantize_int4(np.asarray(chunk, np.float32))
+        codes[r0:r0 + rows], meta[r0:r0 + rows], status = _quantize(np.asarray(chunk, np.float32))
+        check_status(status, r0)
         if release is not None:
             release(chunk)
 

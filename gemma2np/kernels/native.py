@@ -14,7 +14,8 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import bfloat16, gather_rows, release_pages
-from . import int4, twins
+from ..gguf_quant import GGUFQuantTensor
+from . import gguf_repack, int4, twins
 from .handles import WEIGHT_FORMATS, LinearHandle, as_2d, check_bias
 
 _TANH_GELUS = twins._TANH_GELUS
@@ -38,12 +39,32 @@ def _tune_allocator_once(nat):
     nat.tune_malloc()
 
 
+def _rows(a):
+    """a itself when its last axis is contiguous (what the attention kernel takes with strides),
+    else a contiguous copy."""
+    if a.ndim == 4 and (a.shape[3] <= 1 or a.strides[3] == a.itemsize) and \
+            all(s % a.itemsize == 0 for s in a.strides):
+        return a
+    return np.ascontiguousarray(a)
+
+
+def _kv_operand(x):
+    """K or V for the attention kernel: bf16 (ml_dtypes.bfloat16) as its uint16 bits, anything
+    else as float32; strided views kept (see _rows)."""
+    x = np.asarray(x)
+    if x.dtype == bfloat16:
+        return _rows(x).view(np.uint16)
+    return _rows(np.asarray(x, np.float32))
+
+
 class NativeBackend:
     """The C kernels. n_threads=None: OMP_NUM_THREADS, else the number of physical cores."""
 
     name = "native"
     dtype = np.dtype(np.float32)
     weight_formats = WEIGHT_FORMATS
+
+    _int4_chunk_bytes = 32 << 20  # source bytes per chunk of rows of the int4 quantiser
 
     def __init__(self, n_threads=None, int8_block=twins.DEFAULT_INT8_BLOCK):
         from .. import _native
@@ -55,15 +76,17 @@ class NativeBackend:
         self.int8_block = int8_block
 
     def prepare_linear(self, w, bias=None, weights="float32"):
+        """`weights` applies to float tensors; a quantized GGUF tensor runs in its own format (Q8_0 / Q6_K ->
+        int8, Q4_K -> int4, Q4_0 -> q4_0, others bf16: kernels/gguf_repack.py)."""
+        if isinstance(w, GGUFQuantTensor):
+            return gguf_repack.prepare_gguf_linear(w, bias, release=release_pages)
         if weights == "int8":
             b = check_bias(bias, np.shape(w)[0])
             q, s = self._quantize_int8(w)
             return LinearHandle("int8", q, s, self.int8_block, bias=b)
         if weights == "int4" and np.ndim(w) == 2 and np.shape(w)[1] % int4.SUPER == 0:
-            # quantised in NumPy (kernels/int4.py: the RMSE search is not ported to C), in chunks of
-            # rows with the checkpoint's pages released behind them, as int8 is
             b = check_bias(bias, np.shape(w)[0])
-            codes, meta = int4.quantize_rows(w, release=release_pages, n_threads=self.n_threads)
+            codes, meta = self._quantize_int4(w)
             return LinearHandle("int4", codes, meta, int4.SUPER, bias=b)
         if weights == "int4":  # 2-D check / the int8 stand-in of a matrix int4 cannot hold: twins.pack
             return self.prepare_linear(w, bias, "int8") if np.ndim(w) == 2 else twins.pack(w, bias, weights, self.int8_block)
@@ -89,12 +112,32 @@ class NativeBackend:
             release_pages(chunk)
         return q, s
 
+    def _quantize_int4(self, w):
+        """The C int4 quantiser (csrc/g2_int4_quant.c, bitwise int4.quantize_int4), in chunks of rows
+        with the checkpoint's pages released behind them, as _quantize_int8; bf16 chunks go to C as
+        their bits (widened there, exactly). A row int4 cannot hold raises int4.QuantizationError."""
+        N, K = w.shape
+        codes = np.empty((N, K // 2), np.uint8)
+        meta = np.empty((N, K // int4.SUPER * int4.META_BYTES), np.uint8)
+        rows = max(1, self._int4_chunk_bytes // max(1, K * w.dtype.itemsize))
+        for r0 in range(0, N, rows):
+            chunk = w[r0:r0 + rows]
+            src = np.ascontiguousarray(chunk).view(np.uint16) if chunk.dtype == bfloat16 else \
+                np.ascontiguousarray(chunk, dtype=np.float32)
+            codes[r0:r0 + rows], meta[r0:r0 + rows], status = self._nat.quantize_int4(src, n_threads=self.n_threads)
+            release_pages(chunk)
+            int4.check_status(status, r0)
+        return codes, meta
+
     def linear(self, x, handle):
         if not isinstance(handle, LinearHandle):  # a plain matrix: treat as float32 weights
             handle = twins.pack(handle, None, "float32", self.int8_block)
         x2, lead = as_2d(x, handle.in_features)
         if handle.fmt == "int4":
             y = self._nat.linear_int4(x2, handle.w, handle.scales, handle.bias, n_threads=self.n_threads)
+            return y.reshape(lead + (handle.out_features,))
+        if handle.fmt == "q4_0":
+            y = self._nat.linear_q4_0(x2, handle.w, handle.scales, handle.bias, n_threads=self.n_threads)
             return y.reshape(lead + (handle.out_features,))
         y = self._nat.linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block,
                              n_threads=self.n_threads)
@@ -107,7 +150,7 @@ class NativeBackend:
         hs = [h if isinstance(h, LinearHandle) else twins.pack(h, None, "float32", self.int8_block)
               for h in handles]
         h0 = hs[0]
-        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and all(
+        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and h0.fmt != "q4_0" and all(
             h.fmt == h0.fmt and h.block == h0.block and h.in_features == h0.in_features and h.bias is None
             for h in hs)
         if not fusable:
@@ -125,10 +168,16 @@ class NativeBackend:
         return gather_rows(table, ids).astype(np.float32)  # see ReferenceBackend.embed
 
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=False):
+        """q (B,Hq,T,D); k, v (B,Hkv,S,D) as float32 arrays or ml_dtypes.bfloat16 arrays
+        (gemma2np.checkpoint.bfloat16: the bf16 KV cache), both of one dtype. Views whose last axis
+        is contiguous (the cache hands (B, K, L, D) slices of a (B, K, capacity, D) buffer) go to the
+        kernel as they are, with their strides: no per-step copy of the cache."""
         c = np.ascontiguousarray
         kv = None if key_valid is None else c(np.asarray(key_valid).astype(np.uint8, copy=False))
-        out = self._nat.attention(c(q, dtype=np.float32), c(k, dtype=np.float32),
-                                  c(v, dtype=np.float32), c(q_pos, dtype=np.int64),
+        kk, vv = _kv_operand(k), _kv_operand(v)
+        if kk.dtype != vv.dtype:  # one bf16, one float32: widen both (exact)
+            kk, vv = _rows(np.asarray(k, np.float32)), _rows(np.asarray(v, np.float32))
+        out = self._nat.attention(_rows(np.asarray(q, np.float32)), kk, vv, c(q_pos, dtype=np.int64),
                                   c(k_pos, dtype=np.int64), kv, float(scaling), softcap, window,
                                   n_threads=self.n_threads)
         if not return_probs:

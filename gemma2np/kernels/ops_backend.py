@@ -23,6 +23,10 @@ bundled model's 4096, classification heads, every golden) are one block: the ful
 GEMMA2NP_REFERENCE_CONVERT=load (or ReferenceBackend(convert="load")) converts every weight once at
 load instead, as gemma2np did before: faster repeated forwards, a full float copy in memory, the same
 bits. It exists to prove that claim (tests/test_streaming_reference.py) and for small models.
+
+Quantized GGUF weights (gguf_quant.GGUFQuantTensor) take the same road: `astype` dequantizes the whole
+projection per use, a row slice of the LM head one block of rows, with gguf's reference dequantizer --
+the same float32 values the old expand-at-load path held, hence the same bits.
 """
 from __future__ import annotations
 
@@ -31,7 +35,8 @@ import os
 import numpy as np
 
 from .. import ops
-from ..checkpoint import gather_rows
+from ..checkpoint import bfloat16, gather_rows
+from ..gguf_quant import is_quant
 from .handles import ReferenceLinear
 from .protocol import BackendError
 
@@ -68,7 +73,8 @@ class ReferenceBackend:
         if row_block is not None and (isinstance(row_block, bool) or not isinstance(row_block, (int, np.integer))
                                       or row_block < 1):
             raise ValueError(f"row_block must be a positive integer or None, got {row_block!r}")
-        w = np.asarray(w)
+        if not is_quant(w):  # a GGUFQuantTensor stays quantized: astype / row slices dequantize per use
+            w = np.asarray(w)
         if self.convert == "load":
             w = w.astype(self.dtype, copy=False)  # the pre-streaming behaviour: one float copy, kept
         return ReferenceLinear(w, None if bias is None else np.asarray(bias).astype(self.dtype), self.dtype,
@@ -103,6 +109,9 @@ class ReferenceBackend:
         return ops.apply_rotary_pos_emb(q, k, cos, sin)
 
     def attention(self, q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=False):
+        # a bf16 KV cache (cache.py) hands over bf16 keys / values: widened to the compute dtype, which is exact,
+        # so the reference computes with the stored (rounded) numbers; float32 / float64 ones pass untouched
+        k, v = (a.astype(q.dtype) if a.dtype == bfloat16 else a for a in (k, v))
         return ops.attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap, window, return_probs=return_probs)
 
     def geglu(self, gate, up, activation="gelu_pytorch_tanh"):

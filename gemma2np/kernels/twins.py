@@ -5,7 +5,9 @@ They are the specification the C kernels are tested against (tests/test_kernels.
 math is an op of gemma2np.ops (rmsnorm, geglu, rope, softcap, argmax, topk) it is a thin float32
 adapter over that op, so the numerics live in one place. What is the C kernels' own lives here:
 the weight formats below, and attention's formulation (masked keys skipped as -inf, a query row with
-no visible key set to the uniform average over all S keys, which is what ops' finfo.min mask yields).
+no visible key set to the uniform average over all S keys, which is what ops' finfo.min mask yields;
+the keys in fixed chunks whose partial softmaxes are merged in chunk order, step for step the C
+kernel's scalar path, so the two are bitwise equal).
 `n_threads` and `out` are accepted for signature compatibility; `out`, when given, receives the result.
 
 Weight formats of `linear` (quantisation happens once, at load, with the helpers below):
@@ -38,7 +40,8 @@ import numpy as np
 
 from .. import ops
 from ..checkpoint import gather_rows
-from . import handles, int4
+from ..gguf_quant import GGUFQuantTensor
+from . import gguf_repack, handles, int4, q4_0
 
 BF16 = ml_dtypes.bfloat16
 FORMATS = ("float32", "bfloat16", "int8", "bfloat16_dp", "int4")
@@ -159,34 +162,143 @@ def linear(x, w, fmt="float32", scales=None, bias=None, block=0, n_threads=None,
     return _put(out, y.astype(np.float32, copy=False))
 
 
+ATT_BLOCK = 64   # keys per online-softmax step of a chunk (csrc/g2_attention.c)
+ATT_CHUNK = 256  # keys per chunk, the unit of the split and the merge (csrc/g2_attention.c)
+
+
+def _exp_ref(x):
+    """The scalar C path's exp: float32 of the double exp (np.exp in float64, rounded once)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(np.asarray(x, np.float32).astype(np.float64)).astype(np.float32)
+
+
+def _tanh_ref(x):
+    """The scalar C path's tanh: float32 of the double tanh."""
+    return np.tanh(np.asarray(x, np.float32).astype(np.float64)).astype(np.float32)
+
+
+def _seq_sum(terms, axis, start=None):
+    """start + t_0 + t_1 + ... along `axis` (start: +0.0, or an array of the other axes' shape),
+    added one by one in float32: the C loops' order (np.add.accumulate is sequential, unlike np.sum's
+    pairwise summation)."""
+    terms = np.moveaxis(terms, axis, -1)
+    start = np.zeros(terms.shape[:-1], np.float32) if start is None else start
+    return np.add.accumulate(np.concatenate([start[..., None], terms], axis=-1), axis=-1)[..., -1]
+
+
+def _dot8(qg, kb):
+    """q . k as the scalar C kernel sums it: 8 lanes (element i into lane i % 8, in order), then
+    ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)). qg (B,G,R,T,D), kb (B,G,n,D) -> (B,G,R,T,n)."""
+    D = qg.shape[-1]
+    pad = -D % 8
+    if pad:
+        qg = np.concatenate([qg, np.zeros(qg.shape[:-1] + (pad,), np.float32)], axis=-1)
+        kb = np.concatenate([kb, np.zeros(kb.shape[:-1] + (pad,), np.float32)], axis=-1)
+    n8 = qg.shape[-1] // 8
+    prod = qg[:, :, :, :, None, :] * kb[:, :, None, None, :, :]  # (B,G,R,T,n,D8)
+    lanes = _seq_sum(prod.reshape(prod.shape[:-1] + (n8, 8)), axis=-2)  # (..., 8)
+    l = [lanes[..., i] for i in range(8)]
+    return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+
+
+def _kv_f32(x):
+    """K / V as float32: bf16 given as uint16 bits or ml_dtypes.bfloat16 is widened (exact)."""
+    x = np.asarray(x)
+    if x.dtype == np.uint16:
+        return bf16_to_f32(x)
+    return np.asarray(x, np.float32)
+
+
+def _attention_chunk(qg, k, v, vis, scaling, cap):
+    """One chunk's partial for every row (the C att_row_chunk): online softmax over blocks of
+    ATT_BLOCK keys. qg (B,G,R,T,D), k/v (B,G,n,D) float32, vis (B,1|G*R,T,n) ->
+    (max, sum, acc (B,G*R,T,D), visible count)."""
+    B, G, R, T, D = qg.shape
+    H = G * R
+    f = np.float32
+    mx = np.full((B, H, T), -np.inf, f)
+    l = np.zeros((B, H, T), f)
+    acc = np.zeros((B, H, T, D), f)
+    nvis = np.zeros((B, H, T), np.int64)
+    for j0 in range(0, k.shape[2], ATT_BLOCK):
+        j1 = min(k.shape[2], j0 + ATT_BLOCK)
+        vb = np.broadcast_to(vis[..., j0:j1], (B, H, T, j1 - j0))
+        anyv = vb.any(axis=-1)
+        if not anyv.any():
+            continue
+        sc = _dot8(qg, k[:, :, j0:j1]).reshape(B, H, T, j1 - j0) * f(scaling)
+        if cap is not None:
+            sc = f(cap) * _tanh_ref(sc / f(cap))
+        bmax = np.max(np.where(vb, sc, -np.inf), axis=-1)
+        upd = anyv & (bmax > mx)
+        with np.errstate(invalid="ignore"):
+            a = np.where(nvis == 0, f(0.0), _exp_ref(mx - bmax))
+        l = np.where(upd, l * a, l)
+        acc = np.where(upd[..., None], acc * a[..., None], acc)
+        mx = np.where(upd, bmax, mx)
+        with np.errstate(invalid="ignore"):
+            p = _exp_ref(np.where(vb, sc - mx[..., None], -np.inf))
+        # adding -0.0 is the exact identity: a masked key leaves l and acc as they are
+        l = _seq_sum(np.where(vb, p, f(-0.0)), axis=-1, start=l)
+        vv = np.repeat(v[:, :, j0:j1], R, axis=1)[:, :, None]  # (B,H,1,n,D)
+        with np.errstate(invalid="ignore", over="ignore"):
+            terms = np.where(vb[..., None], p[..., None] * vv, f(-0.0))  # (B,H,T,n,D)
+        acc = _seq_sum(terms, axis=-2, start=acc)
+        nvis = nvis + vb.sum(axis=-1)
+    return mx, l, acc, nvis
+
+
 def attention(q, k, v, q_pos, k_pos, key_valid, scaling, softcap=None, window=None,
               n_threads=None, out=None):
-    """q (B,Hq,T,D), k/v (B,Hkv,S,D) -> (B,Hq,T,D); see ARCHITECTURE.md for the visibility rule.
-    softcap/window: None or <= 0 means none."""
-    q = np.asarray(q, np.float32)
+    """q (B,Hq,T,D) float32, k/v (B,Hkv,S,D) float32 or bf16 (uint16 bits or ml_dtypes.bfloat16)
+    -> (B,Hq,T,D); see ARCHITECTURE.md for the visibility rule. softcap/window: None or <= 0
+    means none. The C kernel's arithmetic, step for step (csrc/g2_attention.c): chunks of ATT_CHUNK
+    keys, each an online softmax over blocks of ATT_BLOCK keys, merged in chunk order; a row with
+    no visible key is the uniform average of all S values. Bitwise equal to the C scalar path."""
+    f = np.float32
+    q = np.asarray(q, f)
+    k, v = _kv_f32(k), _kv_f32(v)
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    r = Hq // Hkv
-    kk = np.repeat(np.asarray(k, np.float32), r, axis=1)
-    vv = np.repeat(np.asarray(v, np.float32), r, axis=1)
-    s = (q @ np.swapaxes(kk, -1, -2)) * np.float32(scaling)
-    if softcap is not None and softcap > 0:
-        c = np.float32(softcap)
-        s = np.tanh(s / c) * c
+    R = Hq // Hkv
+    qg = q.reshape(B, Hkv, R, T, D)
+    cap = float(softcap) if softcap is not None and softcap > 0 else None
+    win = int(window) if window is not None and window > 0 else 0
     qp = np.asarray(q_pos, np.int64)[:, None]
     kp = np.asarray(k_pos, np.int64)[None, :]
     vis = kp <= qp
-    if window is not None and window > 0:
-        vis = vis & (kp > qp - window)
-    vis = np.broadcast_to(vis[None, None], (B, 1, T, S))
+    if win:
+        vis = vis & (kp > qp - win)
+    vis = vis[None, None]  # (1,1,T,S)
     if key_valid is not None:
         vis = vis & np.asarray(key_valid).astype(bool)[:, None, None, :]
-    none = ~vis.any(axis=-1, keepdims=True)  # rows with no visible key -> uniform
-    s = np.where(vis, s, -np.inf)
-    s = np.where(none, np.float32(0.0), s)
-    e = np.exp(s - np.max(s, axis=-1, keepdims=True))
-    p = e / np.sum(e, axis=-1, keepdims=True)
-    return _put(out, (p @ vv).astype(np.float32, copy=False))
+    M = np.full((B, Hq, T), -np.inf, f)
+    L = np.zeros((B, Hq, T), f)
+    ACC = np.zeros((B, Hq, T, D), f)
+    NV = np.zeros((B, Hq, T), np.int64)
+    for c0 in range(0, S, ATT_CHUNK):
+        c1 = min(S, c0 + ATT_CHUNK)
+        m, l, a, nvc = _attention_chunk(qg, k[:, :, c0:c1], v[:, :, c0:c1], vis[..., c0:c1], scaling, cap)
+        first = (NV == 0) & (nvc > 0)
+        both = (NV > 0) & (nvc > 0)
+        mn = np.where(m > M, m, M)
+        with np.errstate(invalid="ignore", over="ignore"):
+            fo, fn = _exp_ref(M - mn), _exp_ref(m - mn)
+            Lb = L * fo + l * fn
+            Ab = ACC * fo[..., None] + a * fn[..., None]
+        L = np.where(first, l, np.where(both, Lb, L))
+        ACC = np.where(first[..., None], a, np.where(both[..., None], Ab, ACC))
+        M = np.where(first, m, np.where(both, mn, M))
+        NV = NV + nvc
+    with np.errstate(invalid="ignore", divide="ignore"):
+        res = ACC / L[..., None]
+    none = NV == 0
+    if S == 0:
+        res = np.zeros((B, Hq, T, D), f)
+    elif none.any():  # uniform average over all S keys, summed in key order
+        uni = _seq_sum(np.repeat(v, R, axis=1), axis=2) / f(S)  # (B,Hq,D)
+        res = np.where(none[..., None], uni[:, :, None, :], res)
+    return _put(out, res.astype(f, copy=False))
 
 
 def rmsnorm(x, w, eps=1e-6, n_threads=None, out=None):
@@ -290,6 +402,8 @@ class TwinBackend:
         self.int8_block = int8_block
 
     def prepare_linear(self, w, bias=None, weights="float32"):
+        if isinstance(w, GGUFQuantTensor):  # a GGUF's own quantization, whatever `weights` says
+            return gguf_repack.prepare_gguf_linear(w, bias)
         h = pack(w, bias, weights, self.int8_block)
         # packed weights go through twins.linear, which applies the format's exact semantics (bf16 / int8
         # storage, activations rounded at DP_MIN_M rows); plain float32 weights are a bare matrix
@@ -304,6 +418,9 @@ class TwinBackend:
     def linear(self, x, handle):
         if isinstance(handle, handles.LinearHandle):
             x2, lead = handles.as_2d(x, handle.in_features)
+            if handle.fmt == "q4_0":
+                y = q4_0.linear(x2, handle.w, handle.scales, handle.bias, dp_min_m=DP_MIN_M)
+                return y.reshape(lead + (handle.out_features,))
             y = linear(x2, handle.w, handle.fmt, handle.scales, handle.bias, handle.block)
             return y.reshape(lead + (handle.out_features,))
         return np.asarray(x, np.float32) @ np.asarray(handle).T

@@ -54,7 +54,7 @@ class Gemma2Model(Gemma2PreTrainedModel):
         output_hidden_states = flag(output_hidden_states, "output_hidden_states", c.output_hidden_states)
         use_cache = flag(use_cache, "use_cache", c.use_cache)
         return_dict = flag(return_dict, "return_dict", c.return_dict)
-        cache, legacy = resolve_cache(past_key_values, use_cache, c)
+        cache, legacy = resolve_cache(past_key_values, use_cache, c, self.cache_dtype)  # (cache_dtype: cache.py)
         past_len = cache.get_seq_length() if cache is not None else 0
         input_ids, inputs_embeds, mask, position_ids, cache_position, batch, seq = check_inputs(
             c, input_ids, inputs_embeds, attention_mask, position_ids, cache_position, past_len

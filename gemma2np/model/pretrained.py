@@ -22,10 +22,12 @@ from ..checkpoint import (CheckpointError, bfloat16, check_state_dict, copy_to_r
 from ..config import CONFIG_NAME, Gemma2Config
 from ..gguf_io import load_gguf
 from ..kernels import get_backend
+from ..kernels.gguf_repack import fallback_types
 from ..kernels.ops_backend import VOCAB_ROW_BLOCK, ReferenceBackend
 from ..parallel.tensor_parallel import load_collectively, make_tensor_parallel
 from ..rope import RotaryEmbedding
 from .embeddings import resized_rows, resolve_new_num_tokens
+from ..cache import check_cache_dtype
 from .validation import CacheError, InputError
 
 __all__ = ["Gemma2PreTrainedModel", "no_tap"]
@@ -62,6 +64,7 @@ class Gemma2PreTrainedModel:
     config_class = Gemma2Config
     base_model_prefix = "model"
     head_kind = "base"  # which extra tensors the class has: base | causal_lm | sequence_classification | token_classification
+    cache_dtype = None  # dtype of the KV caches this model makes (None: its compute dtype; cache.py)
 
     def __init__(
         self,
@@ -77,6 +80,7 @@ class Gemma2PreTrainedModel:
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
         tensor_parallel: bool = False,
+        cache_dtype=None,
     ):
         if not isinstance(config, Gemma2Config):
             raise TypeError(f"config must be a Gemma2Config, got {type(config).__name__}")
@@ -84,6 +88,8 @@ class Gemma2PreTrainedModel:
             raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
         self.config = config
         self.dtype = np.dtype(_DTYPES[dtype])
+        # set before _load: the heads' Gemma2Model view copies the attributes there
+        self.cache_dtype = check_cache_dtype(cache_dtype)
         self.training = False
         self._tap = no_tap  # the one recording hook: record_intermediates() swaps in a recorder
         # this rank's shard under mpiexec (gemma2np.parallel); one process: every tp hook is the identity
@@ -180,6 +186,11 @@ class Gemma2PreTrainedModel:
                              f"backend='native' for weights={weights!r}")
         self.weights_format = weights
         dt = self.dtype
+        if not isinstance(be, ReferenceBackend):
+            slow = fallback_types(state.values())
+            if slow:  # one warning per load: these GGUF types have no native kernel here
+                warnings.warn(f"GGUF tensor type(s) {', '.join(slow)} have no native kernel: expanded to bfloat16 "
+                              "at load (Q8_0, Q6_K, Q4_K and Q4_0 run natively)", stacklevel=3)
 
         tp = self.tp
 
@@ -190,7 +201,8 @@ class Gemma2PreTrainedModel:
             b = tp.shard(bias_name, state.get(bias_name)) if bias_name else None
             handle = be.prepare_linear(w, b, weights=_head_weights(weights) if head else weights,
                                        **(_head_options(be) if head else {}))
-            if not any(np.shares_memory(w, a) for a in _arrays_of(handle)):
+            stored = getattr(w, "raw", w)  # a quantized GGUF tensor: its blocks (never np.asarray'd here)
+            if not any(np.shares_memory(stored, a) for a in _arrays_of(handle)):
                 release_pages(w)  # converted copy in use: let the file pages leave our resident set
             return handle
 
@@ -229,6 +241,7 @@ class Gemma2PreTrainedModel:
         progress: Callable[[int, int], None] | None = None,
         mmap: bool = True,
         tensor_parallel: bool = False,
+        cache_dtype=None,
         **config_overrides,
     ):
         """Load an HF-format directory: config.json + model.safetensors (or shards + index), f32/f16/bf16.
@@ -236,7 +249,9 @@ class Gemma2PreTrainedModel:
         backend: "numpy" (the reference, default: exact and dependency-free) or "native" (C kernels).
         weights: in-memory weight format for the native backend: "float32", "bfloat16", "int8" or "int4"
             (4.5 bits per weight, kernels/int4.py)
-                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one).
+                 (default: bfloat16 for a bf16/f16 checkpoint, float32 for an f32 one). It applies to float
+                 tensors only: a GGUF's quantized tensors keep their own format (Q4_0 natively, Q8_0 / Q6_K as
+                 int8, Q4_K as int4, other types bf16; docs/precision.md, "GGUF quants").
         dtype:   activations and the NumPy backend's weights: "float32" (default) or "float64" (ground truth).
         gguf_file: a llama.cpp GGUF file (path, or name inside the directory) instead of safetensors.
         mmap:    True (default): weights stay memory-mapped, loading is instant and pages come in on first use.
@@ -246,15 +261,20 @@ class Gemma2PreTrainedModel:
         tensor_parallel: under `mpiexec -n N` (N > 1) each rank holds its slice of every layer and of the LM
                  head (gemma2np/parallel), and every rank follows rank 0's forward / generate calls. A rank
                  that fails to load makes every rank raise (rank 0 reports it). One process: no effect.
+        cache_dtype: the KV cache's storage dtype for every cache this model makes (forward with use_cache,
+                 generate, chat): None (default: the compute dtype, float32), "float32" or "bfloat16" (keys and
+                 values rounded to bf16 when written, half the cache bytes; docs/precision.md). A Gemma2Cache
+                 passed as past_key_values keeps its own dtype (Gemma2Cache(..., dtype=...)).
         """
+        check_cache_dtype(cache_dtype)  # a mistake there fails before anything is read
         return load_collectively(lambda: cls._from_pretrained(
             pretrained_model_name_or_path, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads,
             gguf_file=gguf_file, config=config, progress=progress, mmap=mmap, tensor_parallel=tensor_parallel,
-            **config_overrides), tensor_parallel)
+            cache_dtype=cache_dtype, **config_overrides), tensor_parallel)
 
     @classmethod
     def _from_pretrained(cls, pretrained_model_name_or_path, *, backend, dtype, weights, n_threads, gguf_file,
-                         config, progress, mmap, tensor_parallel, **config_overrides):
+                         config, progress, mmap, tensor_parallel, cache_dtype=None, **config_overrides):
         path = os.fspath(pretrained_model_name_or_path)
         if gguf_file is not None:
             gpath = gguf_file if os.path.isabs(gguf_file) or not os.path.isdir(path) else os.path.join(path, gguf_file)
@@ -269,7 +289,7 @@ class Gemma2PreTrainedModel:
             cfg = config or Gemma2Config.from_pretrained(path, **config_overrides)
             state = _adapt_prefix(load_state_dict(path), cls.head_kind)
         model = cls(cfg, state, backend=backend, dtype=dtype, weights=weights, n_threads=n_threads, progress=progress,
-                    mmap=mmap, tensor_parallel=tensor_parallel)
+                    mmap=mmap, tensor_parallel=tensor_parallel, cache_dtype=cache_dtype)
         model.name_or_path = path
         return model
 
@@ -297,7 +317,7 @@ class Gemma2PreTrainedModel:
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """HF tensor name -> shape of every parameter of this model (the tied head counted once)."""
-        return {k: tuple(v.shape) for k, v in self.state_dict().items()}
+        return {k: tuple(v.shape) for k, v in self.state_dict().items()}  # shapes only: nothing dequantized
 
     # ------------------------------------------------------------------ saving
     def state_dict(self) -> dict[str, np.ndarray]:
@@ -323,6 +343,27 @@ class Gemma2PreTrainedModel:
         save_state_dict(save_directory, state, max_shard_size=max_shard_size, dtype=dtype)
         with open(os.path.join(save_directory, CONFIG_NAME), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
+
+    def prepared_weights(self) -> dict:
+        """What the loaded weights take: {"formats": {format: linear layers}, "bytes": int, "gguf_quant": bool
+        (some weight came from a GGUF's quantized tensor)}. Formats are the
+        backend's ("int8", "q4_0", ...; the reference: the stored dtype or GGUF type it widens at use);
+        bytes count every linear once (a tied head is the embedding) plus the norm vectors. For a GGUF
+        on the native backend this is about the file's size (docs/precision.md, "GGUF quants")."""
+        from collections import Counter
+
+        base = self._base()
+        handles = [getattr(layer, n) for layer in base.layers for n in _PROJ + _MLP]
+        handles += [getattr(self, n) for n in ("lm_head", "score") if getattr(self, n, None) is not None]
+        formats, total = Counter(), sum(getattr(layer, n).nbytes for layer in base.layers for n in _NORMS)
+        for h in handles:
+            w = h.w if hasattr(h, "w") else h  # LinearHandle / ReferenceLinear, or a bare float32 matrix
+            fmt = getattr(h, "fmt", None) or getattr(w, "type_name", None) or _dtype_name(w.dtype)
+            formats[fmt] += 1
+            total += h.nbytes if hasattr(h, "fmt") else sum(a.nbytes for a in h.arrays() if a is not None)
+        total += base.norm.nbytes
+        quant = any(getattr(v, "raw", None) is not None for v in self._state.values())
+        return {"formats": dict(formats), "bytes": int(total), "gguf_quant": quant}
 
     def num_parameters(self) -> int:
         return self.config.num_parameters(self.head_kind)

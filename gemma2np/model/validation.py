@@ -10,6 +10,7 @@ import warnings
 import numpy as np
 
 from ..cache import CacheError, Gemma2Cache
+from ..checkpoint import bfloat16
 
 __all__ = ["InputError", "UnexpectedArgumentError", "as_array", "as_int_array", "check_cache_fits", "check_inputs",
            "check_labels", "check_num_items", "check_position_embeddings", "flag", "keep_logits", "reject_unknown",
@@ -125,24 +126,27 @@ def check_inputs(c, input_ids, inputs_embeds, attention_mask, position_ids, cach
     return input_ids, inputs_embeds, attention_mask, position_ids, cache_position, batch, seq
 
 
-def resolve_cache(past_key_values, use_cache, c):
+def resolve_cache(past_key_values, use_cache, c, cache_dtype=None):
     """past_key_values as given (None, a Gemma2Cache, or transformers' legacy tuple of (keys, values) per
-    layer) -> (the Gemma2Cache to fill or None, whether the caller passed the legacy form)."""
+    layer) -> (the Gemma2Cache to fill or None, whether the caller passed the legacy form). cache_dtype: the
+    model's (from_pretrained(..., cache_dtype=)), for the caches made here; a Gemma2Cache keeps its own."""
     legacy = isinstance(past_key_values, (tuple, list))
     if legacy:
         try:
-            cache = Gemma2Cache.from_legacy_cache(past_key_values, c.layer_types, c.sliding_window)
+            cache = Gemma2Cache.from_legacy_cache(past_key_values, c.layer_types, c.sliding_window, cache_dtype)
         except (CacheError, ValueError, TypeError) as exc:  # CacheError, or numpy refusing a ragged pair
             raise InputError(f"past_key_values: {exc}" if not isinstance(exc, CacheError) else str(exc)) from None
         for i, (k, v) in enumerate(zip(cache.keys, cache.values)):
             for name, a in (("keys", k), ("values", v)):
-                if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)):
+                # (bfloat16: what a model with cache_dtype="bfloat16" returns, fed back)
+                if a.dtype == bool or not (np.issubdtype(a.dtype, np.floating) or np.issubdtype(a.dtype, np.integer)
+                                           or a.dtype == bfloat16):
                     raise InputError(f"past_key_values[{i}] {name} must be a numeric array, got dtype {a.dtype}")
                 if not np.isfinite(a).all():
                     # a NaN key or value would reach every later token's attention output: refuse it here
                     raise InputError(f"past_key_values[{i}] {name} contains NaN or infinite values")
     elif past_key_values is None:
-        cache = Gemma2Cache(c.layer_types, c.sliding_window) if use_cache else None
+        cache = Gemma2Cache(c.layer_types, c.sliding_window, dtype=cache_dtype) if use_cache else None
     elif isinstance(past_key_values, Gemma2Cache):
         cache = past_key_values
     else:

@@ -169,6 +169,10 @@ class ShardPlan:
         if not self.has_attention and self.rule(name) == ("cols", self.q_rows) and ".o_proj." in name:
             # placeholder head: zero columns, an exactly zero partial sum (x * 0 = +-0 adds nothing)
             return np.zeros((a.shape[0], sl.stop - sl.start), a.dtype)
+        if hasattr(a, "column_slice"):
+            # a quantized GGUF tensor (gguf_quant): its whole blocks of those columns (still quantized) when
+            # the split falls on block boundaries, else those columns dequantized (float32)
+            return a.column_slice(sl)
         out = np.empty((a.shape[0], sl.stop - sl.start), a.dtype)
         step = max(1, (16 << 20) // max(1, a.shape[1] * a.dtype.itemsize))  # 16 MB of rows at a time
         for r0 in range(0, a.shape[0], step):

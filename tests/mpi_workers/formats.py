@@ -56,6 +56,13 @@ one = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path)(input_ids=ids).l
 res["gguf-q8_0/numpy"] = {"max_diff": float(np.abs(tp - one).max()), "greedy_equal": True,
                           "max_abs_logit": float(np.abs(one).max()),
                           "format_error": float(np.abs(one - f32).max())}
+if native_available():  # the native backend runs the Q8_0 blocks as int8: row shards and whole-block columns
+    tpm = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path, tensor_parallel=True, backend="native")
+    one = Gemma2ForCausalLM.from_pretrained(D, gguf_file=gguf_path, backend="native")(input_ids=ids).logits
+    res["gguf-q8_0/native"] = {"max_diff": float(np.abs(tpm(input_ids=ids).logits - one).max()), "greedy_equal": True,
+                               "format_error": float(np.abs(one - f32).max()),
+                               "int8": all(h.fmt == "int8" for h in vars(tpm.model.layers[0]).values()
+                                           if hasattr(h, "fmt"))}
 # random init (from_config) tensor-parallel: one model across the ranks, seeded or not
 small = Gemma2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16, vocab_size=256, sliding_window=8)

@@ -1,0 +1,130 @@
+"""The "q4_0" weight format (gemma2np/kernels/q4_0.py: llama.cpp's Q4_0 blocks) and its C kernels
+(csrc/g2_q4_0.c).
+
+Layers: the repack from GGUF blocks and the dequantiser against gguf.quants (llama.cpp's reference values);
+the C dequantiser bitwise against the twin; the C decode bitwise against the twin over shapes, odd sizes,
+batch sizes 1..20 and thread counts 1..4, on every SIMD level; the C prefill bitwise the bfloat16_dp linear
+of the widened weights and within float32 rounding of the twin; bad input.
+"""
+import gguf
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gemma2np.kernels import q4_0
+from gemma2np.kernels import twins as ref
+
+nat = pytest.importorskip("gemma2np._native")
+
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SIMD_LEVELS = [1, 2, 0] if "avx512f" in nat.cpu_features() else [0]
+Q = gguf.GGMLQuantizationType.Q4_0
+
+
+@pytest.fixture(params=SIMD_LEVELS, ids=lambda l: {0: "scalar", 1: "avx512", 2: "avx512-nobf16"}[l])
+def simd(request):
+    assert nat.set_simd(request.param) == request.param
+    yield request.param
+    nat.set_simd(1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _always_fan_out():
+    """threshold 0: the small shapes here run the threaded code at n_threads 2..4"""
+    before = nat.get_parallel_threshold()
+    nat.set_parallel_threshold(0)
+    yield
+    nat.set_parallel_threshold(before)
+
+
+def _gguf_q4_0(r, N, K, kind="normal"):
+    """Real Q4_0 blocks (gguf.quants.quantize: bitwise llama.cpp's quantize_row_q4_0_ref) of random weights."""
+    w = r.standard_normal((N, K), dtype=np.float32)
+    if kind == "scaled":  # blocks of very different magnitude, some with f16-denormal d
+        w *= (10.0 ** r.uniform(-7, 2, size=(N, K // 32, 1))).repeat(32, axis=2).reshape(N, K).astype(np.float32)
+    elif kind == "sparse":
+        w[:, : K // 2] = 0.0
+        w[0] = 0.0
+    return gguf.quants.quantize(w, Q)
+
+
+@SETTINGS
+@given(N=st.integers(1, 40), nb=st.integers(1, 12), kind=st.sampled_from(["normal", "scaled", "sparse"]),
+       seed=st.integers(0, 2**31))
+def test_repack_and_dequantize_equal_gguf(N, nb, kind, seed):
+    raw = _gguf_q4_0(np.random.default_rng(seed), N, 32 * nb, kind)
+    codes, scales = q4_0.from_gguf_blocks(raw, chunk_rows=7)  # several chunks
+    assert codes.shape == (N, 16 * nb) and scales.shape == (N, nb)
+    assert codes.nbytes + scales.nbytes == raw.nbytes  # 4.5 bits per weight, the GGUF's own size
+    np.testing.assert_array_equal(q4_0.dequantize_q4_0(codes, scales), gguf.quants.dequantize(raw, Q))
+    np.testing.assert_array_equal(nat.dequantize_q4_0(codes, scales, n_threads=2), gguf.quants.dequantize(raw, Q))
+
+
+def test_decode_twin_is_the_documented_lane_arithmetic():
+    """the twin's decode, spelled out for one row and one x row in plain float32 scalars"""
+    r = np.random.default_rng(3)
+    codes, scales = q4_0.from_gguf_blocks(_gguf_q4_0(r, 1, 96))
+    x = r.standard_normal((1, 96), dtype=np.float32)
+    f = np.float32
+    d = scales.view("<f2").astype(f)[0]
+    acc = [f(0)] * 16
+    for b in range(3):
+        for l in range(16):
+            c = int(codes[0, 16 * b + l])
+            t = f(x[0, 32 * b + l] * f((c & 15) - 8)) + f(x[0, 32 * b + 16 + l] * f((c >> 4) - 8))
+            acc[l] = f(acc[l] + f(t * d[b]))
+    s8 = [f(acc[i] + acc[i + 8]) for i in range(8)]
+    s4 = [f(s8[i] + s8[i + 4]) for i in range(4)]
+    want = f(f(s4[0] + s4[2]) + f(s4[1] + s4[3]))
+    assert q4_0.linear_decode(x, codes, scales)[0, 0] == want
+    # and it is a dot product of x with the dequantised row, to float32 rounding
+    exact = x.astype(np.float64) @ q4_0.dequantize_q4_0(codes, scales).astype(np.float64).T
+    assert abs(float(want) - exact[0, 0]) <= 1e-5 * (np.abs(x) @ np.abs(q4_0.dequantize_q4_0(codes, scales)).T)[0, 0]
+
+
+@SETTINGS
+@given(M=st.integers(1, 20), N=st.integers(1, 45), nb=st.integers(1, 20),
+       kind=st.sampled_from(["normal", "scaled", "sparse"]), bias=st.booleans(), seed=st.integers(0, 2**31))
+def test_linear_q4_0_matches_twin_for_any_thread_count(simd, M, N, nb, kind, bias, seed):
+    r = np.random.default_rng(seed)
+    K = 32 * nb
+    codes, scales = q4_0.from_gguf_blocks(_gguf_q4_0(r, N, K, kind))
+    x = r.standard_normal((M, K), dtype=np.float32)
+    b = r.standard_normal(N, dtype=np.float32) if bias else None
+    y = nat.linear_q4_0(x, codes, scales, b, n_threads=1)
+    assert y.shape == (M, N) and y.dtype == np.float32
+    for t in (2, 3, 4):  # bitwise the same for any thread count
+        np.testing.assert_array_equal(nat.linear_q4_0(x, codes, scales, b, n_threads=t), y)
+    yr = q4_0.linear(x, codes, scales, b, dp_min_m=ref.DP_MIN_M)
+    if M < ref.DP_MIN_M:
+        np.testing.assert_array_equal(y, yr)  # decode: bitwise the twin, on every SIMD path
+        for i in (0, M - 1):  # and row i of a batch is the row alone
+            np.testing.assert_array_equal(nat.linear_q4_0(x[i:i + 1].copy(), codes, scales, b)[0], y[i])
+    else:
+        # prefill: bitwise the bfloat16_dp linear of bf16(W) (the int8 / int4 recipe) ...
+        wb = ref.f32_to_bf16(q4_0.dequantize_q4_0(codes, scales))
+        yb = nat.linear(x, wb, "bfloat16_dp", n_threads=2)
+        np.testing.assert_array_equal(y, yb if b is None else yb + b)
+        # ... which is the twin's product to float32 summation rounding
+        xq, wq = ref._round_bf16(x), ref.bf16_to_f32(wb)
+        bound = 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ np.abs(wq).T)
+        if b is not None:
+            bound += 2.0**-23 * (np.abs(yr) + np.abs(b))
+        assert np.all(np.abs(y - yr) <= bound + 1e-30)
+
+
+def test_linear_q4_0_bad_input():
+    codes = np.zeros((3, 16), np.uint8)
+    scales = np.zeros((3, 1), np.uint16)
+    x = np.zeros((1, 32), np.float32)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        nat.linear_q4_0(np.zeros((1, 34), np.float32), np.zeros((3, 17), np.uint8), scales)
+    with pytest.raises(ValueError, match="scales must have shape"):
+        nat.linear_q4_0(x, codes, np.zeros((3, 2), np.uint16))
+    with pytest.raises(ValueError, match="features"):
+        nat.linear_q4_0(np.zeros((1, 64), np.float32), codes, scales)
+    with pytest.raises((TypeError, ValueError)):
+        nat.linear_q4_0(x, codes, scales.astype(np.float32))
+    with pytest.raises(ValueError, match="18-byte"):
+        q4_0.from_gguf_blocks(np.zeros((2, 20), np.uint8))
