@@ -32,6 +32,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
                             int n_threads)
     int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
                        int64_t N, float *y, int n_threads)
+    int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t **codes,
+                             const uint8_t **meta, const int64_t *N, float **y, int n_threads)
     void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
                             int n_threads)
     int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
@@ -361,8 +363,9 @@ def linear_q4_0(x, codes, scales, bias=None, n_threads=None, out=None):
 
 def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):
     """y = x @ W^T (+ bias), W in the int4 layout (kernels/int4.py); x (M, K) float32. With fewer
-    than DP_MIN_M rows W acts as its float32 dequantisation, with more as bf16 of it and x rounded
-    to bf16 (as int8). Returns (M, N) float32."""
+    than DP_MIN_M rows x is quantised to int8 per 32 inputs and meets the codes in integer dot
+    products (bitwise kernels.int4.linear_decode); with more W acts as bf16 of its float32
+    dequantisation and x is rounded to bf16 (as int8). Returns (M, N) float32."""
     _check(x, "x", np.float32, 2)
     N, K = _check_int4(codes, meta)
     if x.shape[1] != K:
@@ -387,6 +390,46 @@ def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):
 
 
 MAX_PARTS = G2_MAX_PARTS
+
+
+def linear_int4_multi(x, codes, metas, n_threads=None):
+    """[linear_int4(x, c, m) for c, m in zip(codes, metas)] in one call: x is quantised (decode) or
+    packed (prefill) once and every matrix's row blocks share one parallel loop; each result equals
+    linear_int4's exactly. 1..G2_MAX_PARTS matrices with K columns. Returns a list of (M, N_i)."""
+    _check(x, "x", np.float32, 2)
+    codes, metas = list(codes), list(metas)
+    cdef int P = len(codes)
+    if P < 1 or P > G2_MAX_PARTS or len(metas) != P:
+        raise ValueError("linear_int4_multi takes 1..%d (codes, meta) pairs, got %d codes and %d metas"
+                         % (G2_MAX_PARTS, P, len(metas)))
+    cdef int64_t M = x.shape[0], K = x.shape[1]
+    cdef const uint8_t *cp[16]
+    cdef const uint8_t *mp[16]
+    cdef float *yp[16]
+    cdef int64_t Np[16]
+    cdef cnp.ndarray a
+    ys = []
+    for i in range(P):
+        n_i, k_i = _check_int4(codes[i], metas[i])
+        if k_i != K:
+            raise ValueError("x has %d features, int4 matrix %d expects %d" % (K, i, k_i))
+        Np[i] = n_i
+        a = codes[i]
+        cp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
+        a = metas[i]
+        mp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
+        y = np.empty((M, n_i), np.float32)
+        ys.append(y)
+        a = y
+        yp[i] = <float *>cnp.PyArray_DATA(a)
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray xa = x
+    cdef int rc
+    with nogil:
+        rc = g2_linear_int4_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, mp, Np, yp, nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_int4_multi: out of memory")
+    return ys
 
 
 def linear_multi(x, ws, str fmt="float32", scales=None, int block=0, n_threads=None):

@@ -108,12 +108,17 @@ int g2_linear_multi(const float *x, int64_t M, int64_t K, int fmt, int nparts, c
 /* int4 weights (layout: gemma2np/kernels/int4.py; K a multiple of 256): codes (N, K/2) two 4-bit
  * codes per byte, meta (N, K/256*16) per super-block f16 d, f16 dmin, 16 six-bit scales/mins.
  * g2_dequantize_int4: out (N, K) float32 = (d*ls)*u - dmin*lm. g2_linear_int4: y (M, N) = x @ W^T
- * with W those float32 values when M < G2_DP_MIN_M, bf16 (RNE) of them with x rounded to bf16 when
- * M >= G2_DP_MIN_M (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 256. */
+ * with W those float32 values and x quantised to int8 per 32 inputs (integer dot products; exactly
+ * kernels/int4.py linear_decode) when M < G2_DP_MIN_M, bf16 (RNE) of them with x rounded to bf16
+ * when M >= G2_DP_MIN_M (as int8). Returns 0, -1 on allocation failure, -2 if K % 256 != 0. */
 void g2_dequantize_int4(const uint8_t *codes, const uint8_t *meta, int64_t N, int64_t K, float *out,
                         int n_threads);
 int g2_linear_int4(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint8_t *meta,
                    int64_t N, float *y, int n_threads);
+/* the same for nparts (<= G2_MAX_PARTS) matrices of one x (q/k/v, gate/up): x quantised / packed
+ * once, one parallel loop; each y[p] exactly g2_linear_int4's. -2 also for nparts > G2_MAX_PARTS. */
+int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint8_t *const *meta, const int64_t *N, float *const *y, int n_threads);
 
 /* llama.cpp Q4_0 weights (layout: gemma2np/kernels/q4_0.py; K a multiple of 32): codes (N, K/2), per
  * block of 32 byte i = input i (low nibble) and i + 16 (high), scales (N, K/32) f16 bits of d.

@@ -178,12 +178,15 @@ def test_linear_int4_matches_twin(simd, M, N, nsb, kind, bias, threads, seed):
     yr = ref.linear(x, codes, "int4", meta, b, int4.SUPER)
     assert y.shape == (M, N) and y.dtype == np.float32
     xq, wq = ref.linear_operands(x, codes, "int4", meta, int4.SUPER)
-    # any summation order of x . w, or of the fused decode's two sums (see int4.magnitudes_int4), is
-    # within 2 * K * u of the exact result relative to the magnitudes summed (u = 2^-24)
+    # any summation order of x . w, or of the decode kernel's two sums (see int4.magnitudes_int4), is
+    # within 2 * K * u of the exact result relative to the magnitudes summed (u = 2^-24); xq is the
+    # int8-rounded x the decode kernel multiplies
     bound = 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ (np.abs(wq) + int4.magnitudes_int4(codes, meta)).T)
     if b is not None:
         bound += 2.0**-23 * (np.abs(yr) + np.abs(b))
     assert np.all(np.abs(y - yr) <= bound + 1e-30), np.max(np.abs(y - yr) - bound)
+    if M < ref.DP_MIN_M:  # decode: the twin replays the kernel's integer and float steps
+        np.testing.assert_array_equal(y, yr)
     # bitwise: any thread count; row i of a batch == the row alone (at >= DP_MIN_M rows: among DP_MIN_M copies)
     for t in (1, 2, 3):
         np.testing.assert_array_equal(nat.linear_int4(x, codes, meta, b, n_threads=t), y)
@@ -195,23 +198,108 @@ def test_linear_int4_matches_twin(simd, M, N, nsb, kind, bias, threads, seed):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(M=st.sampled_from([1, 3, 8, 21]), N=st.integers(1, 70), nsb=st.integers(1, 2),
        threads=st.sampled_from([1, 2]), seed=st.integers(0, 2**31))
-def test_linear_int4_is_float32_or_bf16_linear_of_dequantised(simd, M, N, nsb, threads, seed):
-    """Bitwise: prefill is the bfloat16_dp linear of bf16(W) -- the int8 recipe; decode (M < DP_MIN_M)
-    on the scalar path is the float32 linear of the dequantised W (the AVX-512 decode tiles are
-    fused; test_linear_int4_matches_twin bounds them)."""
+def test_linear_int4_is_bf16_linear_or_int8_x_product_of_dequantised(simd, M, N, nsb, threads, seed):
+    """Bitwise: prefill is the bfloat16_dp linear of bf16(W) -- the int8 recipe. Decode (M < DP_MIN_M)
+    is the twin int4.linear_decode on every SIMD level; as numbers, the dequantised W's product with
+    x, off by no more than what rounding x to int8 per 32 (|x - xq| |w|) and the float sums cost."""
     r = np.random.default_rng(seed)
     K = 256 * nsb
     x = r.standard_normal((M, K), dtype=np.float32)
+    x[0, :32] *= 1e3  # an outlier block: its own scale, the others unaffected
     codes, meta = int4.quantize_int4(_weights(r, N, K, "scaled"))
     wf = int4.dequantize_int4(codes, meta)
     y = nat.linear_int4(x, codes, meta, n_threads=threads)
     if M >= ref.DP_MIN_M:
         np.testing.assert_array_equal(y, nat.linear(x, ref.to_bf16_bits(wf), "bfloat16_dp", n_threads=threads))
-    elif simd == 0:
-        np.testing.assert_array_equal(y, nat.linear(x, wf, "float32", n_threads=threads))
-    else:  # fused: the dequantised W's product to rounding
-        bound = 2 * (K + 2) * 2.0**-24 * (np.abs(x) @ int4.magnitudes_int4(codes, meta).T)
-        assert np.all(np.abs(y - x @ wf.T) <= bound + 1e-30)
+    else:
+        np.testing.assert_array_equal(y, int4.linear_decode(x, codes, meta))
+        xq, _ = ref.linear_operands(x, codes, "int4", meta, int4.SUPER)
+        x64, w64 = x.astype(np.float64), wf.astype(np.float64)
+        bound = np.abs(x64 - xq) @ np.abs(w64).T + 2 * (K + 2) * 2.0**-24 * (np.abs(xq) @ int4.magnitudes_int4(codes, meta).T)
+        assert np.all(np.abs(y - x64 @ w64.T) <= bound * (1 + 1e-6) + 1e-30)
+        # the x rounding is the documented one: |x - xq| <= sx / 2 per block, sx = amax / 127
+        q, sx = int4.quantize_x(x)
+        amax = np.abs(x.reshape(M, -1, 32)).max(axis=2)
+        np.testing.assert_array_equal(sx, amax / np.float32(127))
+        assert np.all(np.abs(x.reshape(M, -1, 32) - q.reshape(M, -1, 32) * sx[:, :, None]) <= sx[:, :, None] * 0.5001)
+        assert np.abs(q).max() <= 127 and np.all(np.abs(q.reshape(M, -1, 32)).max(axis=2) == 127)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([1, 2, 5, 7, 9, 16, 19]), N=st.sampled_from([1, 3, 7, 31, 45, 97]),
+       K=st.sampled_from([256, 2304, 9216]), seed=st.integers(0, 2**31))
+def test_linear_int4_gemma_shapes_bitwise_for_any_thread_count(simd, M, N, K, seed):
+    """K = 256 and the gemma-2 in_features (2304 / 9216-like), odd N, decode and prefill batches:
+    bitwise the same for 1..4 threads, decode bitwise the twin, every row the row alone."""
+    r = np.random.default_rng(seed)
+    x = r.standard_normal((M, K), dtype=np.float32)
+    codes, meta = int4.quantize_int4(r.standard_normal((N, K), dtype=np.float32))
+    y = nat.linear_int4(x, codes, meta, n_threads=1)
+    for t in (2, 3, 4):
+        np.testing.assert_array_equal(nat.linear_int4(x, codes, meta, n_threads=t), y)
+    if M < ref.DP_MIN_M:
+        np.testing.assert_array_equal(y, ref.linear(x, codes, "int4", meta, None, int4.SUPER))
+        np.testing.assert_array_equal(nat.linear_int4(x[-1:].copy(), codes, meta, n_threads=3), y[-1:])
+    else:
+        np.testing.assert_array_equal(nat.linear_int4(x[-ref.DP_MIN_M:].copy(), codes, meta, n_threads=3),
+                                      y[-ref.DP_MIN_M:])
+
+
+def test_linear_int4_decode_special_x(simd):
+    """zero, tiny, huge, inf and NaN blocks of x: the kernel equals the twin, an all-zero block adds
+    nothing, and a non-finite block makes the output non-finite (never a silently finite result)"""
+    r = np.random.default_rng(7)
+    K, N = 512, 9
+    codes, meta = int4.quantize_int4(r.standard_normal((N, K), dtype=np.float32))
+    x = r.standard_normal((6, K), dtype=np.float32)
+    x[0, :32] = 0.0
+    x[1, 32:64] *= 1e-38  # denormal-sized block: its own scale keeps it
+    x[2, 64:96] *= 1e30
+    x[3, 5] = np.inf
+    x[4, 300] = np.nan
+    x[5] = 0.0
+    y = nat.linear_int4(x, codes, meta, n_threads=2)
+    with np.errstate(invalid="ignore"):
+        yt = int4.linear_decode(x, codes, meta)
+    np.testing.assert_array_equal(y, yt)
+    assert np.all(np.isfinite(y[:3])) and not np.any(np.isfinite(y[3:5])) and np.all(y[5] == 0)
+    x0 = x[0].copy()
+    x0[:32] = r.standard_normal(32)
+    y0 = nat.linear_int4(x0[None], codes, meta)
+    assert not np.array_equal(y0[0], y[0])  # the zero block was seen as zero, not skipped by accident
+    q, sx = int4.quantize_x(x[:1])
+    assert sx[0, 0] == 0 and np.all(q[0, :32] == 0)
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([1, 4, 8, 19]), Ns=st.lists(st.integers(0, 37), min_size=1, max_size=4),
+       nsb=st.integers(1, 2), threads=st.sampled_from([1, 2, 4]), seed=st.integers(0, 2**31))
+def test_linear_int4_multi_equals_separate_calls(simd, M, Ns, nsb, threads, seed):
+    """q/k/v-style: one call over several matrices (x quantised / packed once) is bitwise each
+    matrix's own linear_int4, for any thread count (empty matrices included)"""
+    r = np.random.default_rng(seed)
+    K = 256 * nsb
+    x = r.standard_normal((M, K), dtype=np.float32)
+    packed = [int4.quantize_int4(r.standard_normal((N, K), dtype=np.float32)) for N in Ns]
+    ys = nat.linear_int4_multi(x, [c for c, _ in packed], [m for _, m in packed], n_threads=threads)
+    assert len(ys) == len(Ns)
+    for y, (c, m), N in zip(ys, packed, Ns):
+        assert y.shape == (M, N)
+        np.testing.assert_array_equal(y, nat.linear_int4(x, c, m, n_threads=1))
+
+
+def test_linear_int4_multi_bad_input():
+    c, m = int4.quantize_int4(np.ones((3, 512), np.float32))
+    c2, m2 = int4.quantize_int4(np.ones((3, 256), np.float32))
+    x = np.ones((2, 512), np.float32)
+    with pytest.raises(ValueError, match="expects 256"):
+        nat.linear_int4_multi(x, [c, c2], [m, m2])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_int4_multi(x, [c], [m, m])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_int4_multi(x, [c] * (nat.MAX_PARTS + 1), [m] * (nat.MAX_PARTS + 1))
+    with pytest.raises(ValueError, match="meta"):
+        nat.linear_int4_multi(x, [c], [m[:, :16]])
 
 
 def test_linear_int4_bad_input():

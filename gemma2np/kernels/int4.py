@@ -293,3 +293,63 @@ def quantize_rows(w, chunk_bytes=4 << 20, release=None, n_threads=1):
         for r0 in starts:
             one(r0)
     return codes, meta
+
+
+# ----------------------------------------------------------------------------- the decode matmul's twin
+
+
+def quantize_x(x):
+    """x (M, K) float32 -> (q int8 (M, K), sx float32 (M, K // 32)): the decode kernel's activation
+    rounding, per block of 32 inputs sx = amax / 127 (float32), q = rint(x / sx) (RNE) in -127..127;
+    sx = 0 (an all-zero block), inf or NaN (the block holds inf / NaN) gives q = 0."""
+    f = np.float32
+    x = np.asarray(x, f)
+    M, K = x.shape
+    xb = x.reshape(M, K // SUB, SUB)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        sx = (np.max(np.abs(xb), axis=2) / f(127)).astype(f)
+        ok = (sx > 0) & np.isfinite(sx)
+        r = np.rint(xb / np.where(ok, sx, f(1))[:, :, None])
+    q = np.where(ok[:, :, None], np.clip(r, -127, 127), 0).astype(np.int8)
+    return q.reshape(M, K), sx
+
+
+def _reduce16(a):
+    """(..., 16) -> (...): the kernel's fixed order, halves added lane-wise 16 -> 8 -> 4 -> 2 -> 1"""
+    t8 = a[..., :8] + a[..., 8:]
+    t4 = t8[..., :4] + t8[..., 4:]
+    return (t4[..., 0] + t4[..., 2]) + (t4[..., 1] + t4[..., 3])
+
+
+def linear_decode(x, codes, meta):
+    """y (M, N) = x @ W^T the way g2_linear_int4 computes it for M < DP_MIN_M (csrc/g2_int4.c's decode
+    comment): x quantised by quantize_x, exact integer sums of u * q per 8 inputs, then the float
+    work in the kernel's order (float32 multiplies and adds, no FMA) -- bitwise the C kernel."""
+    f = np.float32
+    codes = np.asarray(codes, np.uint8)
+    N, K2 = codes.shape
+    K = 2 * K2
+    S = K // SUPER
+    q, sx = quantize_x(x)
+    M = q.shape[0]
+    u = np.empty((N, K), np.int32)
+    u[:, 0::2] = codes & 15
+    u[:, 1::2] = codes >> 4
+    # isum[m, n, s, l']: l' = 16 h + l, the exact sum over inputs s*256 + 8 l' .. + 7 (< 2^24 in size)
+    isum = np.einsum("nsk,msk->mns", u.reshape(N, S * 32, 8), q.astype(np.int32).reshape(M, S * 32, 8),
+                     optimize=True).reshape(M, N, S, 32).astype(f)
+    qsum = q.astype(np.int32).reshape(M, S, NSUB, SUB).sum(axis=3).astype(f)  # (M, S, 8)
+    m = np.asarray(meta, np.uint8).reshape(N, S, META_BYTES)
+    d = np.ascontiguousarray(m[:, :, 0:2]).view("<f2")[:, :, 0].astype(f)
+    dmin = np.ascontiguousarray(m[:, :, 2:4]).view("<f2")[:, :, 0].astype(f)
+    v = _unpack6(m[:, :, 4:].reshape(N * S, 12)).reshape(N, S, 16).astype(f)
+    sxs = sx.reshape(M, 1, S, NSUB)
+    with np.errstate(invalid="ignore", over="ignore"):
+        Sd = (v[None, :, :, :NSUB] * d[None, :, :, None]) * sxs     # (M, N, S, 8): ((float) ls * d) * sx
+        Sm = (v[None, :, :, NSUB:] * dmin[None, :, :, None]) * sxs  # ((float) lm * dmin) * sx
+        acc = np.zeros((M, N, 16), f)
+        for s in range(S):
+            for h in range(2):
+                acc = acc + isum[:, :, s, 16 * h:16 * h + 16] * np.repeat(Sd[:, :, s, 4 * h:4 * h + 4], 4, axis=2)
+            acc[:, :, 8:] = acc[:, :, 8:] - Sm[:, :, s] * qsum[:, None, s]
+        return _reduce16(acc)

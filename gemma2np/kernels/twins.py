@@ -21,9 +21,12 @@ Weight formats of `linear` (quantisation happens once, at load, with the helpers
                  float32 and W = q * scale; with DP_MIN_M rows or more x is rounded to bf16 and
                  W to bf16(q * scale) (RNE), like "bfloat16"
   "int4"         w uint8 codes (N, K // 2), scales uint8 (N, K // 256 * 16) (layout and quantiser:
-                 kernels/int4.py, 4.5 bits/weight); W = its float32 dequantisation with fewer than
-                 DP_MIN_M rows, bf16 of it (and x rounded to bf16) with more, like "int8". A matrix
-                 whose in_features is not a multiple of 256 is packed as "int8" instead.
+                 kernels/int4.py, 4.5 bits/weight). With fewer than DP_MIN_M rows (decode) x is
+                 quantised to int8 per block of 32 inputs and multiplied with the codes in integers
+                 (llama.cpp's way), the product of the dequantised x and W in the C kernel's float
+                 order: int4.linear_decode, bitwise the C kernel. With DP_MIN_M rows or more W is bf16
+                 of its float32 dequantisation and x rounded to bf16, like "int8". A matrix whose
+                 in_features is not a multiple of 256 is packed as "int8" instead.
 (`linear_operands` returns the float32 x and W a call stands for.)
 
 Measured accuracy (benchmarks/bench_kernels.py, Gaussian x and W, K = 2304 / 9216, relative RMS
@@ -140,13 +143,20 @@ def linear_operands(x, w, fmt="float32", scales=None, block=0):
         x = _round_bf16(x)
         if fmt in ("int8", "int4"):
             wf = _round_bf16(wf)
+    elif fmt == "int4":  # decode: x as its int8 quantisation stands for it
+        q, sx = int4.quantize_x(x)
+        x = (q.reshape(x.shape[0], -1, int4.SUB) * sx[:, :, None]).reshape(x.shape).astype(np.float32)
     return x, wf
 
 
 def linear(x, w, fmt="float32", scales=None, bias=None, block=0, n_threads=None, out=None):
     """y (M, N) = x (M, K) @ W^T (+ bias), W as described by fmt (see module doc)."""
-    x, wf = linear_operands(x, w, fmt, scales, block)
-    y = x @ wf.T
+    x = np.asarray(x, np.float32)
+    if fmt == "int4" and x.shape[0] < DP_MIN_M:
+        y = int4.linear_decode(x, w, scales)
+    else:
+        x, wf = linear_operands(x, w, fmt, scales, block)
+        y = x @ wf.T
     if bias is not None:
         y = y + np.asarray(bias, np.float32)
     return _put(out, y.astype(np.float32, copy=False))
