@@ -40,7 +40,14 @@ def _nbytes(a):
 def _handle_bytes(h):
     if isinstance(h, LinearHandle):
         return _nbytes(h.w) + (_nbytes(h.scales) if h.scales is not None else 0)
-    return _nbytes(h)
+    w = getattr(h, "w", h)  # the reference backend's ReferenceLinear, or a plain matrix
+    return _nbytes(getattr(w, "raw", w))
+
+
+def _shape(h):
+    """(in, out) of a linear handle of any backend"""
+    w = getattr(h, "w", h)
+    return int(w.shape[1]), int(w.shape[0])
 
 
 def _op_bytes(name, args, out):
@@ -66,17 +73,36 @@ class OpTimer:
         self.be = backend
         self.on = False
         self.rec = defaultdict(lambda: [0, 0.0, 0.0, 0])  # key -> calls, wall, cpu, bytes
+        self.depth = 0  # only the outermost backend call is timed (a backend's linear_many may call its linear)
+        self.tape, self.mode, self.pos = [], None, 0  # --replay: "record" the ops' outputs, then "replay" them
         for name in OPS:
             orig = getattr(backend, name)
             setattr(backend, name, self._wrap(name, orig))
 
     def _wrap(self, name, orig):
         def timed(*args, **kw):
+            if self.depth:  # called from inside another backend method: part of that one
+                return orig(*args, **kw)
+            if self.mode == "record":
+                self.depth += 1
+                try:
+                    out = orig(*args, **kw)
+                finally:
+                    self.depth -= 1
+                self.tape.append(out)
+                return out
+            if self.mode == "replay":  # no kernel runs: what is left is the model's own Python
+                self.pos += 1
+                return self.tape[self.pos - 1]
             if not self.on:
                 return orig(*args, **kw)
-            w0, c0 = time.perf_counter(), time.thread_time()
-            out = orig(*args, **kw)
-            w1, c1 = time.perf_counter(), time.thread_time()
+            self.depth += 1
+            try:
+                w0, c0 = time.perf_counter(), time.thread_time()
+                out = orig(*args, **kw)
+                w1, c1 = time.perf_counter(), time.thread_time()
+            finally:
+                self.depth -= 1
             r = self.rec[self._key(name, args)]
             r[0] += 1
             r[1] += w1 - w0
@@ -88,9 +114,9 @@ class OpTimer:
     @staticmethod
     def _key(name, args):
         if name == "linear":
-            return "linear %d->%d" % (args[1].in_features, args[1].out_features) if isinstance(args[1], LinearHandle) else name
+            return "linear %d->%d" % _shape(args[1])
         if name == "linear_many":
-            return "linear_many " + "+".join(str(h.out_features) for h in args[1])
+            return "linear_many " + "+".join(str(_shape(h)[1]) for h in args[1])
         if name == "attention":
             return "attention " + ("sliding" if args[8] is not None else "global")
         return name
@@ -106,6 +132,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--replay", action="store_true", help="also time a step whose backend calls return the "
+                    "outputs recorded in the previous step (the model's Python alone: validation, cache, "
+                    "masks, reshapes, residual adds)")
     a = ap.parse_args(argv)
 
     kw = {"n_threads": a.threads} if a.backend == "native" and a.threads else {}
@@ -116,9 +145,9 @@ def main(argv=None):
     timer = OpTimer(model.backend)
     rng = np.random.default_rng(a.seed)
     ids = rng.integers(0, cfg.vocab_size, (1, a.depth), dtype=np.int64)
-    cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=a.depth + a.steps + 1,
+    cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=a.depth + a.steps + 8,
                         **({"dtype": a.cache_dtype} if a.cache_dtype else {}))
-    mask = np.ones((1, a.depth + a.steps + 1), np.int64)
+    mask = np.ones((1, a.depth + a.steps + 8), np.int64)
     out = model(input_ids=ids, attention_mask=mask[:, :a.depth], past_key_values=cache, use_cache=True,
                 logits_to_keep=1)
     tok = int(np.argmax(out.logits[0, -1]))
@@ -157,13 +186,29 @@ def main(argv=None):
         tw, tc, tb = tw + w, tc + c, tb + b
         print("| %s | %d | %.3f | %.3f | %.2f | %.1f | %.1f |" % (
             key, calls // n, 1e3 * w, 1e3 * c, b / 1e6, b / c / 1e9 if c > 0 else 0.0, 100 * c / step_cpu))
-    print("| model python (rest) | | %.3f | %.3f | | | %.1f |" % (
+    print("| model python (rest; includes these timers' own ~10 us per call) | | %.3f | %.3f | | | %.1f |" % (
         1e3 * (step_wall - tw), 1e3 * (step_cpu - tc), 100 * (step_cpu - tc) / step_cpu))
     print("| **step** | | %.3f | %.3f | %.2f | %.1f | 100 |" % (1e3 * step_wall, 1e3 * step_cpu, tb / 1e6,
                                                                  tb / step_cpu / 1e9))
+    replay = None
+    if a.replay:
+        timer.mode = "record"
+        tok = step(a.depth + 1 + n, tok)
+        timer.mode = "replay"
+        best = float("inf")
+        for r in range(5):  # the recorded step's outputs, at the next positions (the cache grows by a row)
+            timer.pos = 0
+            c0 = time.thread_time()
+            step(a.depth + 2 + n + r, tok)
+            best = min(best, time.thread_time() - c0)
+        timer.mode = None
+        replay = best
+        print("model python alone (backend calls replayed from a recorded step): %.3f ms cpu per step" % (1e3 * best))
     print("minor page faults per step: %.1f; context switches per step: %.1f voluntary (a thread slept: "
           "OpenMP waits), %.1f involuntary; process CPU per step (all threads, spinning included): %.3f ms"
           % (flt, vcs, ivcs, 1e3 * sum(procs) / n))
+    return {"ops": {k: tuple(v) for k, v in timer.rec.items()}, "steps": n, "step_cpu": step_cpu,
+            "replay_cpu": replay, "model": model}
 
 
 if __name__ == "__main__":
