@@ -202,51 +202,67 @@ static G2_TGT void prep_x_q4_0_avx512(const float *x, int64_t M, int64_t K, uint
 }
 #endif
 
-/* decode: x prepared once, rows of W in fixed blocks (the same for any thread count; every row's
- * arithmetic is the same in a 4-row tile or alone) */
+/* decode: x prepared once, then the rows of every matrix in fixed blocks of Q40_ROWS (the same for any
+ * thread count; every row's arithmetic is the same in a 4-row tile or alone), all blocks of all parts
+ * in one parallel loop */
 #define Q40_ROWS 32
-static int decode_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
-                       int64_t N, float *y, int n_threads) {
+static void decode_block(const uint8_t *xp, int64_t xrow, int64_t M, int64_t K, const uint8_t *codes,
+                         const uint16_t *scales, int64_t N, float *y, int64_t n0, int64_t n1, int simd) {
+#if G2_X86
+    if (simd) {
+        const int vnni = simd == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
+        for (int64_t m = 0; m < M; m++) {
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) {
+                if (vnni) tile_q40_vnni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+                else tile_q40_bw(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+            }
+            for (; n < n1; n++) {
+                if (vnni) tile_q40_vnni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+                else tile_q40_bw(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+            }
+        }
+        return;
+    }
+#endif
+    (void)simd;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = row_q4_0_scalar(xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32));
+}
+
+static int decode_q4_0(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                       const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads) {
     const int64_t ng = (K / 32 + 3) / 4, xrow = ng * XG;
     uint8_t *xp = (uint8_t *)malloc((size_t)(M * xrow));
     if (!xp) return -1;
-    /* streaming the 4.5-bit weights; the integer tiles cost about as much per weight as vdpbf16ps per
-     * multiply-add (as int4's decode) */
-    const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
-                                                     (double)M * (double)N * (double)K * G2_NS_PER_MAC_BF16DP);
-    const int64_t nblk = (N + Q40_ROWS - 1) / Q40_ROWS;
-    int64_t jb;
 #if G2_X86
     const int simd = g2_get_simd();
-    if (simd) {
-        prep_x_q4_0_avx512(x, M, K, xp);
-        const int vnni = simd == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nblk > 1)
-        for (jb = 0; jb < nblk; jb++) {
-            const int64_t n0 = jb * Q40_ROWS, n1 = G2_MIN(N, n0 + Q40_ROWS);
-            for (int64_t m = 0; m < M; m++) {
-                int64_t n = n0;
-                for (; n + 4 <= n1; n += 4) {
-                    if (vnni) tile_q40_vnni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
-                    else tile_q40_bw(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
-                }
-                for (; n < n1; n++) {
-                    if (vnni) tile_q40_vnni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
-                    else tile_q40_bw(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
-                }
-            }
-        }
-        free(xp);
-        return 0;
-    }
+    if (simd) prep_x_q4_0_avx512(x, M, K, xp);
+    else
+#else
+    const int simd = 0;
 #endif
-    prep_x_q4_0(x, M, K, xp);
+        prep_x_q4_0(x, M, K, xp);
+    int64_t first[G2_MAX_PARTS + 1];
+    double Ntot = 0.0;
+    first[0] = 0;
+    for (int p = 0; p < nparts; p++) {
+        first[p + 1] = first[p] + (N[p] > 0 ? (N[p] + Q40_ROWS - 1) / Q40_ROWS : 0);
+        Ntot += (double)(N[p] > 0 ? N[p] : 0);
+    }
+    const int64_t nblk = first[nparts];
+    /* streaming the 4.5-bit weights; the integer tiles cost about as much per weight as vdpbf16ps per
+     * multiply-add (as int4's decode) */
+    const int nt = g2_par_threads(NT(n_threads), Ntot * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
+                                                     (double)M * Ntot * (double)K * G2_NS_PER_MAC_BF16DP);
+    int64_t jb;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nblk > 1)
     for (jb = 0; jb < nblk; jb++) {
-        const int64_t n0 = jb * Q40_ROWS, n1 = G2_MIN(N, n0 + Q40_ROWS);
-        for (int64_t n = n0; n < n1; n++)
-            for (int64_t m = 0; m < M; m++)
-                y[m * N + n] = row_q4_0_scalar(xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32));
+        int p = 0;
+        while (jb >= first[p + 1]) p++;
+        const int64_t n0 = (jb - first[p]) * Q40_ROWS, n1 = G2_MIN(N[p], n0 + Q40_ROWS);
+        decode_block(xp, xrow, M, K, codes[p], scales[p], N[p], y[p], n0, n1, simd);
     }
     free(xp);
     return 0;
@@ -283,12 +299,9 @@ void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N,
     for (n = 0; n < N; n++) widen_q4_0_row(codes + n * (K / 2), scales + n * (K / 32), K, out + n * K);
 }
 
-int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
-                   int64_t N, float *y, int n_threads) {
-    if (M <= 0 || N <= 0) return 0;
-    if (K <= 0 || K % 32) return -2;
-    const int dp = M >= G2_DP_MIN_M;
-    if (!dp) return decode_q4_0(x, M, K, codes, scales, N, y, n_threads);
+/* prefill, one matrix */
+static int prefill_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                        int64_t N, float *y, int n_threads) {
     /* prefill: rows per block ~256 KB of widened float32 rows, a multiple of 4; fixed by K alone */
     int64_t R = (256 * 1024) / (K * 4);
     R = R / 4 * 4;
@@ -333,4 +346,24 @@ int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
     }
     free(scratch_all);
     return fail ? -1 : 0;
+}
+
+int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads) {
+    if (M <= 0 || nparts <= 0) return 0;
+    if (nparts > G2_MAX_PARTS) return -2;
+    if (K <= 0 || K % 32) return -2;
+    if (M < G2_DP_MIN_M) return decode_q4_0(x, M, K, nparts, codes, scales, N, y, n_threads);
+    for (int p = 0; p < nparts; p++) {
+        if (N[p] <= 0) continue;
+        const int rc = prefill_q4_0(x, M, K, codes[p], scales[p], N[p], y[p], n_threads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                   int64_t N, float *y, int n_threads) {
+    if (M <= 0 || N <= 0) return 0;
+    return g2_linear_q4_0_multi(x, M, K, 1, &codes, &scales, &N, &y, n_threads);
 }

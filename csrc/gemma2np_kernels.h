@@ -129,6 +129,11 @@ void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N,
                         int n_threads);
 int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                    int64_t N, float *y, int n_threads);
+/* several q4_0 matrices of the same x (q/k/v, gate/up): x quantised once (decode) and every matrix's row
+ * blocks in one parallel loop; each y[p] exactly g2_linear_q4_0's. 1..G2_MAX_PARTS parts; returns as
+ * g2_linear_q4_0, -2 also for too many parts. */
+int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads);
 
 /* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
  * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */

@@ -196,6 +196,62 @@ def test_linear_q4_0_decode_special_x(simd):
     assert sx[0, 0] == 0 and np.all(q[0, :32] == 0) and sx[6, 10] == 0 and np.all(q[6, 320:352] == 0)
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(M=st.sampled_from([1, 4, 7, 8, 19]), Ns=st.lists(st.integers(0, 37), min_size=1, max_size=4),
+       nb=st.sampled_from([1, 5, 8]), threads=st.sampled_from([1, 2, 3]), seed=st.integers(0, 2**31))
+def test_linear_q4_0_multi_equals_separate_calls(simd, M, Ns, nb, threads, seed):
+    """q/k/v or gate/up in one call (x quantised once): each result bitwise linear_q4_0's, empty parts too"""
+    r = np.random.default_rng(seed)
+    K = 32 * nb
+    x = r.standard_normal((M, K), dtype=np.float32)
+    packed = [q4_0.from_gguf_blocks(_gguf_q4_0(r, n, K)) if n else
+              (np.zeros((0, K // 2), np.uint8), np.zeros((0, nb), np.uint16)) for n in Ns]
+    ys = nat.linear_q4_0_multi(x, [c for c, _ in packed], [s for _, s in packed], n_threads=threads)
+    assert len(ys) == len(Ns)
+    for y, (c, s), n in zip(ys, packed, Ns):
+        assert y.shape == (M, n)
+        np.testing.assert_array_equal(y, nat.linear_q4_0(x, c, s, n_threads=1))
+
+
+@pytest.mark.parametrize("M", [1, 5, 9])
+def test_native_backend_linear_many_fuses_q4_0(M):
+    """NativeBackend.linear_many (q/k/v, gate/up) on q4_0 handles: each output bitwise linear(x, h) and,
+    decoding, bitwise the twin backend's; a handle with a bias falls back to separate calls alike"""
+    from gemma2np.kernels.handles import LinearHandle
+    from gemma2np.kernels.native import NativeBackend
+
+    r = np.random.default_rng(M)
+    K = 32 * 9
+    hs = [LinearHandle("q4_0", *q4_0.from_gguf_blocks(_gguf_q4_0(r, n, K)), block=32) for n in (24, 8, 8)]
+    x = r.standard_normal((1, M, K), dtype=np.float32)
+    be, tw = NativeBackend(n_threads=2), ref.TwinBackend()
+    ys = be.linear_many(x, hs)
+    for y, h in zip(ys, hs):
+        assert y.shape == (1, M, h.out_features)
+        np.testing.assert_array_equal(y, be.linear(x, h))
+    if M < ref.DP_MIN_M:
+        for y, yt in zip(ys, tw.linear_many(x, hs)):
+            np.testing.assert_array_equal(y, yt)
+    hb = LinearHandle("q4_0", hs[1].w, hs[1].scales, 32, r.standard_normal(8, dtype=np.float32))
+    for y, h in zip(be.linear_many(x, [hs[0], hb]), [hs[0], hb]):
+        np.testing.assert_array_equal(y, be.linear(x, h))
+
+
+def test_linear_q4_0_multi_bad_input():
+    r = np.random.default_rng(0)
+    c, s = q4_0.from_gguf_blocks(_gguf_q4_0(r, 3, 64))
+    c2, s2 = q4_0.from_gguf_blocks(_gguf_q4_0(r, 3, 96))
+    x = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="matrix 1 expects 96"):
+        nat.linear_q4_0_multi(x, [c, c2], [s, s2])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_q4_0_multi(x, [c], [s, s])
+    with pytest.raises(ValueError, match="pairs"):
+        nat.linear_q4_0_multi(x, [c] * (nat.MAX_PARTS + 1), [s] * (nat.MAX_PARTS + 1))
+    with pytest.raises(ValueError, match="scales must have shape"):
+        nat.linear_q4_0_multi(x, [c], [s[:, :1].copy()])
+
+
 def test_linear_q4_0_bad_input():
     codes = np.zeros((3, 16), np.uint8)
     scales = np.zeros((3, 1), np.uint16)
