@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # csrc/g2_*.c, one job each (csrc/g2_internal.h lists them)
 KERNEL_SOURCES = ["dispatch", "linear", "linear_drive", "attention", "elementwise", "int4", "q4_0",
                   "int4_quant"]
-KERNEL_HEADERS = ["gemma2np_kernels", "g2_internal", "g2_simd_math", "g2_linear"]
+KERNEL_HEADERS = ["g2_xq8", "gemma2np_kernels", "g2_internal", "g2_simd_math", "g2_linear"]
 
 
 def _warn(msg):

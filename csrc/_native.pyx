@@ -38,6 +38,8 @@ cdef extern from "gemma2np_kernels.h" nogil:
                             int n_threads)
     int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                        int64_t N, float *y, int n_threads)
+    int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t **codes,
+                             const uint16_t **scales, const int64_t *N, float **y, int n_threads)
     void g2_f32_to_bf16(const float *x, uint16_t *out, int64_t n, int n_threads)
     void g2_quantize_int8(const void *w, int src_bf16, int64_t N, int64_t K, int64_t block, int8_t *q,
                           float *scales, int n_threads)
@@ -359,6 +361,46 @@ def linear_q4_0(x, codes, scales, bias=None, n_threads=None, out=None):
     if bias is not None:
         y += bias
     return y
+
+
+def linear_q4_0_multi(x, codes, scales, n_threads=None):
+    """[linear_q4_0(x, c, s) for c, s in zip(codes, scales)] in one call: x is quantised once (decode)
+    and every matrix's row blocks share one parallel loop; each result equals linear_q4_0's exactly.
+    1..G2_MAX_PARTS matrices with K columns. Returns a list of (M, N_i)."""
+    _check(x, "x", np.float32, 2)
+    codes, scales = list(codes), list(scales)
+    cdef int P = len(codes)
+    if P < 1 or P > G2_MAX_PARTS or len(scales) != P:
+        raise ValueError("linear_q4_0_multi takes 1..%d (codes, scales) pairs, got %d codes and %d scales"
+                         % (G2_MAX_PARTS, P, len(scales)))
+    cdef int64_t M = x.shape[0], K = x.shape[1]
+    cdef const uint8_t *cp[16]
+    cdef const uint16_t *sp[16]
+    cdef float *yp[16]
+    cdef int64_t Np[16]
+    cdef cnp.ndarray a
+    ys = []
+    for i in range(P):
+        n_i, k_i = _check_q4_0(codes[i], scales[i])
+        if k_i != K:
+            raise ValueError("x has %d features, q4_0 matrix %d expects %d" % (K, i, k_i))
+        Np[i] = n_i
+        a = codes[i]
+        cp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
+        a = scales[i]
+        sp[i] = <const uint16_t *>cnp.PyArray_DATA(a)
+        y = np.empty((M, n_i), np.float32)
+        ys.append(y)
+        a = y
+        yp[i] = <float *>cnp.PyArray_DATA(a)
+    cdef int nt = _threads(n_threads)
+    cdef cnp.ndarray xa = x
+    cdef int rc
+    with nogil:
+        rc = g2_linear_q4_0_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, sp, Np, yp, nt)
+    if rc != 0:
+        raise MemoryError("g2_linear_q4_0_multi: out of memory")
+    return ys
 
 
 def linear_int4(x, codes, meta, bias=None, n_threads=None, out=None):

@@ -14,6 +14,7 @@
  * count, the tiling or M. */
 #include "g2_internal.h"
 #include "g2_linear.h"
+#include "g2_xq8.h"
 
 #include <float.h>
 
@@ -137,26 +138,10 @@ static void prep_x(const float *x, int64_t M, int64_t K, uint8_t *xp) {
             int8_t *xq = (int8_t *)blk;
             float sxx[16], qv[16];
             for (int j = 0; j < 8; j++) {
-                const float *xb = x + m * K + s * 256 + j * 32;
-                float amax = 0.0f;
-                int nan = 0;
-                for (int i = 0; i < 32; i++) {
-                    const float a = fabsf(xb[i]);
-                    if (a != a) nan = 1;
-                    if (a > amax) amax = a;
-                }
-                const float sx = nan ? NAN : amax / 127.0f;
-                const int ok = sx > 0.0f && sx <= FLT_MAX; /* 0, inf, NaN: q = 0 */
-                int qs = 0;
-                for (int i = 0; i < 32; i++) {
-                    int q = 0;
-                    if (ok) {
-                        const float r = rintf(xb[i] / sx); /* RNE (the default rounding mode) */
-                        q = r > 127.0f ? 127 : (r < -127.0f ? -127 : (int)r);
-                    }
-                    qs += q;
-                    xq[(j / 4) * 128 + (i & 1) * 64 + (j % 4) * 16 + i / 2] = (int8_t)q;
-                }
+                int8_t q[32];
+                int qs;
+                const float sx = g2_xq8_block(x + m * K + s * 256 + j * 32, q, &qs);
+                for (int i = 0; i < 32; i++) xq[(j / 4) * 128 + (i & 1) * 64 + (j % 4) * 16 + i / 2] = q[i];
                 sxx[j] = sxx[8 + j] = sx;
                 qv[j] = 0.0f;
                 qv[8 + j] = (float)qs;
@@ -247,15 +232,7 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
 
 #if G2_X86
 #define G2_PF_I4(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) /* as the int8 decode tiles (g2_linear.c) */
-#define G2_TGT_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma,avx2")))
-
-/* the integer step: acc (16 dwords) += sum over each dword's 4 bytes of u (0..15) * q (int8) */
-G2_INLINE G2_TGT_VNNI __m512i dot_vnni(__m512i acc, __m512i u, __m512i q) { return _mm512_dpbusd_epi32(acc, u, q); }
-/* without VNNI (and at simd level 2, so tests run it): pairs to int16 (|15 * 127 * 2| < 2^15: no
- * saturation), pairs of those to int32: the same exact sums */
-G2_INLINE G2_TGT __m512i dot_bw(__m512i acc, __m512i u, __m512i q) {
-    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, q), _mm512_set1_epi16(1)));
-}
+/* G2_TGT_VNNI, dot_vnni, dot_bw: the integer step (g2_xq8.h, shared with g2_q4_0.c) */
 
 /* NR rows of W (NR <= 4) against one prepared x row, sharing its loads; per row exactly row_q_scalar's
  * arithmetic (16 lanes = its acc[16]; the integer lanes are the dword sums of dpbusd: dword l of the
@@ -315,31 +292,17 @@ G2_INLINE G2_TGT __m512i dot_bw(__m512i acc, __m512i u, __m512i q) {
 DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni)
 DEF_TILE_Q(tile_q_bw, G2_TGT, dot_bw)
 
-/* prep_x on AVX-512, bitwise the same (IEEE division, RNE rounding, exact integer sums) */
+/* prep_x on AVX-512, bitwise the same (g2_xq8.h: IEEE division, RNE rounding, exact integer sums) */
 static G2_TGT void prep_x_avx512(const float *x, int64_t M, int64_t K, uint8_t *xp) {
     const __m512i ev = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     const __m512i od = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
-    const __m512 absm = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-    const __m512i q127 = _mm512_set1_epi32(127), qm127 = _mm512_set1_epi32(-127);
     for (int64_t m = 0; m < M; m++)
         for (int64_t s = 0; s < K / 256; s++) {
             uint8_t *blk = xp + (m * (K / 256) + s) * XSB;
             float sxx[16], qv[16];
             for (int j = 0; j < 8; j++) {
-                const float *xb = x + m * K + s * 256 + j * 32;
-                const __m512 a = _mm512_loadu_ps(xb), b = _mm512_loadu_ps(xb + 16);
-                const int nan = (_mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(b, b, _CMP_UNORD_Q)) != 0;
-                const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_and_ps(a, absm), _mm512_and_ps(b, absm)));
-                const float sx = nan ? NAN : amax / 127.0f;
-                __m512i qa = _mm512_setzero_si512(), qb = _mm512_setzero_si512();
-                if (sx > 0.0f && sx <= FLT_MAX) {
-                    const __m512 vs = _mm512_set1_ps(sx);
-                    const int rn = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                    qa = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(a, vs), rn));
-                    qb = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_div_ps(b, vs), rn));
-                    qa = _mm512_max_epi32(_mm512_min_epi32(qa, q127), qm127);
-                    qb = _mm512_max_epi32(_mm512_min_epi32(qb, q127), qm127);
-                }
+                __m512i qa, qb;
+                const float sx = g2_xq8_block_avx512(x + m * K + s * 256 + j * 32, &qa, &qb);
                 int8_t *dst = (int8_t *)blk + (j / 4) * 128 + (j % 4) * 16;
                 _mm_storeu_si128((__m128i *)dst, _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qa, ev, qb)));
                 _mm_storeu_si128((__m128i *)(dst + 64), _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(qa, od, qb)));

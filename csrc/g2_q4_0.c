@@ -1,16 +1,17 @@
 /* linear with llama.cpp's Q4_0 weights (the layout of gemma2np/kernels/q4_0.py: per block of 32 inputs
  * 16 code bytes -- byte i: input i low nibble, input i + 16 high -- and one f16 d; w = d * (u - 8)).
  *
- * Decode (M < G2_DP_MIN_M): fused, the codes are widened in registers and never stored. Per weight row
- * and x row, 16 float32 lanes; per block b: t = xe * (lo - 8) + xo * (hi - 8); acc = acc + t * d_b, each
- * operation rounded on its own (no FMA; -ffp-contract=off), then the lanes summed as a fixed tree. The
- * AVX-512 path and the scalar path run exactly these operations, and kernels/q4_0.py's twin too, so
- * results are bitwise the twin's for any thread count (rows are shared out whole).
+ * Decode (M < G2_DP_MIN_M): x quantised to int8 per block of 32 once per call (the int4 decode's
+ * rounding, g2_xq8.h), exact integer dot products with the codes (vpdpbusd; AVX-512BW pairs without
+ * VNNI; plain C on the scalar path), then float32 scaling per block in one fixed order (the decode
+ * comment below), 4 W rows per tile sharing the x loads: bitwise the NumPy twin kernels/q4_0.py
+ * linear_decode for any thread count (rows are shared out in fixed blocks).
  * Prefill (M >= G2_DP_MIN_M): as g2_int4.c, fixed blocks of rows widened to float32 (exact) then bf16
  * (RNE; on AVX-512 in one pass, widen_q4_0_bf16_avx512) into per-thread scratch and run through g2_linear (G2_W_BF16DP, vdpbf16ps) on one thread:
  * bitwise g2_linear(..., G2_W_BF16DP) of the widened weights, for any thread count. */
 #include "g2_internal.h"
 #include "g2_linear.h"
+#include "g2_xq8.h"
 
 /* IEEE half -> float32, exact (denormals included; inf/NaN kept): g2_int4.c's, kept private there */
 static inline float q4_f16(uint16_t h) {
@@ -41,6 +42,59 @@ static void widen_q4_0_row(const uint8_t *codes, const uint16_t *sc, int64_t K, 
     }
 }
 
+/* ---- decode (M < G2_DP_MIN_M): x quantised to int8, integer dot products -------------------------
+ *
+ * llama.cpp's q4_0 x q8_0 dot product: each row of x is quantised once per call, per block of 32 inputs
+ * (one Q4_0 block), by the int4 decode's rounding (g2_xq8.h: q = rint(x / sx) in -127..127, sx =
+ * amax / 127; zero / inf / NaN blocks as there). Per row of W and block b, isum_b = sum (u - 8) q is an
+ * exact integer, and y = sum_b (d_b sx_b) isum_b: the dot product of the dequantised W with the
+ * dequantised x. The float work, in one fixed order (the NumPy twin kernels/q4_0.py linear_decode
+ * replays it, so every output is bitwise the twin's):
+ *   - the blocks go in groups of 4 (128 inputs; the last group padded with blocks of q = 0, sx = 0,
+ *     d = 0, which add +0 to each lane and so change nothing); 16 lanes, lane l of group g holds the
+ *     exact integer sum of (u - 8) q over the 8 inputs 32b + 4r .. + 3 and 32b + 16 + 4r .. + 3 of
+ *     block b = 4g + l/4, r = l % 4 (|sum| <= 8 * 8 * 127 < 2^24: exact as a float);
+ *   - S_b = d_b * sx_b (one rounding); acc_l = acc_l + (float)isum_l * S_{4g + l/4} (multiply, then
+ *     add, no FMA);
+ *   - y = the lanes summed as a fixed tree (l + 8, then + 4, + 2, + 1).
+ * The integer sum is formed as sum u q - 8 sum q (both exact in int32: the same integer), which lets
+ * vpdpbusd (unsigned u x signed q) do it; the 8 sum q per lane comes with the prepared x. Nothing
+ * depends on the thread count, the rows per tile or M. Accuracy: docs/precision.md (GGUF). */
+
+#define XG 256 /* one prepared group of 4 blocks of an x row: 128 int8 q, 16 int32, 16 floats */
+
+/* x (M, K) -> xp: per row and group g (ceil(nb / 4) groups), XG bytes:
+ *   [0, 64)     q of inputs 32b + i, i < 16 (block b = 4g + j at bytes 16j .. 16j + 15): the low nibbles
+ *   [64, 128)   q of inputs 32b + 16 + i: the high nibbles
+ *   [128, 192)  int32 q8[16]: lane l = 8 * (sum of q over lane l's 8 inputs)
+ *   [192, 256)  float sx[16]: lane l = sx of block 4g + l/4
+ * padded blocks (b >= nb): q = 0, sx = 0 */
+static void prep_x_q4_0(const float *x, int64_t M, int64_t K, uint8_t *xp) {
+    const int64_t nb = K / 32, ng = (nb + 3) / 4;
+    memset(xp, 0, (size_t)(M * ng * XG));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *grp = xp + (m * ng + b / 4) * XG;
+            const int j = (int)(b % 4);
+            int8_t q[32];
+            int qs;
+            const float sx = g2_xq8_block(x + m * K + b * 32, q, &qs);
+            (void)qs;
+            memcpy(grp + 16 * j, q, 16);
+            memcpy(grp + 64 + 16 * j, q + 16, 16);
+            int32_t q8[4];
+            float sx4[4];
+            for (int r = 0; r < 4; r++) {
+                int t = 0;
+                for (int i = 4 * r; i < 4 * r + 4; i++) t += q[i] + q[16 + i];
+                q8[r] = 8 * t;
+                sx4[r] = sx;
+            }
+            memcpy(grp + 128 + 16 * j, q8, 16);
+            memcpy(grp + 192 + 16 * j, sx4, 16);
+        }
+}
+
 /* the lane tree of the twin (kernels/q4_0.py _lane_tree): l + 8, then + 4, + 2, + 1 */
 static inline float lane_tree(const float *a) {
     float s8[8], s4[4];
@@ -49,54 +103,170 @@ static inline float lane_tree(const float *a) {
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-/* one weight row against M x rows, scalar */
-static void row_q4_0_scalar(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *sc,
-                            float *y, int64_t ldy) {
-    for (int64_t m = 0; m < M; m++) {
-        float acc[16] = {0};
-        const float *xm = x + m * K;
-        for (int64_t b = 0; b < K / 32; b++) {
-            const float d = q4_f16(sc[b]);
-            const uint8_t *c = codes + b * 16;
-            for (int l = 0; l < 16; l++) {
-                const float t = xm[b * 32 + l] * (float)((int)(c[l] & 15) - 8) +
-                                xm[b * 32 + 16 + l] * (float)((int)(c[l] >> 4) - 8);
-                acc[l] = acc[l] + t * d;
-            }
+/* one row of W against one prepared x row, scalar (the reference order) */
+static float row_q4_0_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes, const uint16_t *sc) {
+    const int64_t nb = K / 32, ng = (nb + 3) / 4;
+    float acc[16] = {0};
+    for (int64_t g = 0; g < ng; g++) {
+        const uint8_t *grp = xp + g * XG;
+        const int8_t *ql = (const int8_t *)grp, *qh = (const int8_t *)(grp + 64);
+        int32_t q8[16];
+        float sx[16];
+        memcpy(q8, grp + 128, sizeof q8);
+        memcpy(sx, grp + 192, sizeof sx);
+        for (int l = 0; l < 16; l++) {
+            const int64_t b = 4 * g + l / 4;
+            const float d = b < nb ? q4_f16(sc[b]) : 0.0f;
+            int32_t isum = 0;
+            if (b < nb)
+                for (int i = 4 * (l % 4); i < 4 * (l % 4) + 4; i++) {
+                    const int c = codes[b * 16 + i];
+                    isum += (c & 15) * ql[16 * (l / 4) + i] + (c >> 4) * qh[16 * (l / 4) + i];
+                }
+            isum -= q8[l];
+            acc[l] = acc[l] + (float)isum * (d * sx[l]);
         }
-        y[m * ldy] = lane_tree(acc);
     }
+    return lane_tree(acc);
 }
 
 #if G2_X86
-/* the same operations 16 lanes at a time; x rows handled in groups of up to 4 per pass over the row */
-static G2_TGT void row_q4_0_avx512(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *sc,
-                                   float *y, int64_t ldy) {
-    const __m512i m15 = _mm512_set1_epi32(15), e8 = _mm512_set1_epi32(8);
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int nm = (int)G2_MIN(4, M - m0);
-        __m512 acc[4];
-        for (int j = 0; j < nm; j++) acc[j] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < K / 32; b++) {
-            const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
-            const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, m15), e8));
-            const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), e8));
-            const __m512 vd = _mm512_set1_ps(q4_f16(sc[b]));
-            for (int j = 0; j < nm; j++) {
-                const float *xb = x + (m0 + j) * K + b * 32;
-                const __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(xb), lo),
-                                               _mm512_mul_ps(_mm512_loadu_ps(xb + 16), hi));
-                acc[j] = _mm512_add_ps(acc[j], _mm512_mul_ps(t, vd));
-            }
-        }
-        for (int j = 0; j < nm; j++) {
-            float a[16];
-            _mm512_storeu_ps(a, acc[j]);
-            y[(m0 + j) * ldy] = lane_tree(a);
-        }
+#define G2_PF_Q4(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) /* as the int4 decode tiles */
+
+/* NR rows of W (NR <= 4) against one prepared x row, sharing its loads; per row exactly
+ * row_q4_0_scalar's arithmetic (the integer lanes are dpbusd's dword sums: dword l of the 64 code bytes
+ * of a group = bytes 4l .. 4l + 3 = block l/4, inputs 4r .. 4r + 3 (low nibbles) and + 16 (high)).
+ * The last group's codes and scales are read with masked loads (zeros past the row's end). */
+#define DEF_TILE_Q40(NAME, TGT, DOT)                                                                       \
+    static TGT __attribute__((noinline)) void NAME(const int NR, const uint8_t *xp, int64_t K,            \
+                                                   const uint8_t *w, const uint16_t *sc, float *y,        \
+                                                   int64_t ldy, const int PF) {                           \
+        const int64_t nb = K / 32, ng = (nb + 3) / 4, wrow = K / 2;                                        \
+        const __m512i m15 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();                           \
+        const __m512i iA = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);               \
+        __m512 acc[4];                                                                                     \
+        int n;                                                                                             \
+        for (n = 0; n < NR; n++) acc[n] = _mm512_setzero_ps();                                             \
+        for (int64_t g = 0; g < ng; g++) {                                                                 \
+            const uint8_t *xs = xp + g * XG;                                                               \
+            const __m512i xl = _mm512_loadu_si512(xs), xh = _mm512_loadu_si512(xs + 64);                   \
+            const __m512i q8 = _mm512_loadu_si512(xs + 128);                                               \
+            const __m512 sx = _mm512_loadu_ps(xs + 192);                                                   \
+            const int64_t left = nb - 4 * g;                                                               \
+            const __mmask64 cm = left >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * left)) - 1);          \
+            const __mmask8 dm = left >= 4 ? (__mmask8)15 : (__mmask8)((1u << left) - 1);                   \
+            if (PF)                                                                                        \
+                for (n = 0; n < NR; n++) G2_PF_Q4(w + (NR + n) * wrow + g * 64);                           \
+            for (n = 0; n < NR; n++) {                                                                     \
+                const __m512i ca = _mm512_maskz_loadu_epi8(cm, w + n * wrow + g * 64);                     \
+                const __m512 d4 = _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_maskz_loadu_epi16(dm, sc + n * nb + 4 * g))); \
+                const __m512 S = _mm512_mul_ps(_mm512_permutexvar_ps(iA, d4), sx);                         \
+                __m512i ia = DOT(zero, _mm512_and_si512(ca, m15), xl);                                     \
+                ia = DOT(ia, _mm512_and_si512(_mm512_srli_epi16(ca, 4), m15), xh);                         \
+                ia = _mm512_sub_epi32(ia, q8);                                                             \
+                acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ia), S));                  \
+            }                                                                                              \
+        }                                                                                                  \
+        for (n = 0; n < NR; n++) {                                                                         \
+            float a[16];                                                                                   \
+            _mm512_storeu_ps(a, acc[n]);                                                                   \
+            y[n * ldy] = lane_tree(a);                                                                     \
+        }                                                                                                  \
     }
+DEF_TILE_Q40(tile_q40_vnni, G2_TGT_VNNI, dot_vnni)
+DEF_TILE_Q40(tile_q40_bw, G2_TGT, dot_bw)
+
+/* prep_x_q4_0 on AVX-512, bitwise the same (g2_xq8.h; exact integer sums) */
+static G2_TGT void prep_x_q4_0_avx512(const float *x, int64_t M, int64_t K, uint8_t *xp) {
+    const int64_t nb = K / 32, ng = (nb + 3) / 4;
+    /* 16 int32 q (inputs 0..15 of a half) -> their sums in 4s: lane r = q[4r] + .. + q[4r + 3] */
+    memset(xp, 0, (size_t)(M * ng * XG));
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t b = 0; b < nb; b++) {
+            uint8_t *grp = xp + (m * ng + b / 4) * XG;
+            const int j = (int)(b % 4);
+            __m512i qa, qb;
+            const float sx = g2_xq8_block_avx512(x + m * K + b * 32, &qa, &qb);
+            _mm_storeu_si128((__m128i *)(grp + 16 * j), _mm512_cvtepi32_epi8(qa));
+            _mm_storeu_si128((__m128i *)(grp + 64 + 16 * j), _mm512_cvtepi32_epi8(qb));
+            int32_t t[16], q8[4];
+            float sx4[4];
+            _mm512_storeu_si512(t, _mm512_add_epi32(qa, qb));
+            for (int r = 0; r < 4; r++) {
+                q8[r] = 8 * (t[4 * r] + t[4 * r + 1] + t[4 * r + 2] + t[4 * r + 3]);
+                sx4[r] = sx;
+            }
+            memcpy(grp + 128 + 16 * j, q8, 16);
+            memcpy(grp + 192 + 16 * j, sx4, 16);
+        }
 }
 #endif
+
+/* decode: x prepared once, then the rows of every matrix in fixed blocks of Q40_ROWS (the same for any
+ * thread count; every row's arithmetic is the same in a 4-row tile or alone), all blocks of all parts
+ * in one parallel loop */
+#define Q40_ROWS 32
+static void decode_block(const uint8_t *xp, int64_t xrow, int64_t M, int64_t K, const uint8_t *codes,
+                         const uint16_t *scales, int64_t N, float *y, int64_t n0, int64_t n1, int simd) {
+#if G2_X86
+    if (simd) {
+        const int vnni = simd == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
+        for (int64_t m = 0; m < M; m++) {
+            int64_t n = n0;
+            for (; n + 4 <= n1; n += 4) {
+                if (vnni) tile_q40_vnni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+                else tile_q40_bw(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+            }
+            for (; n < n1; n++) {
+                if (vnni) tile_q40_vnni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+                else tile_q40_bw(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+            }
+        }
+        return;
+    }
+#endif
+    (void)simd;
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = row_q4_0_scalar(xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32));
+}
+
+static int decode_q4_0(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                       const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads) {
+    const int64_t ng = (K / 32 + 3) / 4, xrow = ng * XG;
+    uint8_t *xp = (uint8_t *)malloc((size_t)(M * xrow));
+    if (!xp) return -1;
+#if G2_X86
+    const int simd = g2_get_simd();
+    if (simd) prep_x_q4_0_avx512(x, M, K, xp);
+    else
+#else
+    const int simd = 0;
+#endif
+        prep_x_q4_0(x, M, K, xp);
+    int64_t first[G2_MAX_PARTS + 1];
+    double Ntot = 0.0;
+    first[0] = 0;
+    for (int p = 0; p < nparts; p++) {
+        first[p + 1] = first[p] + (N[p] > 0 ? (N[p] + Q40_ROWS - 1) / Q40_ROWS : 0);
+        Ntot += (double)(N[p] > 0 ? N[p] : 0);
+    }
+    const int64_t nblk = first[nparts];
+    /* streaming the 4.5-bit weights; the integer tiles cost about as much per weight as vdpbf16ps per
+     * multiply-add (as int4's decode) */
+    const int nt = g2_par_threads(NT(n_threads), Ntot * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
+                                                     (double)M * Ntot * (double)K * G2_NS_PER_MAC_BF16DP);
+    int64_t jb;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && nblk > 1)
+    for (jb = 0; jb < nblk; jb++) {
+        int p = 0;
+        while (jb >= first[p + 1]) p++;
+        const int64_t n0 = (jb - first[p]) * Q40_ROWS, n1 = G2_MIN(N[p], n0 + Q40_ROWS);
+        decode_block(xp, xrow, M, K, codes[p], scales[p], N[p], y[p], n0, n1, simd);
+    }
+    free(xp);
+    return 0;
+}
 
 #if G2_X86
 /* prefill's widening straight to bf16, 32 weights at a time: the same d * (u - 8) (exact in float32), then
@@ -129,33 +299,9 @@ void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N,
     for (n = 0; n < N; n++) widen_q4_0_row(codes + n * (K / 2), scales + n * (K / 32), K, out + n * K);
 }
 
-int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
-                   int64_t N, float *y, int n_threads) {
-    if (M <= 0 || N <= 0) return 0;
-    if (K <= 0 || K % 32) return -2;
-    const int dp = M >= G2_DP_MIN_M;
-    if (!dp) { /* decode: every output one fixed sequence (see the top of the file) */
-        const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * (0.5625 * G2_NS_PER_WBYTE) +
-                                                         (double)M * (double)N * (double)K * G2_NS_PER_MAC_F32);
-#if G2_X86
-        const int simd = g2_get_simd();
-#else
-        const int simd = 0;
-#endif
-        int64_t n;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
-        for (n = 0; n < N; n++) {
-#if G2_X86
-            if (simd) {
-                row_q4_0_avx512(x, M, K, codes + n * (K / 2), scales + n * (K / 32), y + n, N);
-                continue;
-            }
-#endif
-            (void)simd;
-            row_q4_0_scalar(x, M, K, codes + n * (K / 2), scales + n * (K / 32), y + n, N);
-        }
-        return 0;
-    }
+/* prefill, one matrix */
+static int prefill_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                        int64_t N, float *y, int n_threads) {
     /* prefill: rows per block ~256 KB of widened float32 rows, a multiple of 4; fixed by K alone */
     int64_t R = (256 * 1024) / (K * 4);
     R = R / 4 * 4;
@@ -200,4 +346,24 @@ int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, c
     }
     free(scratch_all);
     return fail ? -1 : 0;
+}
+
+int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads) {
+    if (M <= 0 || nparts <= 0) return 0;
+    if (nparts > G2_MAX_PARTS) return -2;
+    if (K <= 0 || K % 32) return -2;
+    if (M < G2_DP_MIN_M) return decode_q4_0(x, M, K, nparts, codes, scales, N, y, n_threads);
+    for (int p = 0; p < nparts; p++) {
+        if (N[p] <= 0) continue;
+        const int rc = prefill_q4_0(x, M, K, codes[p], scales[p], N[p], y[p], n_threads);
+        if (rc) return rc;
+    }
+    return 0;
+}
+
+int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
+                   int64_t N, float *y, int n_threads) {
+    if (M <= 0 || N <= 0) return 0;
+    return g2_linear_q4_0_multi(x, M, K, 1, &codes, &scales, &N, &y, n_threads);
 }

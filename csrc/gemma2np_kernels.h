@@ -123,12 +123,17 @@ int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const
 /* llama.cpp Q4_0 weights (layout: gemma2np/kernels/q4_0.py; K a multiple of 32): codes (N, K/2), per
  * block of 32 byte i = input i (low nibble) and i + 16 (high), scales (N, K/32) f16 bits of d.
  * g2_dequantize_q4_0: out (N, K) float32 = d * (u - 8). g2_linear_q4_0: y (M, N) = x @ W^T, with
- * M < G2_DP_MIN_M the fused lane arithmetic of kernels/q4_0.py (bitwise its twin), else bf16 of W with x
- * rounded to bf16 (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 32. */
+ * M < G2_DP_MIN_M x rounded to int8 per 32 (as int4's decode) and integer dot products, the arithmetic of
+ * kernels/q4_0.py linear_decode (bitwise its twin), else bf16 of W with x rounded to bf16 (as int8). Returns 0, -1 on allocation failure, -2 if K is not a multiple of 32. */
 void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
                         int n_threads);
 int g2_linear_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                    int64_t N, float *y, int n_threads);
+/* several q4_0 matrices of the same x (q/k/v, gate/up): x quantised once (decode) and every matrix's row
+ * blocks in one parallel loop; each y[p] exactly g2_linear_q4_0's. 1..G2_MAX_PARTS parts; returns as
+ * g2_linear_q4_0, -2 also for too many parts. */
+int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const uint8_t *const *codes,
+                         const uint16_t *const *scales, const int64_t *N, float *const *y, int n_threads);
 
 /* Round float32 to bf16 bits exactly as x.astype(ml_dtypes.bfloat16): round to nearest even,
  * denormals kept, NaN -> 0x7FC0 / 0xFFC0 (sign kept, payload dropped). For weight packing. */

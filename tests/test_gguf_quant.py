@@ -191,9 +191,10 @@ def test_native_against_reference_and_llama_cpp(models, qtype):
     a, b = ref(input_ids=TOKENS).logits, nat(input_ids=TOKENS).logits
     # the documented bounds of the int8 / int4 kernels (tests/test_int4.py): prefill rounds x and W to bf16
     assert float(np.abs(a - b).max()) < 5e-2
-    short = TOKENS[:, :5]  # fewer than DP_MIN_M tokens: the decode kernels -- float32 x, except int4 (Q4_K),
-    # whose decode rounds x to int8 per 32 inputs (docs/precision.md): that bound is prefill's
-    bound = 5e-2 if qtype == "Q4_K_M" else 1e-3
+    short = TOKENS[:, :5]  # fewer than DP_MIN_M tokens: the decode kernels -- float32 x, except int4 (Q4_K)
+    # and q4_0 (Q4_0), whose decodes round x to int8 per 32 inputs as llama.cpp does (docs/precision.md):
+    # measured max |diff| 0.061 (Q4_0), 0.043 (Q4_K_M, bound: prefill's); the Q4_0 bound ~1.6x its value
+    bound = {"Q4_K_M": 5e-2, "Q4_0": 1e-1}.get(qtype, 1e-3)
     assert float(np.abs(ref(input_ids=short).logits - nat(input_ids=short).logits).max()) < bound
     g_ref = np.asarray(ref.generate(TOKENS, max_new_tokens=12, do_sample=False))
     g_nat = np.asarray(nat.generate(TOKENS, max_new_tokens=12, do_sample=False))

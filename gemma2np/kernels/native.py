@@ -150,7 +150,7 @@ class NativeBackend:
         hs = [h if isinstance(h, LinearHandle) else twins.pack(h, None, "float32", self.int8_block)
               for h in handles]
         h0 = hs[0]
-        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and h0.fmt != "q4_0" and all(
+        fusable = 1 < len(hs) <= self._nat.MAX_PARTS and all(
             h.fmt == h0.fmt and h.block == h0.block and h.in_features == h0.in_features and h.bias is None
             for h in hs)
         if not fusable:
@@ -158,6 +158,9 @@ class NativeBackend:
         x2, lead = as_2d(x, h0.in_features)
         if h0.fmt == "int4":  # x quantised / packed once for all of them
             ys = self._nat.linear_int4_multi(x2, [h.w for h in hs], [h.scales for h in hs], n_threads=self.n_threads)
+            return [y.reshape(lead + (h.out_features,)) for y, h in zip(ys, hs)]
+        if h0.fmt == "q4_0":  # x quantised once for all of them (decode)
+            ys = self._nat.linear_q4_0_multi(x2, [h.w for h in hs], [h.scales for h in hs], n_threads=self.n_threads)
             return [y.reshape(lead + (h.out_features,)) for y, h in zip(ys, hs)]
         ys = self._nat.linear_multi(x2, [h.w for h in hs], h0.fmt,
                                     [h.scales for h in hs] if h0.fmt == "int8" else None, h0.block,

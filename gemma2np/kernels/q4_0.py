@@ -11,12 +11,18 @@ Layout here (the same bits, aligned: the 18-byte blocks would put every row's co
 K is a multiple of 32. 16 + 2 bytes per 32 weights = 4.5 bits/weight: the GGUF's own size.
 
 linear(x (M, K)) -- this twin defines the arithmetic, the C kernel reproduces it bit for bit:
-* M < DP_MIN_M (decode): x stays float32 and the codes are never widened to a weight matrix. Per row
-  n and input row m, 16 float32 lanes l; for each block b (in order), xe = x[32b + l], xo = x[32b + 16 + l]:
-      t = xe * (lo - 8) + xo * (hi - 8)        (two products, one sum, each rounded: no FMA)
-      acc = acc + t * d_b                      (one product, one sum)
+* M < DP_MIN_M (decode): llama.cpp's q4_0 x q8_0 dot product. x is quantised per block of 32 inputs
+  by the int4 decode's rounding (kernels/int4.py quantize_x: q int8, scale sx per block), the codes are
+  never widened to a weight matrix, and per row n, input row m and block b the integer
+  isum = sum (u - 8) q is exact. The float work (csrc/g2_q4_0.c's decode comment): blocks in groups of
+  4, padded with empty blocks (q = 0, sx = 0, d = 0: they add +0); 16 float32 lanes, lane l of group g
+  the isum over the 8 inputs 32b + 4r .. + 3 and 32b + 16 + 4r .. + 3 of block b = 4g + l // 4,
+  r = l % 4;
+      acc_l = acc_l + float(isum_l) * (d_b * sx_b)        (each product and the sum rounded: no FMA)
   then y = the lanes summed as a fixed tree (lanes l + 8, then + 4, + 2, + 1). Each output is one fixed
-  sequence of float32 operations: the same for any thread count, batch size or SIMD path.
+  sequence of operations: the same for any thread count, batch size or SIMD path. y is the exact dot
+  product of the dequantised W with the dequantised x (q * sx) to float32 rounding; the rounding of x
+  (|x - q sx| <= sx / 2 = amax / 254 per block) is the error against float x.
 * M >= DP_MIN_M (prefill): x rounded to bf16 (RNE) and W to bf16 of its float32 dequantisation (RNE),
   then the product, as "int8" and "int4" do (the C kernel: vdpbf16ps on those operands, bitwise
   linear(..., "bfloat16_dp") of the widened weights; its sums are within float32 rounding of this twin).
@@ -87,19 +93,36 @@ def _lane_tree(acc):
 
 def linear_decode(x, codes, scales):
     """The decode arithmetic of the module doc: x (M, K) float32 -> (M, N) float32."""
+    from .int4 import quantize_x  # the activation rounding the int4 decode uses (one definition)
+
     f = np.float32
-    x = np.asarray(x, f)
-    M, K = x.shape
-    lo, hi = _nibbles(codes)
-    N, nb, _ = lo.shape
-    d = _d(scales)
-    xb = x.reshape(M, nb, 2, LANES)
-    acc = np.zeros((M, N, LANES), f)
-    for b in range(nb):
-        xe, xo = xb[:, None, b, 0], xb[:, None, b, 1]            # (M, 1, 16)
-        t = xe * lo[None, :, b] + xo * hi[None, :, b]            # (M, N, 16), rounded per op
-        acc = acc + t * d[None, :, b, None]
-    return _lane_tree(acc)
+    q, sx = quantize_x(np.asarray(x, f))
+    M, K = q.shape
+    c = np.asarray(codes, np.uint8)
+    N = c.shape[0]
+    nb = K // BLOCK
+    P = -(-nb // 4) * 4  # blocks padded to whole groups of 4
+    # (u - 8) per input, in input order (byte i: input i low nibble, input i + 16 high)
+    c = c.reshape(N, nb, LANES).astype(np.int64)
+    w = np.concatenate([(c & 15) - 8, (c >> 4) - 8], axis=2)
+    wp = np.zeros((N, P, BLOCK), np.int64)
+    wp[:, :nb] = w
+    qp = np.zeros((M, P, BLOCK), np.int64)
+    qp[:, :nb] = q.reshape(M, nb, BLOCK)
+    # lane (b, r): inputs 4r .. 4r + 3 of each half of block b -> (half, r, k)
+    isum = np.einsum("nbhrk,mbhrk->mnbr", wp.reshape(N, P, 2, 4, 4), qp.reshape(M, P, 2, 4, 4), optimize=True)
+    isum = isum.reshape(M, N, P // 4, LANES).astype(f)  # exact: |isum| < 2^24
+    dp = np.zeros((N, P), f)
+    dp[:, :nb] = _d(scales)
+    sxp = np.zeros((M, P), f)
+    sxp[:, :nb] = sx
+    with np.errstate(invalid="ignore", over="ignore"):  # inf / NaN blocks of x: inf / NaN outputs
+        S = dp[None] * sxp[:, None]  # (M, N, P): d_b * sx_b, one rounding
+        S = np.repeat(S, 4, axis=2).reshape(M, N, P // 4, LANES)
+        acc = np.zeros((M, N, LANES), f)
+        for g in range(P // 4):
+            acc = acc + isum[:, :, g] * S[:, :, g]
+        return _lane_tree(acc)
 
 
 def linear(x, codes, scales, bias=None, n_threads=None, out=None, dp_min_m=8):
