@@ -3,9 +3,9 @@
 What holds, measured (docs/precision.md, "Chunked prefill"):
 * native backend: bitwise the one-shot prefill -- logits and every cached key / value -- when no chunk starts
   past position W - 1 (a sliding layer's key view then starts at position 0, as in one pass, so the attention
-  kernel's fixed 256-key chunks and 64-key blocks fall on the same keys) and, with bf16 weights, every chunk
-  has B * n >= 8 rows (fewer take the float32 decode path of the linear kernels instead of the bf16 prefill
-  path). float32 weights: any chunk size. Either cache dtype.
+  kernel's fixed 256-key chunks and 64-key blocks fall on the same keys) and, with bf16 / int8 / int4 weights,
+  every chunk has B * n >= 8 rows (fewer take the float32 decode path of the linear kernels instead of the bf16
+  prefill path). float32 weights: any chunk size. Either cache dtype.
 * otherwise (native past the window, a short bf16 tail; the NumPy reference always, whose BLAS rounds by M):
   within a stated bound of the one-shot logits.
 * greedy tokens equal transformers' on every golden with chunked prefill, on both backends.
@@ -96,14 +96,15 @@ def _assert_bitwise(one, chunked, what):
 
 @needs_native
 @pytest.mark.parametrize("cache_dtype", [None, "bfloat16"])
-@pytest.mark.parametrize("weights,chunks", [("float32", (1, 3, 8, 64, 100, 256)), ("bfloat16", (5, 64, 100, 256))])
+@pytest.mark.parametrize("weights,chunks", [("float32", (1, 3, 8, 64, 100, 256)), ("bfloat16", (5, 64, 100, 256)),
+                                            ("int8", (5, 64, 100)), ("int4", (5, 64, 100))])
 @pytest.mark.parametrize("T,B", [(100, 1), (290, 2)])  # 290 crosses a 256-key chunk, stays within W - 1 = 299
 def test_native_chunked_prefill_is_bitwise_one_shot(weights, chunks, cache_dtype, T, B):
     model = _model("native", weights, cache_dtype)
     for c in chunks:
         if c >= T:
             continue
-        if weights == "bfloat16" and B * (T % c or c) < 8:
+        if weights != "float32" and B * (T % c or c) < 8:
             continue  # a tail chunk of < 8 rows: the decode path (test below)
         one, chunked = _both(model, T, B, c)
         _assert_bitwise(one, chunked, f"{weights} weights, cache {cache_dtype}, T={T}, B={B}, chunk {c}")
