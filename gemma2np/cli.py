@@ -76,6 +76,9 @@ def _add_sampling_args(p: argparse.ArgumentParser, default_new: int | None, from
         g.add_argument("--num-return-sequences", type=int, default=None, metavar="N",
                        help="N sampled continuations of the prompt, printed one after another (needs sampling)")
     g.add_argument("--seed", type=int, default=None, help="random seed: the same seed gives the same sample")
+    g.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
+                   help="feed the prompt N tokens per forward pass (transformers' prefill_chunk_size): a long "
+                        "prompt then needs the activations of N tokens, not of all of them (default: one pass)")
 
 
 def _model_source(args) -> ModelSource:
@@ -143,7 +146,8 @@ def _sampling_kwargs(args, from_checkpoint: bool = False) -> dict:
     explicit = getattr(args, "greedy", False) or args.do_sample or any(v is not None for v in sampling_opts)
     kw = dict(max_new_tokens=args.max_new_tokens, repetition_penalty=args.repetition_penalty,
               no_repeat_ngram_size=args.no_repeat_ngram_size, stop_strings=args.stop,
-              num_return_sequences=getattr(args, "num_return_sequences", None))
+              num_return_sequences=getattr(args, "num_return_sequences", None),
+              prefill_chunk_size=getattr(args, "prefill_chunk_size", None))
     if explicit or not from_checkpoint:
         kw["do_sample"] = do_sample
     if do_sample:

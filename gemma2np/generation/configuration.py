@@ -66,6 +66,9 @@ class GenerationConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     use_cache: bool | None = None
+    # transformers 5.23's GenerationConfig.prefill_chunk_size: None (default) prefills the prompt in one forward;
+    # n feeds it through the model n tokens at a time with the cache (the last chunk may be shorter)
+    prefill_chunk_size: int | None = None
     extra: dict = field(default_factory=dict, repr=False)  # other keys of generation_config.json (ignored)
 
     @classmethod
@@ -169,6 +172,11 @@ def validate(gc: GenerationConfig) -> None:
     _check_int("min_length", gc.min_length, 0)
     _check_int("no_repeat_ngram_size", gc.no_repeat_ngram_size, 0)
     _check_int("num_return_sequences", gc.num_return_sequences, 1)
+    _check_int("prefill_chunk_size", gc.prefill_chunk_size, 1)
+    if gc.prefill_chunk_size is not None and gc.use_cache is False:
+        # transformers 5.23 (_prefill): "Cannot use prefill chunking without a cache" (chunks pass their keys
+        # to the next chunk through the cache)
+        raise GenerationError("`prefill_chunk_size` needs the KV cache: it cannot be combined with use_cache=False")
     for name in ("do_sample", "use_cache"):
         v = getattr(gc, name)
         if v is not None and not isinstance(v, (bool, np.bool_)):

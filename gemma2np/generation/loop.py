@@ -9,7 +9,8 @@ What one call does, in transformers 5.23's order (generation/utils.py `generate`
     build_logits_processors repetition penalty, no-repeat n-grams, min lengths, the caller's processors, then
                             (sampling only) temperature, top-k, top-p, min-p
     build_stopping_criteria max_length, stop strings, eos, the caller's criteria
-    prefill                 the whole prompt in ONE forward pass (logits of the last position only)
+    prefill                 the whole prompt in ONE forward pass, or prefill_chunk_size tokens at a time with
+                            the cache (logits of the last position only)
     loop:  last_logits -> processors -> pick_next_tokens (sample, or backend.argmax) -> pad finished rows -> append
            -> stopping criteria -> stream -> decode_step (one token with the KV cache)
 
@@ -217,8 +218,8 @@ class DecodeState:
 
 
 def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Gemma2Cache | None = None,
-            capacity: int | None = None):
-    """The prompt in ONE forward pass -> (state, output with the last position's logits).
+            capacity: int | None = None, chunk_size: int | None = None):
+    """The prompt through the model -> (state, output with the last position's logits).
 
     position ids from the mask: a row's first real token is position 0 whatever its left padding
     (transformers 5.23: cumsum(mask) - 1, pads filled with 0). Only real tokens' logits matter, and
@@ -231,22 +232,36 @@ def prefill(model, ids: np.ndarray, mask: np.ndarray, use_cache: bool, cache: Ge
     given past_key_values.
     capacity: the most tokens the cache will hold (generate's max_length), so it is allocated once instead of
     growing by doubling (gemma2np/cache.py).
+    chunk_size: None feeds the (new part of the) prompt in ONE forward pass. An int n feeds it n tokens at a
+    time, transformers 5.23's `prefill_chunk_size` (generation/utils.py `_prefill`): chunk k gets its tokens,
+    their positions and cache positions, and the attention mask up to its end; the cache carries the keys
+    from chunk to chunk, and the output of the last chunk is returned. The activations of one forward are
+    then those of n tokens, not of the whole prompt (an 8k prompt's MLP alone is ~0.9 GB per tensor in
+    float32). What stays bitwise equal to the one-shot prefill is in docs/precision.md ("Chunked prefill").
     """
     cfg = model.config
     pos = np.cumsum(mask, axis=-1) - 1
     pos[mask == 0] = 0
-    if cache is None:
-        cache = (Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=capacity,
-                             dtype=getattr(model, "cache_dtype", None))  # from_pretrained(cache_dtype=)
-                 if use_cache else None)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                    use_cache=use_cache, logits_to_keep=1, return_dict=True)
-        return DecodeState(ids, mask, pos, cache), out
-    cache.reserve(capacity)
-    seen = cache.get_seq_length()
-    out = model(input_ids=ids[:, seen:], attention_mask=mask, position_ids=pos[:, seen:], past_key_values=cache,
-                use_cache=True, cache_position=np.arange(seen, ids.shape[1], dtype=np.int64), logits_to_keep=1,
-                return_dict=True)
+    if cache is None and use_cache:
+        cache = Gemma2Cache(cfg.layer_types, cfg.sliding_window, capacity=capacity,
+                            dtype=getattr(model, "cache_dtype", None))  # from_pretrained(cache_dtype=)
+        seen = 0
+    elif cache is not None:
+        cache.reserve(capacity)
+        seen = cache.get_seq_length()
+    if cache is None:  # use_cache=False (generate() refuses it with a chunk size)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=1,
+                    return_dict=True)
+        return DecodeState(ids, mask, pos, None), out
+    T = ids.shape[1]
+    starts = [seen] if chunk_size is None else range(seen, T, chunk_size)
+    for a in starts:
+        b = T if chunk_size is None else min(a + chunk_size, T)
+        # a fresh cache fed the whole prompt at once takes the plain call (cache_position and the mask are then
+        # the model's defaults, as before); every other call names its cache positions
+        kw = {} if a == 0 and b == T else dict(cache_position=np.arange(a, b, dtype=np.int64))
+        out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], position_ids=pos[:, a:b],
+                    past_key_values=cache, use_cache=True, logits_to_keep=1, return_dict=True, **kw)
     return DecodeState(ids, mask, pos, cache), out
 
 
@@ -362,6 +377,10 @@ def generate(
       pad_token_id     fills rows that finished while others continue (default: the first eos id).
       use_cache        True (default): prefill once then one token per step with the KV cache; False recomputes
                        the whole sequence each step (slow; for checking the cache).
+      prefill_chunk_size  None (default): the prompt in one forward pass. n >= 1: n tokens per forward with the
+                       cache (transformers' chunked prefill; the last chunk may be shorter), so a long prompt's
+                       activations are those of n tokens. Needs use_cache. docs/precision.md says when the result
+                       is bitwise the one-shot prefill's.
       seed / generator reproducible sampling: an int seed >= 0 or a numpy Generator (default: fresh OS entropy).
       streamer         an object with put(ids)/end() (put first receives the prompt, then each step's (batch,)
                        tokens, as in transformers -- e.g. TextStreamer), or a plain callable called with each
@@ -404,7 +423,8 @@ def generate(
     # the cache is allocated once for max_length tokens (capped at the context the model was made for: a
     # max_new_tokens of 10**6 must not reserve gigabytes up front; past the cap the cache grows by doubling)
     capacity = min(max_length, model.config.max_position_embeddings)
-    state, out = prefill(model, ids, mask, use_cache, past_key_values, capacity=capacity)
+    state, out = prefill(model, ids, mask, use_cache, past_key_values, capacity=capacity,
+                         chunk_size=gc.prefill_chunk_size)
     unfinished = np.ones(B, dtype=bool)
     all_scores, all_logits = [], []
     try:
