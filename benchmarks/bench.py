@@ -374,6 +374,7 @@ def _run_protocol(spec, forward_prefill, forward_decode, argmax_last, state_out=
         ids[0, 0] = 2  # bos
         best = best_dec = 0.0
         for _ in range(repeat):
+            st = None  # drop the previous state first: its cache would otherwise count in this prefill's peak RSS
             t = time.perf_counter()
             st = forward_prefill(ids)
             tok = argmax_last(st)
