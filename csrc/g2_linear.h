@@ -40,6 +40,9 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i8_bf16(const int8_t *w, const float *sc, in
 /* g2_int4.c: nr int4 rows (codes, meta) -> bf16 rows ldd apart, bf16 (RNE) of the float32 dequantisation */
 G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t *meta, int64_t nr, int64_t K,
                                             uint16_t *dst, int64_t ldd);
+/* g2_q4_0.c: nr q4_0 rows (codes, f16 scales) -> bf16 rows ldd apart, bf16 (RNE) of d * (u - 8) */
+G2_HIDDEN G2_TGT_BF16 void g2_widen_q4_0_bf16(const uint8_t *codes, const uint16_t *sc, int64_t nr, int64_t K,
+                                              uint16_t *dst, int64_t ldd);
 
 /* g2_linear_drive.c */
 G2_HIDDEN extern int g2_prefetch; /* software prefetch in the decode tiles (G2_PF, default 1) */

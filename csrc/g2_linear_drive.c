@@ -151,7 +151,8 @@ G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xr
 
 /* The rounded (dp) semantics with vdpbf16ps: W blocks as in gemm_drive (widen_int8 1: int8 blocks
  * widened to bf16(q*s) first; 2: int4 blocks (g2_int4.c's layout, meta in the scales slot) to bf16
- * of their float32 dequantisation), each block run against every x panel with tile_op, NR = 14 rows
+ * of their float32 dequantisation; 3: q4_0 blocks (g2_q4_0.c's layout, the f16 scales in the scales
+ * slot) likewise), each block run against every x panel with tile_op, NR = 14 rows
  * at a time and 8/4/2/1 for the block's tail. */
 G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *parts, int np,
                          int widen_int8, int64_t block, int64_t nb, int nt) {
@@ -185,7 +186,12 @@ G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_pa
             const g2_part *pt = block_rows(parts, first, np, jb, nblk, &n0, &n1);
             const int64_t N = pt->N;
             const uint16_t *wblk;
-            if (widen_int8 == 2) {
+            if (widen_int8 == 3) { /* q4_0: K/2 code bytes and K/32 f16 scales (K/16 bytes) per row */
+                g2_widen_q4_0_bf16((const uint8_t *)pt->w + n0 * (K / 2),
+                                   (const uint16_t *)(const void *)((const char *)pt->sc + n0 * (K / 16)), n1 - n0, K,
+                                   scratch, ldw);
+                wblk = scratch;
+            } else if (widen_int8 == 2) {
                 g2_widen_i4_bf16((const uint8_t *)pt->w + n0 * (K / 2), (const uint8_t *)pt->sc + n0 * (K / 16), n1 - n0,
                                  K, scratch, ldw);
                 wblk = scratch;

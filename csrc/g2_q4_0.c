@@ -6,9 +6,12 @@
  * VNNI; plain C on the scalar path), then float32 scaling per block in one fixed order (the decode
  * comment below), 4 W rows per tile sharing the x loads: bitwise the NumPy twin kernels/q4_0.py
  * linear_decode for any thread count (rows are shared out in fixed blocks).
- * Prefill (M >= G2_DP_MIN_M): as g2_int4.c, fixed blocks of rows widened to float32 (exact) then bf16
- * (RNE; on AVX-512 in one pass, widen_q4_0_bf16_avx512) into per-thread scratch and run through g2_linear (G2_W_BF16DP, vdpbf16ps) on one thread:
- * bitwise g2_linear(..., G2_W_BF16DP) of the widened weights, for any thread count. */
+ * Prefill (M >= G2_DP_MIN_M) with avx512_bf16: as g2_int4.c, g2_gemm_op_drive (widen 3) -- x packed to
+ * bf16 once, each block of rows widened straight to bf16 (g2_widen_q4_0_bf16) into per-thread scratch for
+ * the vdpbf16ps tiles, all parts in one parallel loop. Otherwise (no avx512_bf16; the scalar path) fixed
+ * blocks of rows widened to float32 (exact) then bf16 (RNE; on AVX-512 in one pass,
+ * widen_q4_0_bf16_avx512) and run through g2_linear (G2_W_BF16DP) on one thread. Either way bitwise
+ * g2_linear(..., G2_W_BF16DP) of the widened weights, for any thread count. */
 #include "g2_internal.h"
 #include "g2_linear.h"
 #include "g2_xq8.h"
@@ -291,6 +294,31 @@ static G2_TGT void widen_q4_0_bf16_avx512(const uint8_t *codes, const uint16_t *
 }
 #endif
 
+#if G2_X86
+/* Prefill's widening (g2_gemm_op_drive, widen 3): nr rows -> bf16 rows ldd apart. The same d * (u - 8) as
+ * widen_q4_0_row (exact in float32: d is an f16, u - 8 a 4-bit integer), then vcvtne2ps2bf16: RNE with
+ * f32_to_bf16's quiet-NaN bits, so bitwise widen_q4_0_row + f32_to_bf16. That converter flushes
+ * denormals, but none can occur: d (u - 8) is 0 or a multiple of 2^-24 (f16's smallest denormal), far
+ * above float32's denormal range. A block's low nibbles are inputs 0..15 and its high nibbles 16..31,
+ * exactly the two halves vcvtne2ps2bf16(hi, lo) writes: no permute. */
+G2_HIDDEN G2_TGT_BF16 void g2_widen_q4_0_bf16(const uint8_t *codes, const uint16_t *sc, int64_t nr, int64_t K,
+                                              uint16_t *dst, int64_t ldd) {
+    const __m512i m15 = _mm512_set1_epi32(15), e8 = _mm512_set1_epi32(8);
+    for (int64_t n = 0; n < nr; n++) {
+        const uint8_t *c = codes + n * (K / 2);
+        const uint16_t *s = sc + n * (K / 32);
+        uint16_t *o = dst + n * ldd;
+        for (int64_t b = 0; b < K / 32; b++) {
+            const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + b * 16)));
+            const __m512 vd = _mm512_set1_ps(q4_f16(s[b]));
+            const __m512 lo = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, m15), e8)));
+            const __m512 hi = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), e8)));
+            _mm512_storeu_si512((void *)(o + b * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+    }
+}
+#endif
+
 void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N, int64_t K, float *out,
                         int n_threads) {
     const int nt = g2_par_threads(NT(n_threads), (double)N * (double)K * G2_NS_PER_ELEM);
@@ -299,7 +327,7 @@ void g2_dequantize_q4_0(const uint8_t *codes, const uint16_t *scales, int64_t N,
     for (n = 0; n < N; n++) widen_q4_0_row(codes + n * (K / 2), scales + n * (K / 32), K, out + n * K);
 }
 
-/* prefill, one matrix */
+/* prefill without avx512_bf16 (or scalar), one matrix */
 static int prefill_q4_0(const float *x, int64_t M, int64_t K, const uint8_t *codes, const uint16_t *scales,
                         int64_t N, float *y, int n_threads) {
     /* prefill: rows per block ~256 KB of widened float32 rows, a multiple of 4; fixed by K alone */
@@ -354,6 +382,22 @@ int g2_linear_q4_0_multi(const float *x, int64_t M, int64_t K, int nparts, const
     if (nparts > G2_MAX_PARTS) return -2;
     if (K <= 0 || K % 32) return -2;
     if (M < G2_DP_MIN_M) return decode_q4_0(x, M, K, nparts, codes, scales, N, y, n_threads);
+#if G2_X86
+    if (g2_use_bf16dp()) { /* prefill: the int4 recipe -- x packed once, blocks widened to bf16 in place */
+        g2_part parts[G2_MAX_PARTS];
+        int np = 0;
+        double Ntot = 0.0;
+        for (int p = 0; p < nparts; p++)
+            if (N[p] > 0) { /* the f16 scale rows travel in the driver's (float *) scales slot, as int4's meta */
+                g2_part pt = {(const char *)codes[p], (const float *)(const void *)scales[p], N[p], y[p]};
+                parts[np++] = pt;
+                Ntot += (double)N[p];
+            }
+        if (!np) return 0;
+        const int nt = g2_par_threads(NT(n_threads), (double)M * Ntot * (double)K * G2_NS_PER_MAC_BF16DP);
+        return g2_gemm_op_drive(x, M, K, parts, np, 3, 0, 0, nt);
+    }
+#endif
     for (int p = 0; p < nparts; p++) {
         if (N[p] <= 0) continue;
         const int rc = prefill_q4_0(x, M, K, codes[p], scales[p], N[p], y[p], n_threads);

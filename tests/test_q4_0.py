@@ -128,6 +128,25 @@ def test_linear_q4_0_matches_twin_for_any_thread_count(simd, M, N, nb, kind, bia
         assert np.all(np.abs(y - yr) <= bound + 1e-30)
 
 
+@pytest.mark.parametrize("K", [96, 1024, 2304])  # 1024: bf16 rows 2 KB apart, the padded-scratch path
+@pytest.mark.parametrize("M", [8, 9, 31, 64])  # 16- and 32-row x panels and their tails
+def test_linear_q4_0_prefill_bitwise_bf16dp_for_any_thread_count(simd, M, K):
+    """prefill (csrc/g2_q4_0.c, g2_gemm_op_drive widen 3 with avx512_bf16): bitwise the bfloat16_dp linear of
+    dequantize_q4_0's weights rounded to bf16, for 1..3 threads; N = 61 runs the 14/8/4/2/1-row tiles"""
+    r = np.random.default_rng(M * 7919 + K)
+    N = 61
+    codes, scales = q4_0.from_gguf_blocks(_gguf_q4_0(r, N, K, "scaled"))
+    x = r.standard_normal((M, K), dtype=np.float32)
+    wb = ref.f32_to_bf16(q4_0.dequantize_q4_0(codes, scales))
+    want = nat.linear(x, wb, "bfloat16_dp", n_threads=1)
+    for t in (1, 2, 3):
+        np.testing.assert_array_equal(nat.linear_q4_0(x, codes, scales, n_threads=t), want)
+    # and each part of a fused call (gate/up-like) is the same product
+    ys = nat.linear_q4_0_multi(x, [codes, codes[:17]], [scales, scales[:17]], n_threads=2)
+    np.testing.assert_array_equal(ys[0], want)
+    np.testing.assert_array_equal(ys[1], want[:, :17])
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(M=st.integers(1, 7), N=st.sampled_from([1, 3, 7, 31, 45, 97]),
        nb=st.sampled_from([1, 3, 5, 37, 72, 112, 288]), seed=st.integers(0, 2**31))
