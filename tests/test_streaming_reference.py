@@ -109,6 +109,26 @@ def test_streamed_equals_eager_and_upfront(checkpoints, src, dtype, monkeypatch)
     assert np.shares_memory(streamed.lm_head.w, streamed.model.embed_tokens) == tied
 
 
+def test_widened_weights_give_their_file_pages_back(checkpoints, monkeypatch):
+    """After each use, a widened memory-mapped projection's pages are released (ops_backend._at_use), so
+    the resident set holds one float copy, not the whole map: every linear of the model and every block
+    of the LM head is released at least once by one forward, and only after it was widened."""
+    from gemma2np.kernels import ops_backend
+
+    tied, dirs = checkpoints
+    monkeypatch.delenv(CONVERT_ENV, raising=False)
+    m = Gemma2ForCausalLM.from_pretrained(dirs["bfloat16"])
+    released = []
+    real = ops_backend.release_pages
+    monkeypatch.setattr(ops_backend, "release_pages", lambda a: (released.append(a), real(a))[1])
+    m(input_ids=IDS, attention_mask=MASK)
+    spans = {(_mapping_of(a)[1], a.nbytes) for a in released}
+    for h in _linears(m):
+        off, n = _mapping_of(h.w)[1], h.w.nbytes
+        covered = sum(nb for o, nb in spans if off <= o < off + n)
+        assert covered >= n, h.w.shape  # the whole tensor (or all of its row blocks) was released
+
+
 def test_f32_checkpoint_at_float32_stays_zero_copy(tmp_path):
     cfg, state = _state(True)
     Gemma2ForCausalLM(cfg, state).save_pretrained(tmp_path)
