@@ -18,27 +18,10 @@
 
 #include <float.h>
 
-/* IEEE half -> float32, exact (denormals included; inf/NaN kept) */
-static inline float f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu, u;
-    if (e == 31u) u = sign | 0x7F800000u | (m << 13);
-    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) u = sign;
-    else { /* denormal: normalise */
-        e = 113u;
-        while (!(m & 0x400u)) { m <<= 1; e--; }
-        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* super-block consts: D[j] = d * ls_j, Mn[j] = dmin * lm_j (both exact, see kernels/int4.py) */
 static inline void sb_consts(const uint8_t *mb, float *D, float *Mn) {
-    const float d = f16_to_f32((uint16_t)(mb[0] | (mb[1] << 8)));
-    const float dmin = f16_to_f32((uint16_t)(mb[2] | (mb[3] << 8)));
+    const float d = g2_f16_to_f32((uint16_t)(mb[0] | (mb[1] << 8)));
+    const float dmin = g2_f16_to_f32((uint16_t)(mb[2] | (mb[3] << 8)));
     int v[16];
     for (int g = 0; g < 4; g++) {
         const uint32_t word = (uint32_t)mb[4 + 3 * g] | ((uint32_t)mb[5 + 3 * g] << 8) | ((uint32_t)mb[6 + 3 * g] << 16);
@@ -168,8 +151,8 @@ static float row_q_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes, co
         float sxx[16], qv[16], S[16];
         memcpy(sxx, blk + 256, sizeof sxx);
         memcpy(qv, blk + 320, sizeof qv);
-        const float d = f16_to_f32((uint16_t)(mb[0] | (mb[1] << 8)));
-        const float dmin = f16_to_f32((uint16_t)(mb[2] | (mb[3] << 8)));
+        const float d = g2_f16_to_f32((uint16_t)(mb[0] | (mb[1] << 8)));
+        const float dmin = g2_f16_to_f32((uint16_t)(mb[2] | (mb[3] << 8)));
         for (int g = 0; g < 4; g++) {
             const uint32_t word = (uint32_t)mb[4 + 3 * g] | ((uint32_t)mb[5 + 3 * g] << 8) | ((uint32_t)mb[6 + 3 * g] << 16);
             for (int t = 0; t < 4; t++) {

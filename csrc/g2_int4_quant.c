@@ -70,23 +70,6 @@ static inline uint16_t q_f32_to_f16(float f) {
     return sign | (uint16_t)((a + Q_BIAS) - Q_BIAS);
 }
 
-/* IEEE half bits -> float32, exact (the same function as g2_int4.c's f16_to_f32) */
-static inline float q_f16_to_f32(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu, u;
-    if (e == 31u) u = sign | 0x7F800000u | (m << 13);
-    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) u = sign;
-    else {
-        e = 113u;
-        while (!(m & 0x400u)) { m <<= 1; e--; }
-        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* 8 lanes (the 8 sub-blocks of a super-block) as GCC vector types: element-wise IEEE operations
  * exactly like the scalar ones, so the portable build (lowered to SSE2) and the AVX-512 build agree. */
 typedef float qvf __attribute__((vector_size(32)));
@@ -325,7 +308,7 @@ Q_INLINE int q_superblock(const float *src, uint8_t *codes, uint8_t *meta, int a
     }
     const uint16_t dh = q_f32_to_f16(msc > 0.0f ? msc / 63.0f : 0.0f);
     const uint16_t mh = q_f32_to_f16(mmn > 0.0f ? mmn / 63.0f : 0.0f);
-    const float d = q_f16_to_f32(dh), dmin = q_f16_to_f32(mh);
+    const float d = g2_f16_to_f32(dh), dmin = g2_f16_to_f32(mh);
     qvf Dg, Mg;
     for (int g = 0; g < 8; g++) {
         Dg[g] = d * (float)v[g];

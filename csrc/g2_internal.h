@@ -85,6 +85,24 @@ static inline int g2_thread_id(void) {
 
 /* ---- bf16 (scalar; the AVX-512 twin is g2_rne_bf16_epi32 in g2_simd_math.h) --------------- */
 
+/* IEEE half bits -> float32, exact (denormals normalised; inf/NaN kept): the f16 scales of the int4,
+ * q4_0 and int4-quantiser kernels (one definition, so every kernel decodes a scale the same way) */
+static inline float g2_f16_to_f32(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu, u;
+    if (e == 31u) u = sign | 0x7F800000u | (m << 13);
+    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
+    else if (!m) u = sign;
+    else {
+        e = 113u;
+        while (!(m & 0x400u)) { m <<= 1; e--; }
+        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;

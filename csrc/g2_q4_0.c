@@ -16,26 +16,9 @@
 #include "g2_linear.h"
 #include "g2_xq8.h"
 
-/* IEEE half -> float32, exact (denormals included; inf/NaN kept): g2_int4.c's, kept private there */
-static inline float q4_f16(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t e = (h >> 10) & 31u, m = h & 0x3FFu, u;
-    if (e == 31u) u = sign | 0x7F800000u | (m << 13);
-    else if (e) u = sign | ((e + 112u) << 23) | (m << 13);
-    else if (!m) u = sign;
-    else {
-        e = 113u;
-        while (!(m & 0x400u)) { m <<= 1; e--; }
-        u = sign | (e << 23) | ((m & 0x3FFu) << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 static void widen_q4_0_row(const uint8_t *codes, const uint16_t *sc, int64_t K, float *dst) {
     for (int64_t b = 0; b < K / 32; b++) {
-        const float d = q4_f16(sc[b]);
+        const float d = g2_f16_to_f32(sc[b]);
         const uint8_t *c = codes + b * 16;
         float *o = dst + b * 32;
         for (int i = 0; i < 16; i++) {
@@ -119,7 +102,7 @@ static float row_q4_0_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes,
         memcpy(sx, grp + 192, sizeof sx);
         for (int l = 0; l < 16; l++) {
             const int64_t b = 4 * g + l / 4;
-            const float d = b < nb ? q4_f16(sc[b]) : 0.0f;
+            const float d = b < nb ? g2_f16_to_f32(sc[b]) : 0.0f;
             int32_t isum = 0;
             if (b < nb)
                 for (int i = 4 * (l % 4); i < 4 * (l % 4) + 4; i++) {
@@ -280,7 +263,7 @@ static G2_TGT void widen_q4_0_bf16_avx512(const uint8_t *codes, const uint16_t *
     const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7FFF);
     for (int64_t b = 0; b < K / 32; b++) {
         const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + b * 16)));
-        const __m512 vd = _mm512_set1_ps(q4_f16(sc[b]));
+        const __m512 vd = _mm512_set1_ps(g2_f16_to_f32(sc[b]));
         const __m512 v[2] = {
             _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, m15), e8))),
             _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), e8)))};
@@ -310,7 +293,7 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_q4_0_bf16(const uint8_t *codes, const uint16
         uint16_t *o = dst + n * ldd;
         for (int64_t b = 0; b < K / 32; b++) {
             const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(c + b * 16)));
-            const __m512 vd = _mm512_set1_ps(q4_f16(s[b]));
+            const __m512 vd = _mm512_set1_ps(g2_f16_to_f32(s[b]));
             const __m512 lo = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(u, m15), e8)));
             const __m512 hi = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(u, 4), e8)));
             _mm512_storeu_si512((void *)(o + b * 32), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
