@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+ABORT_GRACE_S = 0.5  # seconds between printing the reason for an abort and MPI_Abort (MPIComm.abort)
+
 __all__ = ["ParallelError", "RankError", "Communicator", "SingleProcessComm", "MPIComm", "get_comm",
            "mpi_world_size", "install_abort_on_error"]
 
@@ -174,6 +176,10 @@ class MPIComm(Communicator):
         err = sys.__stderr__ or sys.stderr  # the real stderr (the CLI silences ranks > 0's sys.stderr)
         err.write(f"gemma2np [rank {self.rank}/{self.size}]: {message}\n")
         err.flush()
+        # the launcher forwards our stderr from a pipe; MPI_Abort makes it kill every rank and exit, and
+        # hydra can do that before it has read what is still in the pipe (the message was lost in about
+        # one run in ten). A moment's grace lets it drain: the job is ending anyway.
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(code)
 
     def all_failed(self, timeout: float = 10.0) -> bool:
