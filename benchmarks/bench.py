@@ -670,7 +670,7 @@ def child_reference(spec):
     from bench_reference import measure  # the same directory
 
     return measure(spec["dir"], spec.get("dtype", "float32"), spec.get("tokens", 16), spec.get("repeat", 2),
-                   gguf_file=spec.get("gguf_file"))
+                   gguf_file=spec.get("gguf_file"), compare_native=spec.get("compare_native", True))
 
 
 def child_demo(spec):
@@ -1151,6 +1151,17 @@ def render_job(out, machine):
                       f"| {ref['tokens']} | {ref['load_s']:.1f} | {' / '.join(f'{t:.2f}' for t in ref['forward_s'])} | "
                       f"{ref['peak_rss'] / GB:.2f} | {ref['peak_anon_delta'] / GB:.2f} | "
                       f"{ref['peak_anon_delta'] / fb:.1%} of {fb / GB:.1f} GB |"]
+            vs = ref.get("vs_native")
+            if vs:
+                lines += ["", "Its logits against the native backend's on the same weights (max |logit| "
+                          f"{vs['max_abs_logit']:.2f}; bounds of docs/precision.md, relative to max(1, max |logit|)):", "",
+                          "| native run | max abs diff | mean abs diff | bound | within | top-1 agreement |",
+                          "|---|---|---|---|---|---|"]
+                for name, what in (("prefill", "one call (prefill kernels)"),
+                                   ("chunked", "4-token calls with a cache (decode kernels)")):
+                    r = vs[name]
+                    lines.append(f"| {what} | {r['max_abs']:.2e} | {r['mean_abs']:.2e} | {r['bound']:.2e} | "
+                                 f"{'yes' if r['within'] else 'NO'} | {r['top1_agree']:.3f} |")
     demo = out.get("demo")
     if demo:
         lines += ["", f"Demo: gemma-2-{job['model']} from the Q4_0 GGUF (native), 16 greedy tokens after a 16-token prompt:", ""]
