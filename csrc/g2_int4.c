@@ -220,7 +220,7 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
 /* NR rows of W (NR <= 4) against one prepared x row, sharing its loads; per row exactly row_q_scalar's
  * arithmetic (16 lanes = its acc[16]; the integer lanes are the dword sums of dpbusd: dword l of the
  * 64 code bytes of half h = bytes 4l..4l+3 = sub-block 4h + l/4, inputs 8l..8l+7 of the half) */
-#define DEF_TILE_Q(NAME, TGT, DOT)                                                                         \
+#define DEF_TILE_Q(NAME, TGT, DOT, HI)                                                                       \
     G2_INLINE TGT void NAME(const int NR, const uint8_t *xp, int64_t K, const uint8_t *w, const uint8_t *meta, \
                             float *y, const int PF) {                                                     \
         const int64_t wrow = K / 2, mrow = K / 16;                                                         \
@@ -249,6 +249,7 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
                 for (n = 0; n < NR; n++) {                                                                 \
                     G2_PF_I4(w + (NR + n) * wrow + s * 128);                                               \
                     G2_PF_I4(w + (NR + n) * wrow + s * 128 + 64);                                          \
+                    if ((s & 3) == 0) G2_PF_I4(meta + (NR + n) * mrow + s * 16);                           \
                 }                                                                                          \
             for (n = 0; n < NR; n++) {                                                                     \
                 const __m512i mm = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(meta + n * mrow + s * 16))); \
@@ -258,9 +259,9 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
                 const uint8_t *c = w + n * wrow + s * 128;                                                 \
                 const __m512i ca = _mm512_loadu_si512(c), cb = _mm512_loadu_si512(c + 64);                 \
                 __m512i ia = DOT(zero, _mm512_and_si512(ca, m15), xal);                                    \
-                ia = DOT(ia, _mm512_and_si512(_mm512_srli_epi16(ca, 4), m15), xah);                        \
+                ia = DOT(ia, HI(ca, m15), xah);                                                            \
                 __m512i ib = DOT(zero, _mm512_and_si512(cb, m15), xbl);                                    \
-                ib = DOT(ib, _mm512_and_si512(_mm512_srli_epi16(cb, 4), m15), xbh);                        \
+                ib = DOT(ib, HI(cb, m15), xbh);                                                            \
                 acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ia), _mm512_permutexvar_ps(iA, S))); \
                 acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ib), _mm512_permutexvar_ps(iB, S))); \
                 acc[n] = _mm512_sub_ps(acc[n], _mm512_maskz_mul_ps(0xFF00, S, qv));                        \
@@ -272,8 +273,9 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
             y[n] = reduce16(a);                                                                            \
         }                                                                                                  \
     }
-DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni)
-DEF_TILE_Q(tile_q_bw, G2_TGT, dot_bw)
+DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni, g2_hi_nib)
+DEF_TILE_Q(tile_q_gfni, G2_TGT_GFNI, dot_vnni, g2_hi_nib_gfni)
+DEF_TILE_Q(tile_q_bw, G2_TGT, dot_bw, g2_hi_nib)
 
 /* prep_x on AVX-512, bitwise the same (g2_xq8.h: IEEE division, RNE rounding, exact integer sums) */
 static G2_TGT void prep_x_avx512(const float *x, int64_t M, int64_t K, uint8_t *xp) {
@@ -309,6 +311,8 @@ static G2_TGT void prep_x_avx512(const float *x, int64_t M, int64_t K, uint8_t *
     }
 DEF_TILE_I4(tile_i4v_4, G2_TGT_VNNI, tile_q_vnni, 4)
 DEF_TILE_I4(tile_i4v_1, G2_TGT_VNNI, tile_q_vnni, 1)
+DEF_TILE_I4(tile_i4g_4, G2_TGT_GFNI, tile_q_gfni, 4)
+DEF_TILE_I4(tile_i4g_1, G2_TGT_GFNI, tile_q_gfni, 1)
 DEF_TILE_I4(tile_i4b_4, G2_TGT, tile_q_bw, 4)
 DEF_TILE_I4(tile_i4b_1, G2_TGT, tile_q_bw, 1)
 #endif
@@ -392,7 +396,8 @@ int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const
                     g2_part pt = {(const char *)codes[p], (const float *)(const void *)meta[p], N[p], y[p]};
                     parts[np++] = pt;
                 }
-            g2_gemv_drive(vnni ? tile_i4v_4 : tile_i4b_4, 4, vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
+            const int gfni = vnni && g2_has_gfni() && !getenv("G2_I4NOG");
+            g2_gemv_drive(gfni ? tile_i4g_4 : vnni ? tile_i4v_4 : tile_i4b_4, 4, gfni ? tile_i4g_1 : vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
                           np, K / 2, 0, K / 64, nt);
             free(xp);
             return 0;
