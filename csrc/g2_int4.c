@@ -215,6 +215,20 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
 
 #if G2_X86
 #define G2_PF_I4(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) /* as the int8 decode tiles (g2_linear.c) */
+/* reduce16 of 4 rows' lanes at once, the same additions with the same operands in the same order
+ * (so bitwise reduce16, NaN payloads included): two rows per register, low 8 lanes + high 8 (t8), then
+ * lanes i + (i + 4) of each row's t8 (t4, one row per 128-bit lane), then (t4[0] + t4[2]) + (t4[1] + t4[3])
+ * within each 128-bit lane. ~15 vector operations instead of ~60 scalar loads and adds per tile. */
+G2_INLINE G2_TGT void reduce16_x4(const __m512 acc[4], float *y) {
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44), _mm512_shuffle_f32x4(acc[0], acc[1], 0xEE));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44), _mm512_shuffle_f32x4(acc[2], acc[3], 0xEE));
+    /* 128-bit lanes (t01: r0 t8[0..3], r0 t8[4..7], r1 .., r1 ..) -> (r0, r1, r2, r3) x t8[0..3] and x t8[4..7] */
+    const __m512 t4 = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+    const __m512 u = _mm512_add_ps(t4, _mm512_permute_ps(t4, 0x4E));  /* (t4[0] + t4[2], t4[1] + t4[3], ..) */
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));    /* element 0: u0 + u1 */
+    _mm_storeu_ps(y, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v)));
+}
+
 /* G2_TGT_VNNI, dot_vnni, dot_bw: the integer step (g2_xq8.h, shared with g2_q4_0.c) */
 
 /* NR rows of W (NR <= 4) against one prepared x row, sharing its loads; per row exactly row_q_scalar's
@@ -267,11 +281,14 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
                 acc[n] = _mm512_sub_ps(acc[n], _mm512_maskz_mul_ps(0xFF00, S, qv));                        \
             }                                                                                              \
         }                                                                                                  \
-        for (n = 0; n < NR; n++) {                                                                         \
-            float a[16];                                                                                   \
-            _mm512_storeu_ps(a, acc[n]);                                                                   \
-            y[n] = reduce16(a);                                                                            \
-        }                                                                                                  \
+        if (NR == 4)                                                                                       \
+            reduce16_x4(acc, y);                                                                           \
+        else                                                                                               \
+            for (n = 0; n < NR; n++) {                                                                     \
+                float a[16];                                                                               \
+                _mm512_storeu_ps(a, acc[n]);                                                               \
+                y[n] = reduce16(a);                                                                        \
+            }                                                                                              \
     }
 DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni, g2_hi_nib)
 DEF_TILE_Q(tile_q_gfni, G2_TGT_GFNI, dot_vnni, g2_hi_nib_gfni)
@@ -396,7 +413,7 @@ int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const
                     g2_part pt = {(const char *)codes[p], (const float *)(const void *)meta[p], N[p], y[p]};
                     parts[np++] = pt;
                 }
-            const int gfni = vnni && g2_has_gfni() && !getenv("G2_I4NOG");
+            const int gfni = vnni && g2_has_gfni();
             g2_gemv_drive(gfni ? tile_i4g_4 : vnni ? tile_i4v_4 : tile_i4b_4, 4, gfni ? tile_i4g_1 : vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
                           np, K / 2, 0, K / 64, nt);
             free(xp);

@@ -73,9 +73,13 @@ G2_INLINE G2_TGT_GFNI __m512i g2_hi_nib_gfni(__m512i b, __m512i m15) {
     (void)m15;
     return _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64((long long)0x1020408000000000ULL), 0);
 }
+/* GFNI present and not switched off by G2_GFNI=0 (an experiment knob, read once, as G2_PF) */
 static inline int g2_has_gfni(void) {
     static int v = -1;
-    if (v < 0) v = __builtin_cpu_supports("gfni") ? 1 : 0;
+    if (v < 0) {
+        const char *e = getenv("G2_GFNI");
+        v = __builtin_cpu_supports("gfni") && !(e && atoi(e) == 0) ? 1 : 0;
+    }
     return v;
 }
 G2_INLINE G2_TGT __m512i dot_bw(__m512i acc, __m512i u, __m512i q) {
