@@ -2,9 +2,10 @@
  * inputs, 4-bit codes, 6-bit sub-block scales/mins against an f16 d / dmin; 4.5 bits per weight).
  *
  * Decode (M < G2_DP_MIN_M): x quantised to int8 per 32 inputs once per call, integer dot products
- * with the codes (vpdpbusd; AVX-512BW pairs without VNNI; plain C on the scalar path), float32
- * scaling per sub-block in one fixed order (the decode comment below) -- on g2_linear_drive.c's gemv
- * driver, every W row streamed once. Bitwise the NumPy twin kernels/int4.py linear_decode.
+ * with the codes (vpdpbusd, the high nibbles by gf2p8affineqb with GFNI; AVX-512BW pairs without VNNI;
+ * plain C on the scalar path), float32 scaling per sub-block in one fixed order (the decode comment
+ * below) -- on g2_linear_drive.c's gemv driver, every W row streamed once. Where its time goes:
+ * docs/performance.md (int4 / GGUF Q4_0 decode kernels). Bitwise the NumPy twin kernels/int4.py linear_decode.
  * Prefill (M >= G2_DP_MIN_M) with avx512_bf16: g2_gemm_op_drive, the int8 recipe -- x packed once,
  * each block of rows widened straight to bf16 (g2_widen_i4_bf16) for the vdpbf16ps tiles. Otherwise
  * (no avx512_bf16; the scalar path) W is cut into fixed blocks of rows (independent of the thread
