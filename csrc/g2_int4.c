@@ -2,9 +2,10 @@
  * inputs, 4-bit codes, 6-bit sub-block scales/mins against an f16 d / dmin; 4.5 bits per weight).
  *
  * Decode (M < G2_DP_MIN_M): x quantised to int8 per 32 inputs once per call, integer dot products
- * with the codes (vpdpbusd; AVX-512BW pairs without VNNI; plain C on the scalar path), float32
- * scaling per sub-block in one fixed order (the decode comment below) -- on g2_linear_drive.c's gemv
- * driver, every W row streamed once. Bitwise the NumPy twin kernels/int4.py linear_decode.
+ * with the codes (vpdpbusd, the high nibbles by gf2p8affineqb with GFNI; AVX-512BW pairs without VNNI;
+ * plain C on the scalar path), float32 scaling per sub-block in one fixed order (the decode comment
+ * below) -- on g2_linear_drive.c's gemv driver, every W row streamed once. Where its time goes:
+ * docs/performance.md (int4 / GGUF Q4_0 decode kernels). Bitwise the NumPy twin kernels/int4.py linear_decode.
  * Prefill (M >= G2_DP_MIN_M) with avx512_bf16: g2_gemm_op_drive, the int8 recipe -- x packed once,
  * each block of rows widened straight to bf16 (g2_widen_i4_bf16) for the vdpbf16ps tiles. Otherwise
  * (no avx512_bf16; the scalar path) W is cut into fixed blocks of rows (independent of the thread
@@ -215,12 +216,26 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
 
 #if G2_X86
 #define G2_PF_I4(p) _mm_prefetch((const char *)(p), _MM_HINT_T1) /* as the int8 decode tiles (g2_linear.c) */
+/* reduce16 of 4 rows' lanes at once, the same additions with the same operands in the same order
+ * (so bitwise reduce16, NaN payloads included): two rows per register, low 8 lanes + high 8 (t8), then
+ * lanes i + (i + 4) of each row's t8 (t4, one row per 128-bit lane), then (t4[0] + t4[2]) + (t4[1] + t4[3])
+ * within each 128-bit lane. ~15 vector operations instead of ~60 scalar loads and adds per tile. */
+G2_INLINE G2_TGT void reduce16_x4(const __m512 acc[4], float *y) {
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[0], acc[1], 0x44), _mm512_shuffle_f32x4(acc[0], acc[1], 0xEE));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(acc[2], acc[3], 0x44), _mm512_shuffle_f32x4(acc[2], acc[3], 0xEE));
+    /* 128-bit lanes (t01: r0 t8[0..3], r0 t8[4..7], r1 .., r1 ..) -> (r0, r1, r2, r3) x t8[0..3] and x t8[4..7] */
+    const __m512 t4 = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, 0x88), _mm512_shuffle_f32x4(t01, t23, 0xDD));
+    const __m512 u = _mm512_add_ps(t4, _mm512_permute_ps(t4, 0x4E));  /* (t4[0] + t4[2], t4[1] + t4[3], ..) */
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, 0xB1));    /* element 0: u0 + u1 */
+    _mm_storeu_ps(y, _mm512_castps512_ps128(_mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), v)));
+}
+
 /* G2_TGT_VNNI, dot_vnni, dot_bw: the integer step (g2_xq8.h, shared with g2_q4_0.c) */
 
 /* NR rows of W (NR <= 4) against one prepared x row, sharing its loads; per row exactly row_q_scalar's
  * arithmetic (16 lanes = its acc[16]; the integer lanes are the dword sums of dpbusd: dword l of the
  * 64 code bytes of half h = bytes 4l..4l+3 = sub-block 4h + l/4, inputs 8l..8l+7 of the half) */
-#define DEF_TILE_Q(NAME, TGT, DOT)                                                                         \
+#define DEF_TILE_Q(NAME, TGT, DOT, HI)                                                                       \
     G2_INLINE TGT void NAME(const int NR, const uint8_t *xp, int64_t K, const uint8_t *w, const uint8_t *meta, \
                             float *y, const int PF) {                                                     \
         const int64_t wrow = K / 2, mrow = K / 16;                                                         \
@@ -249,6 +264,7 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
                 for (n = 0; n < NR; n++) {                                                                 \
                     G2_PF_I4(w + (NR + n) * wrow + s * 128);                                               \
                     G2_PF_I4(w + (NR + n) * wrow + s * 128 + 64);                                          \
+                    if ((s & 3) == 0) G2_PF_I4(meta + (NR + n) * mrow + s * 16);                           \
                 }                                                                                          \
             for (n = 0; n < NR; n++) {                                                                     \
                 const __m512i mm = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(meta + n * mrow + s * 16))); \
@@ -258,22 +274,26 @@ G2_HIDDEN G2_TGT_BF16 void g2_widen_i4_bf16(const uint8_t *codes, const uint8_t 
                 const uint8_t *c = w + n * wrow + s * 128;                                                 \
                 const __m512i ca = _mm512_loadu_si512(c), cb = _mm512_loadu_si512(c + 64);                 \
                 __m512i ia = DOT(zero, _mm512_and_si512(ca, m15), xal);                                    \
-                ia = DOT(ia, _mm512_and_si512(_mm512_srli_epi16(ca, 4), m15), xah);                        \
+                ia = DOT(ia, HI(ca, m15), xah);                                                            \
                 __m512i ib = DOT(zero, _mm512_and_si512(cb, m15), xbl);                                    \
-                ib = DOT(ib, _mm512_and_si512(_mm512_srli_epi16(cb, 4), m15), xbh);                        \
+                ib = DOT(ib, HI(cb, m15), xbh);                                                            \
                 acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ia), _mm512_permutexvar_ps(iA, S))); \
                 acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ib), _mm512_permutexvar_ps(iB, S))); \
                 acc[n] = _mm512_sub_ps(acc[n], _mm512_maskz_mul_ps(0xFF00, S, qv));                        \
             }                                                                                              \
         }                                                                                                  \
-        for (n = 0; n < NR; n++) {                                                                         \
-            float a[16];                                                                                   \
-            _mm512_storeu_ps(a, acc[n]);                                                                   \
-            y[n] = reduce16(a);                                                                            \
-        }                                                                                                  \
+        if (NR == 4)                                                                                       \
+            reduce16_x4(acc, y);                                                                           \
+        else                                                                                               \
+            for (n = 0; n < NR; n++) {                                                                     \
+                float a[16];                                                                               \
+                _mm512_storeu_ps(a, acc[n]);                                                               \
+                y[n] = reduce16(a);                                                                        \
+            }                                                                                              \
     }
-DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni)
-DEF_TILE_Q(tile_q_bw, G2_TGT, dot_bw)
+DEF_TILE_Q(tile_q_vnni, G2_TGT_VNNI, dot_vnni, g2_hi_nib)
+DEF_TILE_Q(tile_q_gfni, G2_TGT_GFNI, dot_vnni, g2_hi_nib_gfni)
+DEF_TILE_Q(tile_q_bw, G2_TGT, dot_bw, g2_hi_nib)
 
 /* prep_x on AVX-512, bitwise the same (g2_xq8.h: IEEE division, RNE rounding, exact integer sums) */
 static G2_TGT void prep_x_avx512(const float *x, int64_t M, int64_t K, uint8_t *xp) {
@@ -309,6 +329,8 @@ static G2_TGT void prep_x_avx512(const float *x, int64_t M, int64_t K, uint8_t *
     }
 DEF_TILE_I4(tile_i4v_4, G2_TGT_VNNI, tile_q_vnni, 4)
 DEF_TILE_I4(tile_i4v_1, G2_TGT_VNNI, tile_q_vnni, 1)
+DEF_TILE_I4(tile_i4g_4, G2_TGT_GFNI, tile_q_gfni, 4)
+DEF_TILE_I4(tile_i4g_1, G2_TGT_GFNI, tile_q_gfni, 1)
 DEF_TILE_I4(tile_i4b_4, G2_TGT, tile_q_bw, 4)
 DEF_TILE_I4(tile_i4b_1, G2_TGT, tile_q_bw, 1)
 #endif
@@ -392,7 +414,8 @@ int g2_linear_int4_multi(const float *x, int64_t M, int64_t K, int nparts, const
                     g2_part pt = {(const char *)codes[p], (const float *)(const void *)meta[p], N[p], y[p]};
                     parts[np++] = pt;
                 }
-            g2_gemv_drive(vnni ? tile_i4v_4 : tile_i4b_4, 4, vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
+            const int gfni = vnni && g2_has_gfni();
+            g2_gemv_drive(gfni ? tile_i4g_4 : vnni ? tile_i4v_4 : tile_i4b_4, 4, gfni ? tile_i4g_1 : vnni ? tile_i4v_1 : tile_i4b_1, xp, xrow, M, K, parts,
                           np, K / 2, 0, K / 64, nt);
             free(xp);
             return 0;

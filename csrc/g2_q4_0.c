@@ -123,7 +123,7 @@ static float row_q4_0_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes,
  * row_q4_0_scalar's arithmetic (the integer lanes are dpbusd's dword sums: dword l of the 64 code bytes
  * of a group = bytes 4l .. 4l + 3 = block l/4, inputs 4r .. 4r + 3 (low nibbles) and + 16 (high)).
  * The last group's codes and scales are read with masked loads (zeros past the row's end). */
-#define DEF_TILE_Q40(NAME, TGT, DOT)                                                                       \
+#define DEF_TILE_Q40(NAME, TGT, DOT, HI)                                                                     \
     static TGT __attribute__((noinline)) void NAME(const int NR, const uint8_t *xp, int64_t K,            \
                                                    const uint8_t *w, const uint16_t *sc, float *y,        \
                                                    int64_t ldy, const int PF) {                           \
@@ -142,13 +142,16 @@ static float row_q4_0_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes,
             const __mmask64 cm = left >= 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * left)) - 1);          \
             const __mmask8 dm = left >= 4 ? (__mmask8)15 : (__mmask8)((1u << left) - 1);                   \
             if (PF)                                                                                        \
-                for (n = 0; n < NR; n++) G2_PF_Q4(w + (NR + n) * wrow + g * 64);                           \
+                for (n = 0; n < NR; n++) {                                                                 \
+                    G2_PF_Q4(w + (NR + n) * wrow + g * 64);                                                \
+                    if ((g & 7) == 0) G2_PF_Q4(sc + (NR + n) * nb + 4 * g); /* 8 groups' scales a line */  \
+                }                                                                                          \
             for (n = 0; n < NR; n++) {                                                                     \
                 const __m512i ca = _mm512_maskz_loadu_epi8(cm, w + n * wrow + g * 64);                     \
                 const __m512 d4 = _mm512_cvtph_ps(_mm256_zextsi128_si256(_mm_maskz_loadu_epi16(dm, sc + n * nb + 4 * g))); \
                 const __m512 S = _mm512_mul_ps(_mm512_permutexvar_ps(iA, d4), sx);                         \
                 __m512i ia = DOT(zero, _mm512_and_si512(ca, m15), xl);                                     \
-                ia = DOT(ia, _mm512_and_si512(_mm512_srli_epi16(ca, 4), m15), xh);                         \
+                ia = DOT(ia, HI(ca, m15), xh);                                                             \
                 ia = _mm512_sub_epi32(ia, q8);                                                             \
                 acc[n] = _mm512_add_ps(acc[n], _mm512_mul_ps(_mm512_cvtepi32_ps(ia), S));                  \
             }                                                                                              \
@@ -159,8 +162,9 @@ static float row_q4_0_scalar(const uint8_t *xp, int64_t K, const uint8_t *codes,
             y[n * ldy] = lane_tree(a);                                                                     \
         }                                                                                                  \
     }
-DEF_TILE_Q40(tile_q40_vnni, G2_TGT_VNNI, dot_vnni)
-DEF_TILE_Q40(tile_q40_bw, G2_TGT, dot_bw)
+DEF_TILE_Q40(tile_q40_vnni, G2_TGT_VNNI, dot_vnni, g2_hi_nib)
+DEF_TILE_Q40(tile_q40_gfni, G2_TGT_GFNI, dot_vnni, g2_hi_nib_gfni)
+DEF_TILE_Q40(tile_q40_bw, G2_TGT, dot_bw, g2_hi_nib)
 
 /* prep_x_q4_0 on AVX-512, bitwise the same (g2_xq8.h; exact integer sums) */
 static G2_TGT void prep_x_q4_0_avx512(const float *x, int64_t M, int64_t K, uint8_t *xp) {
@@ -196,15 +200,17 @@ static void decode_block(const uint8_t *xp, int64_t xrow, int64_t M, int64_t K, 
                          const uint16_t *scales, int64_t N, float *y, int64_t n0, int64_t n1, int simd) {
 #if G2_X86
     if (simd) {
-        const int vnni = simd == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI);
+        const int vnni = simd == 1 && (g2_cpu_features() & G2_CPU_AVX512VNNI) ? (g2_has_gfni() ? 2 : 1) : 0;
         for (int64_t m = 0; m < M; m++) {
             int64_t n = n0;
             for (; n + 4 <= n1; n += 4) {
-                if (vnni) tile_q40_vnni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+                if (vnni == 2) tile_q40_gfni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
+                else if (vnni) tile_q40_vnni(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
                 else tile_q40_bw(4, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, g2_prefetch);
             }
             for (; n < n1; n++) {
-                if (vnni) tile_q40_vnni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+                if (vnni == 2) tile_q40_gfni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
+                else if (vnni) tile_q40_vnni(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
                 else tile_q40_bw(1, xp + m * xrow, K, codes + n * (K / 2), scales + n * (K / 32), y + m * N + n, 1, 0);
             }
         }

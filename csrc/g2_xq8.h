@@ -64,6 +64,24 @@ G2_INLINE G2_TGT float g2_xq8_block_avx512(const float *xb, __m512i *qa, __m512i
 G2_INLINE G2_TGT_VNNI __m512i dot_vnni(__m512i acc, __m512i u, __m512i q) { return _mm512_dpbusd_epi32(acc, u, q); }
 /* without VNNI (and at simd level 2, so tests run it): pairs to int16 (|15 * 127 * 2| < 2^15: no
  * saturation), pairs of those to int32: the same exact sums */
+/* the high nibble of every byte: (b >> 4) & 15 -- two operations, or one GF(2) affine map (below) */
+G2_INLINE G2_TGT __m512i g2_hi_nib(__m512i b, __m512i m15) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), m15); }
+#define G2_TGT_GFNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,gfni,fma,avx2")))
+/* gf2p8affineqb: output bit i of each byte = parity(matrix byte 7-i AND input byte); rows 7-i = 1 << (i + 4)
+ * for i < 4 and 0 for i >= 4 make it b >> 4 exactly (a bit permutation, no arithmetic) */
+G2_INLINE G2_TGT_GFNI __m512i g2_hi_nib_gfni(__m512i b, __m512i m15) {
+    (void)m15;
+    return _mm512_gf2p8affine_epi64_epi8(b, _mm512_set1_epi64((long long)0x1020408000000000ULL), 0);
+}
+/* GFNI present and not switched off by G2_GFNI=0 (an experiment knob, read once, as G2_PF) */
+static inline int g2_has_gfni(void) {
+    static int v = -1;
+    if (v < 0) {
+        const char *e = getenv("G2_GFNI");
+        v = __builtin_cpu_supports("gfni") && !(e && atoi(e) == 0) ? 1 : 0;
+    }
+    return v;
+}
 G2_INLINE G2_TGT __m512i dot_bw(__m512i acc, __m512i u, __m512i q) {
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, q), _mm512_set1_epi16(1)));
 }

@@ -390,3 +390,37 @@ def test_cli_weights_int4_runs_native_and_info_counts_its_bytes(capsys):
     vec_bytes = wb["float32"] - 4 * sum(h.out_features * h.in_features for h in mats)
     assert wb["int4"] == sum(h.nbytes for h in mats) + vec_bytes  # the handles' bytes exactly
     assert wb["int4"] < wb["int8"]
+
+
+_GFNI_OFF_SCRIPT = r"""
+import numpy as np
+from gemma2np import _native as nat
+from gemma2np.kernels import int4, q4_0
+r = np.random.default_rng(5)
+nat.set_parallel_threshold(0)
+for N, K, M in ((1, 256, 1), (7, 512, 2), (13, 2304, 3), (4, 768, 7)):
+    w = r.standard_normal((N, K), dtype=np.float32)
+    codes, meta = int4.quantize_int4(w)
+    qc = r.integers(0, 256, (N, K // 2), dtype=np.uint8)
+    qs = (r.standard_normal((N, K // 32)) * 0.01).astype(np.float16).view(np.uint16)
+    x = r.standard_normal((M, K), dtype=np.float32)
+    for t in (1, 2, 3):
+        np.testing.assert_array_equal(nat.linear_int4(x, codes, meta, n_threads=t), int4.linear_decode(x, codes, meta))
+        np.testing.assert_array_equal(nat.linear_q4_0(x, qc, qs, n_threads=t), q4_0.linear_decode(x, qc, qs))
+print("ok")
+"""
+
+
+@pytest.mark.skipif("avx512vnni" not in nat.cpu_features(), reason="needs AVX-512 VNNI")
+def test_decode_without_gfni_matches_twin():
+    """G2_GFNI=0 (read once per process, hence a subprocess): the VNNI decode tiles with the two-op high
+    nibble step, which GFNI CPUs otherwise never run, are bitwise the twins too (int4 and q4_0)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, G2_GFNI="0", PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-c", _GFNI_OFF_SCRIPT], capture_output=True, text=True, timeout=240,
+                       env=env, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
