@@ -123,16 +123,18 @@ G2_HIDDEN void g2_gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *
     }
 }
 
-/* Larger M: W is cut into blocks of ~256 KB and x into M chunks of ~chunk_rows() rows; the work
+/* Larger M: W is cut into blocks of ~256 KB and x into M chunks of chunk_rows() rows; the work
  * items are the (chunk, block) pairs, chunk-major, parallel and dynamic: each W block stays in L2
  * while the chunk's x rows run over it, and the chunk's x stays in cache while every W block runs
- * over it. (With x unchunked, a long prompt's x -- 8192 x 9216 floats for down_proj -- was re-read
- * from DRAM once per W block; the x-chunk-outer order with MC rows of x kept in L2 and a W block
- * per tile was measured slower: 152-175 vs 188-191 GFLOP/s/thread for bf16.) Every MR x NR tile
- * reuses NR W rows for MR x rows; the chunks are a multiple of MR rows, so every output is the
- * same tile call as without chunks. widen_fmt >= 0: each W block is first converted (per thread
- * scratch, once per chunk) -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32
- * tiles. The block size is trimmed so the blocks split evenly over the threads. */
+ * over it. Unchunked (W block outer, all of x per block), a long prompt's x was re-read from DRAM
+ * once per W block; an older measurement that an x-chunk-outer order was slower (MC rows of x in
+ * L2: 152-175 vs 188-191 GFLOP/s/thread for bf16) was at prompt lengths whose whole x fits in L3,
+ * and with a small chunk -- here a chunk is MBs and each W block still serves all of its rows.
+ * Every MR x NR tile reuses NR W rows for MR x rows; the chunks are a multiple of MR rows, so every
+ * output is the same tile call as without chunks (bitwise the same results). widen_fmt >= 0: each
+ * W block is first converted (per thread scratch, once per chunk) -- int8 -> bf16(q*s) for the dp
+ * tiles, or bf16/int8 -> f32 for the f32 tiles. The block size is trimmed so the blocks split
+ * evenly over the threads. */
 G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
                       int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
                       int64_t nb, int nt, int widen_fmt, int widen_to_bf16, int64_t trow_bytes) {
