@@ -21,6 +21,31 @@ static int64_t gemv_bytes(void) {
     return g_gemv_bytes;
 }
 
+/* Rows of x per M chunk of the prefill drivers (see g2_gemm_op_drive): the chunk's x (row_bytes per
+ * row, as the tiles read it) is kept to ~G2_XCHUNK_KB (default G2_XCHUNK_KB_DEFAULT) so it stays in
+ * cache while every W block runs over it; drivers that convert their W blocks (once per chunk) get
+ * G2_XCHUNK_WIDEN (default 2) times that, to spread the conversion over more rows. A multiple of
+ * `unit` (the x panel / tile height), at least one unit. Read once from the environment, for
+ * experiments. 3 MB: with the 256 KB W block it fits the 4 MB L2 of this host's cores; measured
+ * (1 thread, busy host, per-token CPU time at M = 4096 against M = 512): 1 MB (48 rows of
+ * down_proj's x) was ~20% slower, 2-32 MB were alike within the noise (~5%), 64 MB was back to
+ * the unchunked rate; int8's per-chunk widening cost no measurable time at 1-4x. */
+#define G2_XCHUNK_KB_DEFAULT 3072
+static int64_t g_xchunk_bytes = -1, g_xchunk_widen = 2;
+static int64_t chunk_rows(int64_t row_bytes, int64_t unit, int widen) {
+    if (g_xchunk_bytes < 0) {
+        const char *s = getenv("G2_XCHUNK_KB");
+        int64_t v = s ? atoll(s) : 0;
+        s = getenv("G2_XCHUNK_WIDEN");
+        int64_t f = s ? atoll(s) : 0;
+        g_xchunk_widen = f > 0 ? f : 2;
+        g_xchunk_bytes = (v > 0 ? v : G2_XCHUNK_KB_DEFAULT) * 1024;
+    }
+    int64_t rows = g_xchunk_bytes * (widen ? g_xchunk_widen : 1) / (row_bytes > 0 ? row_bytes : 1);
+    rows = rows / unit * unit;
+    return rows < unit ? unit : rows;
+}
+
 /* global block jb -> part p and its block index; first[p] = first global block of part p */
 static inline int part_of(const int64_t *first, int np, int64_t jb) {
     int p = 0;
@@ -98,29 +123,35 @@ G2_HIDDEN void g2_gemv_drive(tile_fn main4, int NRM, tile_fn tail1, const void *
     }
 }
 
-/* Larger M: W is cut into blocks of ~256 KB (parallel over blocks, dynamic); each W block stays
- * in L2 while all x rows run over it (the x-chunk-outer order, MC rows of x kept in L2, was
- * measured slower: 152-175 vs 188-191 GFLOP/s/thread for bf16); every MR x NR tile reuses NR W
- * rows for MR x rows. widen_fmt >= 0: each W block is first converted (per thread scratch, once)
- * -- int8 -> bf16(q*s) for the dp tiles, or bf16/int8 -> f32 for the f32 tiles. The block size is
- * trimmed so the blocks split evenly over the threads. */
+/* Larger M: W is cut into blocks of ~256 KB and x into M chunks of chunk_rows() rows; the work
+ * items are the (chunk, block) pairs, chunk-major, parallel and dynamic: each W block stays in L2
+ * while the chunk's x rows run over it, and the chunk's x stays in cache while every W block runs
+ * over it. Unchunked (W block outer, all of x per block), a long prompt's x was re-read from DRAM
+ * once per W block; an older measurement that an x-chunk-outer order was slower (MC rows of x in
+ * L2: 152-175 vs 188-191 GFLOP/s/thread for bf16) was at prompt lengths whose whole x fits in L3,
+ * and with a small chunk -- here a chunk is MBs and each W block still serves all of its rows.
+ * Every MR x NR tile reuses NR W rows for MR x rows; the chunks are a multiple of MR rows, so every
+ * output is the same tile call as without chunks (bitwise the same results). widen_fmt >= 0: each
+ * W block is first converted (per thread scratch, once per chunk) -- int8 -> bf16(q*s) for the dp
+ * tiles, or bf16/int8 -> f32 for the f32 tiles. The block size is trimmed so the blocks split
+ * evenly over the threads. */
 G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xrow_bytes, int64_t M,
                       int64_t K, const g2_part *parts, int np, int64_t wrow_bytes, int64_t block,
                       int64_t nb, int nt, int widen_fmt, int widen_to_bf16, int64_t trow_bytes) {
     int64_t first[G2_MAX_PARTS + 1];
     const int64_t nblk = plan_blocks(parts, np, trow_bytes, NR_MAIN, nt, first);
     const int64_t nblocks = first[np];
+    const int64_t mc = chunk_rows(xrow_bytes, MR_MAX, widen_fmt >= 0), nitems = (M + mc - 1) / mc * nblocks;
     const char *xc = (const char *)x;
     char *scratch_all = NULL;
     if (widen_fmt >= 0 && !(scratch_all = (char *)malloc((size_t)(nt * nblk * trow_bytes)))) return -1;
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         char *scratch = scratch_all ? scratch_all + (size_t)g2_thread_id() * (size_t)(nblk * trow_bytes) : NULL;
-        /* W block outer (it stays in L2 while every x row runs over it; x comes from L3):
-         * measured faster for every format/shape than keeping an x chunk in L2 instead */
-        int64_t jb;
+        int64_t it;
 #pragma omp for schedule(dynamic, 1)
-        for (jb = 0; jb < nblocks; jb++) {
+        for (it = 0; it < nitems; it++) {
+            const int64_t jb = it % nblocks, m1 = G2_MIN(M, (it / nblocks + 1) * mc);
             int64_t n0, n1;
             const g2_part *pt = block_rows(parts, first, np, jb, nblk, &n0, &n1);
             const int64_t N = pt->N;
@@ -131,8 +162,8 @@ G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xr
                 wblk = scratch;
                 sblk = NULL;
             }
-            int64_t m = 0;
-            while (m < M) {
+            int64_t m = it / nblocks * mc; /* a multiple of 4: the tiles are those of one chunk */
+            while (m < m1) {
                 int mr = (M - m >= 4) ? 1 : 0;
                 int64_t n = n0;
                 while (n < n1) {
@@ -152,8 +183,13 @@ G2_HIDDEN int g2_gemm_drive(const tile_fn tiles[2][2], const void *x, int64_t xr
 /* The rounded (dp) semantics with vdpbf16ps: W blocks as in gemm_drive (widen_int8 1: int8 blocks
  * widened to bf16(q*s) first; 2: int4 blocks (g2_int4.c's layout, meta in the scales slot) to bf16
  * of their float32 dequantisation; 3: q4_0 blocks (g2_q4_0.c's layout, the f16 scales in the scales
- * slot) likewise), each block run against every x panel with tile_op, NR = 14 rows
- * at a time and 8/4/2/1 for the block's tail. */
+ * slot) likewise), each block run against the x panels of an M chunk with tile_op, NR = 14 rows
+ * at a time and 8/4/2/1 for the block's tail. The work items are the (chunk, block) pairs,
+ * chunk-major, as in gemm_drive: x is packed once, and each chunk of it (chunk_rows() of its
+ * packed rows, a multiple of the 32-row panel, so the panels and every tile call are those
+ * without chunks) stays in cache while all W blocks run over it -- unchunked, x was re-read from
+ * DRAM once per W block, and an 8192-token down_proj ran at 2/3 of a 512-token one's rate. A block
+ * that needs converting (widened, or padded) is converted once per chunk. */
 G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_part *parts, int np,
                          int widen_int8, int64_t block, int64_t nb, int nt) {
     const int64_t K2 = (K + 1) / 2, npan = (M + 31) / 32;
@@ -170,6 +206,7 @@ G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_pa
     int64_t first[G2_MAX_PARTS + 1];
     const int64_t nblk = plan_blocks(parts, np, trow, G2_OP_NR, nt, first);
     const int64_t nblocks = first[np];
+    const int64_t mc = chunk_rows(K2 * 4, 32, widen_int8 != 0), nitems = (M + mc - 1) / mc * nblocks;
     const size_t sbytes = (size_t)(nblk * ldw) * sizeof(uint16_t);
     uint16_t *scratch_all = NULL;
     if ((widen_int8 || pad) && !(scratch_all = (uint16_t *)malloc((size_t)nt * sbytes))) {
@@ -179,9 +216,10 @@ G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_pa
 #pragma omp parallel num_threads(nt) if (nt > 1)
     {
         uint16_t *scratch = scratch_all ? (uint16_t *)((char *)scratch_all + (size_t)g2_thread_id() * sbytes) : NULL;
-        int64_t jb;
+        int64_t it;
 #pragma omp for schedule(dynamic, 1)
-        for (jb = 0; jb < nblocks; jb++) {
+        for (it = 0; it < nitems; it++) {
+            const int64_t jb = it % nblocks, c = it / nblocks;
             int64_t n0, n1;
             const g2_part *pt = block_rows(parts, first, np, jb, nblk, &n0, &n1);
             const int64_t N = pt->N;
@@ -205,7 +243,8 @@ G2_HIDDEN int g2_gemm_op_drive(const float *x, int64_t M, int64_t K, const g2_pa
             } else {
                 wblk = (const uint16_t *)pt->w + n0 * K;
             }
-            for (int64_t pn = 0; pn < npan; pn++) {
+            const int64_t pn1 = G2_MIN(npan, (c + 1) * (mc / 32));
+            for (int64_t pn = c * (mc / 32); pn < pn1; pn++) {
                 const int64_t m0 = 32 * pn, left = M - m0;
                 const int mp = left > 16 ? 1 : 0; /* 32- or 16-row panel */
                 const uint32_t *xpp = xp + m0 * K2;
