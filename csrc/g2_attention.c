@@ -33,7 +33,10 @@
 #define ATT_CHUNK 256  /* keys per chunk: the unit of the split and of the merge; a constant (never
                         * derived from the thread count) so the bits do not depend on the threads;
                         * a multiple of ATT_BLOCK so blocks are aligned as in the earlier kernel */
-#define ATT_QBLOCK 16  /* query rows (per query head) of a stream work item */
+#define ATT_QBLOCK 64  /* query rows (per query head) of a stream work item: each K/V chunk comes from
+                        * memory once per item and from L2 for its later tiles (at 16 rows, 2 query
+                        * heads, the K/V traffic was ~64 bytes per score) */
+#define ATT_SPLIT_MAXT 16 /* query rows up to which few work items take the split schedule */
 
 typedef struct {
     const char *k, *v;   /* base pointers */
@@ -187,9 +190,10 @@ static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64
     return nvis;
 }
 
-/* the per-thread scratch of the AVX-512 scores: a block of K transposed, D x ATT_BLOCK floats,
- * 64-byte aligned inside a malloc'd buffer of att_kt_bytes(D) */
-static inline size_t att_kt_bytes(int64_t D) { return (size_t)D * ATT_BLOCK * sizeof(float) + 64; }
+/* the per-thread scratch of the AVX-512 path: a block of K transposed, D x ATT_BLOCK floats, then
+ * a 64-element slice of a V block packed, ATT_BLOCK x 64 floats; 64-byte aligned inside a malloc'd
+ * buffer of att_kt_bytes(D) */
+static inline size_t att_kt_bytes(int64_t D) { return (size_t)(D + 64) * ATT_BLOCK * sizeof(float) + 64; }
 static inline float *att_align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 /* a query row of a work item: its inputs and where its chunk partial goes */
@@ -314,12 +318,12 @@ static G2_TGT void att_qk_2x64_avx512(const float *kt, int nd, const float *q0, 
 #define ATT_KM(m, j) ((__mmask16)(0u - (unsigned)(((m) >> (j)) & 1u)))
 
 /* acc[0:64) of 4 rows (o[i], nrr of them real: the others are never stored) += p[i][j] * V[s0+j]
- * over the block's keys in order, for the 64 elements of D from pd (mask mm[u] per vector);
- * an invisible key leaves a row as it is (masked FMA: a NaN there is never multiplied) */
-static G2_TGT void att_pv_4x64_avx512(const att_ctx *c, int64_t b, int64_t g, int64_t s0, int64_t nbk,
-                                      int64_t pd, const __mmask16 mm[4], float *const o[4],
+ * over the block's keys in order, for the 64 elements of D from pd (mask mm[u] per vector), V read
+ * from vp, the slice packed contiguously (row j at vp + 64 j: a 16 KB slice that stays in L1,
+ * where 64 rows 1 KB apart would fall into 16 of its 64 sets); an invisible key leaves a row as
+ * it is (masked FMA: a NaN there is never multiplied) */
+static G2_TGT void att_pv_4x64_avx512(const float *vp, int64_t nbk, const __mmask16 mm[4], float *const o[4],
                                       const float *const p[4], const uint64_t vm[4], int nrr) {
-    const int bf = c->bf16;
     const __mmask16 m0 = mm[0], m1 = mm[1], m2 = mm[2], m3 = mm[3];
     float *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
     const float *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];
@@ -334,12 +338,11 @@ static G2_TGT void att_pv_4x64_avx512(const att_ctx *c, int64_t b, int64_t g, in
     const uint64_t full = nbk == 64 ? ~(uint64_t)0 : (((uint64_t)1 << nbk) - 1);
     const uint64_t v0 = vm[0], v1 = vm[1], v2 = vm[2], v3 = vm[3];
     const int allvis = nrr == 4 && (v0 & v1 & v2 & v3) == full;
-    const void *vr = att_vrow(c, b, g, s0);
-    const int64_t vstep = c->vss * c->esz;
+    const float *vr = vp;
 #define ATT_PV4(K0, K1, K2, K3)                                                                          \
     {                                                                                                    \
-        __m512 w0 = att_load16(vr, bf, pd, m0), w1 = att_load16(vr, bf, pd + 16, m1);                    \
-        __m512 w2 = att_load16(vr, bf, pd + 32, m2), w3 = att_load16(vr, bf, pd + 48, m3);               \
+        __m512 w0 = _mm512_load_ps(vr), w1 = _mm512_load_ps(vr + 16);                                    \
+        __m512 w2 = _mm512_load_ps(vr + 32), w3 = _mm512_load_ps(vr + 48);                               \
         __m512 pv = _mm512_set1_ps(p0[j]);                                                               \
         c00 = _mm512_mask3_fmadd_ps(pv, w0, c00, K0); c01 = _mm512_mask3_fmadd_ps(pv, w1, c01, K0);      \
         c02 = _mm512_mask3_fmadd_ps(pv, w2, c02, K0); c03 = _mm512_mask3_fmadd_ps(pv, w3, c03, K0);      \
@@ -354,9 +357,9 @@ static G2_TGT void att_pv_4x64_avx512(const att_ctx *c, int64_t b, int64_t g, in
         c32 = _mm512_mask3_fmadd_ps(pv, w2, c32, K3); c33 = _mm512_mask3_fmadd_ps(pv, w3, c33, K3);      \
     }
     if (allvis) { /* every key visible to every row (most prefill blocks): the all-ones masks */
-        for (int64_t j = 0; j < nbk; j++, vr = (const char *)vr + vstep) ATT_PV4(0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
+        for (int64_t j = 0; j < nbk; j++, vr += 64) ATT_PV4(0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
     } else {
-        for (int64_t j = 0; j < nbk; j++, vr = (const char *)vr + vstep) {
+        for (int64_t j = 0; j < nbk; j++, vr += 64) {
             const __mmask16 k0 = ATT_KM(v0, j), k1 = ATT_KM(v1, j), k2 = ATT_KM(v2, j), k3 = ATT_KM(v3, j);
             if (!(k0 | k1 | k2 | k3)) continue;
             ATT_PV4(k0, k1, k2, k3)
@@ -436,6 +439,7 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
     float junk[ATT_BLOCK] __attribute__((aligned(64))); /* where the unused rows of a tile go */
     uint64_t vm[ATT_TROWS];
     int act[ATT_TROWS];
+    float *const vpk = kt + D * ATT_BLOCK; /* the packed V slice (att_kt_bytes) */
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < nr; r++) {
         memset(rows[r].acc, 0, (size_t)D * sizeof(float));
@@ -484,6 +488,7 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
         }
         if (!na) continue;
         att_kt_block_avx512(c, b, g, s0, nbk, kt);
+#ifndef ATT_EXP_SKIP_QK
         for (int64_t d0 = 0; d0 < D; d0 += ATT_DBLK) {
             const int nd = (int)G2_MIN(ATT_DBLK, D - d0);
             for (int rg = 0; rg < na; rg += 4) {
@@ -499,6 +504,9 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                 else att_qk_4x64_avx512(kt + d0 * ATT_BLOCK, nd, qr, sr, d0 == 0);
             }
         }
+#else
+        for (int ia = 0; ia < na; ia++) memset(sbuf[act[ia]], 0, sizeof sbuf[0]);
+#endif
         /* per row: scaling (0 for invisible keys, as the scalar path), softcap, block max,
          * rescale, p = exp(s - max) (0 for invisible keys) -- att_row_chunk's steps */
         const __m512 vscal = _mm512_set1_ps(c->scaling), vcap = _mm512_set1_ps(c->softcap);
@@ -556,6 +564,9 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
             rows[act[ia]].l = l0;
         }
         /* acc += p * v */
+#ifdef ATT_EXP_SKIP_PV
+        continue;
+#endif
         if (na <= 2) {
             const int r0 = act[0], r1 = act[na - 1];
             for (int64_t pd = 0; pd < D; pd += 128)
@@ -569,6 +580,15 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                 int64_t d = pd + 16 * u;
                 mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
             }
+            /* pack the slice: V[s0 + j][pd, pd + 64) -> vpk[64 j, 64 j + 64) (widened, 0 past D) */
+            {
+                const int bf = c->bf16;
+                const char *vr = (const char *)att_vrow(c, b, g, s0);
+                const int64_t vstep = c->vss * c->esz;
+                for (int64_t j = 0; j < nbk; j++, vr += vstep)
+                    for (int u = 0; u < 4; u++)
+                        _mm512_store_ps(vpk + 64 * j + 16 * u, att_load16(vr, bf, pd + 16 * u, mm[u]));
+            }
             for (int rg = 0; rg < na; rg += 4) {
                 const int nrr = G2_MIN(4, na - rg);
                 float *o[4];
@@ -580,7 +600,7 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                     p[i] = pbuf[r];
                     v4[i] = i < nrr ? vm[r] : 0;
                 }
-                att_pv_4x64_avx512(c, b, g, s0, nbk, pd, mm, o, p, v4, nrr);
+                att_pv_4x64_avx512(vpk, nbk, mm, o, p, v4, nrr);
             }
         }
     }
@@ -688,7 +708,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
     const double macs = 2.0 * (double)(B * Hq * T) * (double)S * (double)D;
     const int nt = g2_par_threads(NT(n_threads), macs * (c.simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
     /* the split schedule when few query rows would leave threads idle (the bits are the same) */
-    int split = nt > 1 && nch > 1 && T <= ATT_QBLOCK && B * Hkv < 4 * nt;
+    int split = nt > 1 && nch > 1 && T <= ATT_SPLIT_MAXT && B * Hkv < 4 * nt;
     float *part = NULL;  /* (row, chunk) -> [m, l, acc[0:D)] */
     int64_t *pnv = NULL;
     const int64_t pstride = Dp + 2;
