@@ -191,9 +191,13 @@ static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64
 }
 
 /* the per-thread scratch of the AVX-512 path: a block of K transposed, D x ATT_BLOCK floats, then
- * a 64-element slice of a V block packed, ATT_BLOCK x 64 floats; 64-byte aligned inside a malloc'd
+ * a 64-element slice of a V block packed, ATT_BLOCK x 64 floats, then the call's query rows packed
+ * per d-block of 16 (ATT_TROWS_MAX rows x 16 floats each); 64-byte aligned inside a malloc'd
  * buffer of att_kt_bytes(D) */
-static inline size_t att_kt_bytes(int64_t D) { return (size_t)(D + 64) * ATT_BLOCK * sizeof(float) + 64; }
+#define ATT_TROWS_MAX 64 /* = ATT_TROWS (defined with the AVX-512 kernel) */
+static inline size_t att_kt_bytes(int64_t D) {
+    return ((size_t)(D + 64) * ATT_BLOCK + (size_t)(D + 15) / 16 * 16 * ATT_TROWS_MAX) * sizeof(float) + 64;
+}
 static inline float *att_align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
 
 /* a query row of a work item: its inputs and where its chunk partial goes */
@@ -206,7 +210,10 @@ typedef struct {
 } att_row;
 
 #if G2_X86
-#define ATT_TROWS 32 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+#define ATT_TROWS 64 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+#if ATT_TROWS != ATT_TROWS_MAX
+#error "ATT_TROWS_MAX sizes the scratch of ATT_TROWS rows"
+#endif
 
 /* 16 x 16 floats: rows r[0..15] -> columns (out[i] = (r[0][i], ..., r[15][i])), in registers */
 G2_INLINE G2_TGT void att_tr16(__m512 r[16]) {
@@ -440,6 +447,14 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
     uint64_t vm[ATT_TROWS];
     int act[ATT_TROWS];
     float *const vpk = kt + D * ATT_BLOCK; /* the packed V slice (att_kt_bytes) */
+    /* the rows' q packed per d-block: q_r[d0 + i] at qpk[d0 * ATT_TROWS + 16 r + i] (a d-block of
+     * all the rows is 4 KB contiguous, where rows 1 KB apart would share 4 of L1's 64 sets) */
+    float *const qpk = vpk + 64 * ATT_BLOCK;
+    for (int r = 0; r < nr; r++)
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __mmask16 md = (D - d0 >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d0)) - 1u);
+            _mm512_store_ps(qpk + d0 * ATT_TROWS + 16 * r, _mm512_maskz_loadu_ps(md, rows[r].q + d0));
+        }
     const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < nr; r++) {
         memset(rows[r].acc, 0, (size_t)D * sizeof(float));
@@ -497,7 +512,7 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                 float *sr[4];
                 for (int i = 0; i < 4; i++) {
                     const int r = act[rg + (i < nrr ? i : 0)];
-                    qr[i] = rows[r].q + d0;
+                    qr[i] = qpk + d0 * ATT_TROWS + 16 * r;
                     sr[i] = i < nrr ? sbuf[r] : junk;
                 }
                 if (nrr <= 2) att_qk_2x64_avx512(kt + d0 * ATT_BLOCK, nd, qr[0], qr[1], sr[0], sr[1], d0 == 0);
