@@ -6,13 +6,18 @@
  * The arithmetic of one query row (the same whatever the schedule or the thread count):
  *   - the keys are cut into FIXED chunks of ATT_CHUNK keys, [0, 256), [256, 512), ...;
  *   - a chunk's partial (max m, sum l, unnormalised sum of p * v) is an online softmax over its
- *     blocks of ATT_BLOCK keys (exactly the per-row loop of the earlier kernel, restricted to the
- *     chunk), masked keys skipped;
+ *     blocks of ATT_BLOCK keys, masked keys skipped;
  *   - the partials of the chunks with a visible key are merged in chunk order,
  *     M' = max(M, m), L' = L * e^(M - M') + l * e^(m - M'), acc' = acc * e^(M - M') + a_c * e^(m - M');
- *   - out = acc / L (a row with no visible key: the uniform average over all S keys).
- * With S <= ATT_CHUNK there is one chunk and the result is bitwise the earlier kernel's on the
- * AVX-512 path. Two schedules compute it:
+ *   - out = acc / L (a row with no visible key: the uniform average over all S keys);
+ *   - a score q . k sums D in blocks of ATT_DBLK = 16 elements: per block one chain in d order
+ *     from 0, then the block sums in block order from 0 (dot_scalar). The AVX-512 path computes
+ *     the same chains with fused multiply-adds, 64 keys in the lanes of 4 registers (K transposed
+ *     per block of keys), so its scores are a plain register GEMM; the scalar path and the twin
+ *     round each product. (Until issue #15 a score was 16 lanes over D then a horizontal tree sum
+ *     on the AVX-512 path, 8 lanes on the scalar one: docs/precision.md has the accuracy of both.)
+ *     Every row (1 query row of decode or 128 of a prefill block) has this one arithmetic.
+ * Two schedules compute it:
  *   - stream (prefill, or one thread): work items are (batch, kv head, block of ATT_QBLOCK query
  *     rows) for all the query heads of the group; a chunk is read once for those rows (it stays in
  *     L2) and merged into the rows' running state at once; chunks no row of the block can see
@@ -32,7 +37,7 @@
 #define ATT_BLOCK 64   /* keys per inner online-softmax step (scores kept on the stack) */
 #define ATT_CHUNK 256  /* keys per chunk: the unit of the split and of the merge; a constant (never
                         * derived from the thread count) so the bits do not depend on the threads;
-                        * a multiple of ATT_BLOCK so blocks are aligned as in the earlier kernel */
+                        * a multiple of ATT_BLOCK */
 #define ATT_QBLOCK 64  /* query rows (per query head) of a stream work item: each K/V chunk comes from
                         * memory once per item and from L2 for its later tiles (at 16 rows, 2 query
                         * heads, the K/V traffic was ~64 bytes per score) */
@@ -69,7 +74,7 @@ static inline float exp_ref(float x) { return (float)exp((double)x); }
 static inline float tanh_ref(float x) { return (float)tanh((double)x); }
 
 /* the rescale factor e^(a - b) of the online softmax and the merge: expf on the AVX-512 path (what
- * the earlier kernel used, so one-chunk rows stay bitwise), exp_ref on the scalar path */
+ * the earlier one-row kernel used), exp_ref on the scalar path */
 static inline float att_rescale(int simd, float x) { return simd ? expf(x) : exp_ref(x); }
 
 static inline float bf16_widen(uint16_t h) {
@@ -503,7 +508,6 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
         }
         if (!na) continue;
         att_kt_block_avx512(c, b, g, s0, nbk, kt);
-#ifndef ATT_EXP_SKIP_QK
         for (int64_t d0 = 0; d0 < D; d0 += ATT_DBLK) {
             const int nd = (int)G2_MIN(ATT_DBLK, D - d0);
             for (int rg = 0; rg < na; rg += 4) {
@@ -519,9 +523,6 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                 else att_qk_4x64_avx512(kt + d0 * ATT_BLOCK, nd, qr, sr, d0 == 0);
             }
         }
-#else
-        for (int ia = 0; ia < na; ia++) memset(sbuf[act[ia]], 0, sizeof sbuf[0]);
-#endif
         /* per row: scaling (0 for invisible keys, as the scalar path), softcap, block max,
          * rescale, p = exp(s - max) (0 for invisible keys) -- att_row_chunk's steps */
         const __m512 vscal = _mm512_set1_ps(c->scaling), vcap = _mm512_set1_ps(c->softcap);
@@ -579,9 +580,6 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
             rows[act[ia]].l = l0;
         }
         /* acc += p * v */
-#ifdef ATT_EXP_SKIP_PV
-        continue;
-#endif
         if (na <= 2) {
             const int r0 = act[0], r1 = act[na - 1];
             for (int64_t pd = 0; pd < D; pd += 128)
