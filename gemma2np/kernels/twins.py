@@ -6,7 +6,8 @@ math is an op of gemma2np.ops (rmsnorm, geglu, rope, softcap, argmax, topk) it i
 adapter over that op, so the numerics live in one place. What is the C kernels' own lives here:
 the weight formats below, and attention's formulation (masked keys skipped as -inf, a query row with
 no visible key set to the uniform average over all S keys, which is what ops' finfo.min mask yields;
-the keys in fixed chunks whose partial softmaxes are merged in chunk order, step for step the C
+the keys in fixed chunks whose partial softmaxes are merged in chunk order, a score q . k summed in
+blocks of ATT_DBLK elements of D (one chain per block, then the block sums), step for step the C
 kernel's scalar path, so the two are bitwise equal).
 `n_threads` and `out` are accepted for signature compatibility; `out`, when given, receives the result.
 
