@@ -91,7 +91,8 @@ static inline float bf16_widen(uint16_t h) {
  * ATT_DBLK elements a chain P_i = ((0 + q_d k_d) + q_(d+1) k_(d+1)) + ... in d order, then
  * ((0 + P_0) + P_1) + ... in block order. One sequential chain per block keeps the AVX-512 scores
  * a plain outer-product GEMM (no horizontal reduce); the block sums keep each chain short (16
- * terms), so the rounding error stays that of the earlier 16-lane sum (docs/precision.md). */
+ * terms), so the rounding error stays about that of the earlier 16-lane sum (measured:
+ * docs/precision.md, "Attention scores"). */
 #define ATT_DBLK 16
 static float dot_scalar(const float *a, const void *bv, int bf16, int64_t n) {
     const uint16_t *bh = (const uint16_t *)bv;
@@ -274,7 +275,8 @@ static G2_TGT void att_kt_block_avx512(const att_ctx *c, int64_t b, int64_t g, i
 /* scores of up to 4 query rows x the 64 keys of kt over the d-block [d0, d0 + nd):
  * out[i][j] (+)= the fused chain q[i][d0] * kt[d0][j] + ... (one FMA chain per (row, key), in d
  * order, started from 0), added to out (first block: to 0). kt points at row d0 of the block's
- * transpose (an L1-sized 16 x 64 slice); q[i] at q_row + d0. 16 named accumulators. */
+ * transpose (an L1-sized 16 x 64 slice); q[i] at row i's nd elements of the d-block (packed). 16
+ * named accumulators. */
 static G2_TGT void att_qk_4x64_avx512(const float *kt, int nd, const float *const q[4], float *const out[4],
                                       int first) {
     const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
@@ -620,9 +622,11 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
 }
 #endif
 
-/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path, row by row on the scalar one */
+/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path (kt: its per-thread scratch,
+ * att_kt_bytes), row by row on the scalar one */
 static void att_rows_chunk(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int64_t nr, int64_t c0,
                            int64_t c1, float *kt) {
+    (void)kt; /* unused without the AVX-512 path */
 #if G2_X86
     if (c->simd) {
         for (int64_t r0 = 0; r0 < nr; r0 += ATT_TROWS)
