@@ -328,6 +328,52 @@ static G2_TGT void att_qk_2x64_avx512(const float *kt, int nd, const float *q0, 
 #undef ATT_ACC
 }
 
+/* the scores of 1-2 rows (decode) x the block's keys, the same chains as the tiles above (per
+ * d-block of 16 one fused chain in d order from 0, added to the running sum from 0), with each
+ * 16 x 16 tile of K transposed in registers and used at once: with 2 rows the scratch round trip
+ * of att_kt_block_avx512 would cost as much as the FMAs. out[j] for j < 64 (0 past the block). */
+static G2_TGT void att_qk_2rows_direct_avx512(const att_ctx *c, int64_t b, int64_t g, int64_t s0, int64_t nbk,
+                                              const float *q0, const float *q1, float *out0, float *out1) {
+    const int64_t D = c->D;
+    const int bf = c->bf16;
+    for (int64_t j0 = 0; j0 < ATT_BLOCK; j0 += 16) {
+        const int nk = (int)G2_MAX(0, G2_MIN(16, nbk - j0));
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0;
+        if (nk > 0) {
+            const void *kr[16];
+            for (int j = 0; j < 16; j++) kr[j] = att_krow(c, b, g, s0 + j0 + (j < nk ? j : 0));
+            for (int64_t d0 = 0; d0 < D; d0 += 16) {
+                const __mmask16 m = (D - d0 >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d0)) - 1u);
+                __m512 r[16];
+                for (int j = 0; j < 16; j++) r[j] = j < nk ? att_load16(kr[j], bf, d0, m) : _mm512_setzero_ps();
+                /* the next 16 keys' line at d0, one group ahead: this loop is memory-bound at depth,
+                 * and 16 rows read across d in step are not a pattern the hardware prefetcher follows */
+                for (int j = 0; j < 16; j++)
+                    if (s0 + j0 + 16 + j < c->S)
+                        _mm_prefetch((const char *)att_krow(c, b, g, s0 + j0 + 16 + j) + d0 * c->esz, _MM_HINT_T0);
+                att_tr16(r);
+                __m512 p0 = _mm512_setzero_ps(), p1 = p0;
+                if (D - d0 >= 16) {
+#pragma GCC unroll 16
+                    for (int d = 0; d < 16; d++) {
+                        p0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d0 + d]), r[d], p0);
+                        p1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d0 + d]), r[d], p1);
+                    }
+                } else {
+                    for (int d = 0; d < D - d0; d++) {
+                        p0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d0 + d]), r[d], p0);
+                        p1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d0 + d]), r[d], p1);
+                    }
+                }
+                t0 = _mm512_add_ps(t0, p0);
+                t1 = _mm512_add_ps(t1, p1);
+            }
+        }
+        _mm512_store_ps(out1 + j0, t1); /* out1 may be out0's junk twin (1 row): stored first */
+        _mm512_store_ps(out0 + j0, t0);
+    }
+}
+
 /* bit j of a row's visibility mask as a 16-lane FMA mask */
 #define ATT_KM(m, j) ((__mmask16)(0u - (unsigned)(((m) >> (j)) & 1u)))
 
@@ -509,6 +555,10 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
             if (vm[r]) act[na++] = r;
         }
         if (!na) continue;
+        if (na <= 2) {
+            att_qk_2rows_direct_avx512(c, b, g, s0, nbk, rows[act[0]].q, rows[act[na - 1]].q, sbuf[act[0]],
+                                       na > 1 ? sbuf[act[1]] : junk);
+        } else {
         att_kt_block_avx512(c, b, g, s0, nbk, kt);
         for (int64_t d0 = 0; d0 < D; d0 += ATT_DBLK) {
             const int nd = (int)G2_MIN(ATT_DBLK, D - d0);
@@ -524,6 +574,7 @@ static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g,
                 if (nrr <= 2) att_qk_2x64_avx512(kt + d0 * ATT_BLOCK, nd, qr[0], qr[1], sr[0], sr[1], d0 == 0);
                 else att_qk_4x64_avx512(kt + d0 * ATT_BLOCK, nd, qr, sr, d0 == 0);
             }
+        }
         }
         /* per row: scaling (0 for invisible keys, as the scalar path), softcap, block max,
          * rescale, p = exp(s - max) (0 for invisible keys) -- att_row_chunk's steps */
