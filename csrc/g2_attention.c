@@ -482,7 +482,9 @@ static G2_TGT void att_pv_2x128_avx512(const att_ctx *c, int64_t b, int64_t g, i
  *     rows x 64 keys, a register chain of FMAs over the d-block added into the row's scores:
  *     score = (((0 + P_0) + P_1) + ...) with P_i the fused chain over d-block i in d order --
  *     the scalar path's and the twin's order, with fused products (so not bitwise theirs). A
- *     score is its own lane: its bits do not depend on the tile or on the rows next to it;
+ *     score is its own lane: its bits do not depend on the tile or on the rows next to it. With
+ *     at most 2 active rows (decode) the same chains run on K tiles transposed in registers
+ *     (att_qk_2rows_direct_avx512), which skips the scratch;
  *   - per row: * scaling, the polynomial softcap, the block max, the expf rescale, the
  *     polynomial exp, l += p in key order (4 rows' chains interleaved);
  *   - p * V: per 64 elements of D (a slice of the V block that stays in L1) and per tile of 4
