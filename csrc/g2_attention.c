@@ -6,13 +6,18 @@
  * The arithmetic of one query row (the same whatever the schedule or the thread count):
  *   - the keys are cut into FIXED chunks of ATT_CHUNK keys, [0, 256), [256, 512), ...;
  *   - a chunk's partial (max m, sum l, unnormalised sum of p * v) is an online softmax over its
- *     blocks of ATT_BLOCK keys (exactly the per-row loop of the earlier kernel, restricted to the
- *     chunk), masked keys skipped;
+ *     blocks of ATT_BLOCK keys, masked keys skipped;
  *   - the partials of the chunks with a visible key are merged in chunk order,
  *     M' = max(M, m), L' = L * e^(M - M') + l * e^(m - M'), acc' = acc * e^(M - M') + a_c * e^(m - M');
- *   - out = acc / L (a row with no visible key: the uniform average over all S keys).
- * With S <= ATT_CHUNK there is one chunk and the result is bitwise the earlier kernel's on the
- * AVX-512 path. Two schedules compute it:
+ *   - out = acc / L (a row with no visible key: the uniform average over all S keys);
+ *   - a score q . k sums D in blocks of ATT_DBLK = 16 elements: per block one chain in d order
+ *     from 0, then the block sums in block order from 0 (dot_scalar). The AVX-512 path computes
+ *     the same chains with fused multiply-adds, 64 keys in the lanes of 4 registers (K transposed
+ *     per block of keys), so its scores are a plain register GEMM; the scalar path and the twin
+ *     round each product. (Until issue #15 a score was 16 lanes over D then a horizontal tree sum
+ *     on the AVX-512 path, 8 lanes on the scalar one: docs/precision.md has the accuracy of both.)
+ *     Every row (1 query row of decode or 128 of a prefill block) has this one arithmetic.
+ * Two schedules compute it:
  *   - stream (prefill, or one thread): work items are (batch, kv head, block of ATT_QBLOCK query
  *     rows) for all the query heads of the group; a chunk is read once for those rows (it stays in
  *     L2) and merged into the rows' running state at once; chunks no row of the block can see
@@ -32,8 +37,11 @@
 #define ATT_BLOCK 64   /* keys per inner online-softmax step (scores kept on the stack) */
 #define ATT_CHUNK 256  /* keys per chunk: the unit of the split and of the merge; a constant (never
                         * derived from the thread count) so the bits do not depend on the threads;
-                        * a multiple of ATT_BLOCK so blocks are aligned as in the earlier kernel */
-#define ATT_QBLOCK 16  /* query rows (per query head) of a stream work item */
+                        * a multiple of ATT_BLOCK */
+#define ATT_QBLOCK 64  /* query rows (per query head) of a stream work item: each K/V chunk comes from
+                        * memory once per item and from L2 for its later tiles (at 16 rows, 2 query
+                        * heads, the K/V traffic was ~64 bytes per score) */
+#define ATT_SPLIT_MAXT 16 /* query rows up to which few work items take the split schedule */
 
 typedef struct {
     const char *k, *v;   /* base pointers */
@@ -66,7 +74,7 @@ static inline float exp_ref(float x) { return (float)exp((double)x); }
 static inline float tanh_ref(float x) { return (float)tanh((double)x); }
 
 /* the rescale factor e^(a - b) of the online softmax and the merge: expf on the AVX-512 path (what
- * the earlier kernel used, so one-chunk rows stay bitwise), exp_ref on the scalar path */
+ * the earlier one-row kernel used), exp_ref on the scalar path */
 static inline float att_rescale(int simd, float x) { return simd ? expf(x) : exp_ref(x); }
 
 static inline float bf16_widen(uint16_t h) {
@@ -79,17 +87,28 @@ static inline float bf16_widen(uint16_t h) {
 /* ---- scores of keys [s0, s1) for one query row: sbuf[s - s0] = softcap(q . k_s * scaling) for
  * visible keys, 0 for the others ---------------------------------------------------------- */
 
-/* q . k over D (8 independent lanes, then a fixed pairwise sum) */
+/* q . k over D in the kernel's order (the AVX-512 path's, with its products fused): per block of
+ * ATT_DBLK elements a chain P_i = ((0 + q_d k_d) + q_(d+1) k_(d+1)) + ... in d order, then
+ * ((0 + P_0) + P_1) + ... in block order. One sequential chain per block keeps the AVX-512 scores
+ * a plain outer-product GEMM (no horizontal reduce); the block sums keep each chain short (16
+ * terms), so the rounding error stays about that of the earlier 16-lane sum (measured:
+ * docs/precision.md, "Attention scores"). */
+#define ATT_DBLK 16
 static float dot_scalar(const float *a, const void *bv, int bf16, int64_t n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (bf16) {
-        const uint16_t *b = (const uint16_t *)bv;
-        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * bf16_widen(b[i]);
-    } else {
-        const float *b = (const float *)bv;
-        for (int64_t i = 0; i < n; i++) acc[i & 7] += a[i] * b[i];
+    const uint16_t *bh = (const uint16_t *)bv;
+    const float *bf = (const float *)bv;
+    float tot = 0.0f;
+    for (int64_t d0 = 0; d0 < n; d0 += ATT_DBLK) {
+        const int64_t d1 = G2_MIN(n, d0 + ATT_DBLK);
+        float p = 0.0f;
+        if (bf16) {
+            for (int64_t i = d0; i < d1; i++) p = p + a[i] * bf16_widen(bh[i]);
+        } else {
+            for (int64_t i = d0; i < d1; i++) p = p + a[i] * bf[i];
+        }
+        tot = tot + p;
     }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    return tot;
 }
 
 static void att_scores_scalar(const att_ctx *c, const float *qr, int64_t b, int64_t g, int64_t s0,
@@ -177,6 +196,16 @@ static int64_t att_row_chunk(const att_ctx *c, const float *qr, int64_t b, int64
     return nvis;
 }
 
+/* the per-thread scratch of the AVX-512 path: a block of K transposed, D x ATT_BLOCK floats, then
+ * a 64-element slice of a V block packed, ATT_BLOCK x 64 floats, then the call's query rows packed
+ * per d-block of 16 (ATT_TROWS_MAX rows x 16 floats each); 64-byte aligned inside a malloc'd
+ * buffer of att_kt_bytes(D) */
+#define ATT_TROWS_MAX 64 /* = ATT_TROWS (defined with the AVX-512 kernel) */
+static inline size_t att_kt_bytes(int64_t D) {
+    return ((size_t)(D + 64) * ATT_BLOCK + (size_t)(D + 15) / 16 * 16 * ATT_TROWS_MAX) * sizeof(float) + 64;
+}
+static inline float *att_align64(float *p) { return (float *)(((uintptr_t)p + 63) & ~(uintptr_t)63); }
+
 /* a query row of a work item: its inputs and where its chunk partial goes */
 typedef struct {
     const float *q;
@@ -187,252 +216,474 @@ typedef struct {
 } att_row;
 
 #if G2_X86
-#define ATT_TROWS 32 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+#define ATT_TROWS 64 /* rows per call of the tiled kernel (its scratch lives on the stack) */
+#if ATT_TROWS != ATT_TROWS_MAX
+#error "ATT_TROWS_MAX sizes the scratch of ATT_TROWS rows"
+#endif
 
-/* The partials of nr <= ATT_TROWS rows (of one batch and kv head) over the chunk [c0, c1), in
- * tiles: scores 4 rows x 4 keys at a time, p * V 4 rows x 64 elements of D at a time (2 x 8 and
- * 2 x 128 for a last one or two rows), so K and V are loaded once for 4 (2) rows. Per row the
- * operations are att_row_chunk's steps, with the earlier one-row AVX-512 kernel's arithmetic, in
- * the same order: one FMA chain per (row, key) over D then _mm512_reduce_add_ps, the elementwise
- * polynomial softcap / exp, expf for the rescale, one FMA per visible key and element of D in key
- * order (masked off for invisible keys). So a row's bits do not depend on the tile it shares or on
- * the rows next to it (tests/test_attention_kernels.py checks it against one-row calls). */
-static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int nr,
-                                         int64_t c0, int64_t c1) {
-    const int64_t D = c->D, window = c->window;
+/* 16 x 16 floats: rows r[0..15] -> columns (out[i] = (r[0][i], ..., r[15][i])), in registers */
+G2_INLINE G2_TGT void att_tr16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    /* u[4 q + e], per 128-bit lane L: element 4 L + e of rows 4 q .. 4 q + 3 */
+    for (int qq = 0; qq < 4; qq++) {
+        u[4 * qq + 0] = _mm512_shuffle_ps(t[4 * qq], t[4 * qq + 2], 0x44);
+        u[4 * qq + 1] = _mm512_shuffle_ps(t[4 * qq], t[4 * qq + 2], 0xEE);
+        u[4 * qq + 2] = _mm512_shuffle_ps(t[4 * qq + 1], t[4 * qq + 3], 0x44);
+        u[4 * qq + 3] = _mm512_shuffle_ps(t[4 * qq + 1], t[4 * qq + 3], 0xEE);
+    }
+    /* t[e] = (rows 0-3, 8 + e), (rows 4-7, ...) pairs; then the columns */
+    for (int e = 0; e < 4; e++) {
+        t[e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0x88);       /* rows 0-7: elements e, 8+e */
+        t[4 + e] = _mm512_shuffle_f32x4(u[e], u[4 + e], 0xDD);   /* rows 0-7: elements 4+e, 12+e */
+        t[8 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0x88);
+        t[12 + e] = _mm512_shuffle_f32x4(u[8 + e], u[12 + e], 0xDD);
+    }
+    for (int e = 0; e < 4; e++) {
+        r[e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0x88);
+        r[8 + e] = _mm512_shuffle_f32x4(t[e], t[8 + e], 0xDD);
+        r[4 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0x88);
+        r[12 + e] = _mm512_shuffle_f32x4(t[4 + e], t[12 + e], 0xDD);
+    }
+}
+
+/* kt[d * ATT_BLOCK + j] = K[s0 + j][d] (float32; bf16 widened exactly) for j < nbk, 0 for the
+ * keys past the block's end; 16 x 16 tiles transposed in registers */
+static G2_TGT void att_kt_block_avx512(const att_ctx *c, int64_t b, int64_t g, int64_t s0, int64_t nbk,
+                                       float *kt) {
+    const int64_t D = c->D;
     const int bf = c->bf16;
+    for (int64_t j0 = 0; j0 < ATT_BLOCK; j0 += 16) {
+        const void *kr[16];
+        int nk = (int)G2_MAX(0, G2_MIN(16, nbk - j0));
+        for (int j = 0; j < 16; j++) kr[j] = att_krow(c, b, g, s0 + j0 + (j < nk ? j : 0));
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __mmask16 m = (D - d0 >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d0)) - 1u);
+            __m512 r[16];
+            for (int j = 0; j < 16; j++) r[j] = j < nk ? att_load16(kr[j], bf, d0, m) : _mm512_setzero_ps();
+            att_tr16(r);
+            const int nd = (int)G2_MIN(16, D - d0);
+            for (int i = 0; i < nd; i++) _mm512_store_ps(kt + (d0 + i) * ATT_BLOCK + j0, r[i]);
+        }
+    }
+}
+
+
+/* scores of up to 4 query rows x the 64 keys of kt over the d-block [d0, d0 + nd):
+ * out[i][j] (+)= the fused chain q[i][d0] * kt[d0][j] + ... (one FMA chain per (row, key), in d
+ * order, started from 0), added to out (first block: to 0). kt points at row d0 of the block's
+ * transpose (an L1-sized 16 x 64 slice); q[i] at row i's nd elements of the d-block (packed). 16
+ * named accumulators. */
+static G2_TGT void att_qk_4x64_avx512(const float *kt, int nd, const float *const q[4], float *const out[4],
+                                      int first) {
+    const float *q0 = q[0], *q1 = q[1], *q2 = q[2], *q3 = q[3];
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+           a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00, a31 = a00, a32 = a00, a33 = a00;
+    for (int d = 0; d < nd; d++) {
+        const float *kd = kt + d * ATT_BLOCK;
+        const __m512 k0 = _mm512_load_ps(kd), k1 = _mm512_load_ps(kd + 16), k2 = _mm512_load_ps(kd + 32),
+                     k3 = _mm512_load_ps(kd + 48);
+        __m512 x = _mm512_set1_ps(q0[d]);
+        a00 = _mm512_fmadd_ps(x, k0, a00); a01 = _mm512_fmadd_ps(x, k1, a01);
+        a02 = _mm512_fmadd_ps(x, k2, a02); a03 = _mm512_fmadd_ps(x, k3, a03);
+        x = _mm512_set1_ps(q1[d]);
+        a10 = _mm512_fmadd_ps(x, k0, a10); a11 = _mm512_fmadd_ps(x, k1, a11);
+        a12 = _mm512_fmadd_ps(x, k2, a12); a13 = _mm512_fmadd_ps(x, k3, a13);
+        x = _mm512_set1_ps(q2[d]);
+        a20 = _mm512_fmadd_ps(x, k0, a20); a21 = _mm512_fmadd_ps(x, k1, a21);
+        a22 = _mm512_fmadd_ps(x, k2, a22); a23 = _mm512_fmadd_ps(x, k3, a23);
+        x = _mm512_set1_ps(q3[d]);
+        a30 = _mm512_fmadd_ps(x, k0, a30); a31 = _mm512_fmadd_ps(x, k1, a31);
+        a32 = _mm512_fmadd_ps(x, k2, a32); a33 = _mm512_fmadd_ps(x, k3, a33);
+    }
+#define ATT_ACC(o, u, a) _mm512_store_ps((o) + 16 * (u), _mm512_add_ps(first ? _mm512_setzero_ps() : \
+                                         _mm512_load_ps((o) + 16 * (u)), a));
+    ATT_ACC(out[0], 0, a00) ATT_ACC(out[0], 1, a01) ATT_ACC(out[0], 2, a02) ATT_ACC(out[0], 3, a03)
+    ATT_ACC(out[1], 0, a10) ATT_ACC(out[1], 1, a11) ATT_ACC(out[1], 2, a12) ATT_ACC(out[1], 3, a13)
+    ATT_ACC(out[2], 0, a20) ATT_ACC(out[2], 1, a21) ATT_ACC(out[2], 2, a22) ATT_ACC(out[2], 3, a23)
+    ATT_ACC(out[3], 0, a30) ATT_ACC(out[3], 1, a31) ATT_ACC(out[3], 2, a32) ATT_ACC(out[3], 3, a33)
+}
+
+/* the same for 2 rows (decode: 2 query heads per kv head): the same arithmetic per (row, key) */
+static G2_TGT void att_qk_2x64_avx512(const float *kt, int nd, const float *q0, const float *q1,
+                                      float *out0, float *out1, int first) {
+    __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00, a12 = a00,
+           a13 = a00;
+    for (int d = 0; d < nd; d++) {
+        const float *kd = kt + d * ATT_BLOCK;
+        const __m512 k0 = _mm512_load_ps(kd), k1 = _mm512_load_ps(kd + 16), k2 = _mm512_load_ps(kd + 32),
+                     k3 = _mm512_load_ps(kd + 48);
+        __m512 x = _mm512_set1_ps(q0[d]);
+        a00 = _mm512_fmadd_ps(x, k0, a00); a01 = _mm512_fmadd_ps(x, k1, a01);
+        a02 = _mm512_fmadd_ps(x, k2, a02); a03 = _mm512_fmadd_ps(x, k3, a03);
+        x = _mm512_set1_ps(q1[d]);
+        a10 = _mm512_fmadd_ps(x, k0, a10); a11 = _mm512_fmadd_ps(x, k1, a11);
+        a12 = _mm512_fmadd_ps(x, k2, a12); a13 = _mm512_fmadd_ps(x, k3, a13);
+    }
+    ATT_ACC(out0, 0, a00) ATT_ACC(out0, 1, a01) ATT_ACC(out0, 2, a02) ATT_ACC(out0, 3, a03)
+    ATT_ACC(out1, 0, a10) ATT_ACC(out1, 1, a11) ATT_ACC(out1, 2, a12) ATT_ACC(out1, 3, a13)
+#undef ATT_ACC
+}
+
+/* the scores of 1-2 rows (decode) x the block's keys, the same chains as the tiles above (per
+ * d-block of 16 one fused chain in d order from 0, added to the running sum from 0), with each
+ * 16 x 16 tile of K transposed in registers and used at once: with 2 rows the scratch round trip
+ * of att_kt_block_avx512 would cost as much as the FMAs. out[j] for j < 64 (0 past the block). */
+static G2_TGT void att_qk_2rows_direct_avx512(const att_ctx *c, int64_t b, int64_t g, int64_t s0, int64_t nbk,
+                                              const float *q0, const float *q1, float *out0, float *out1) {
+    const int64_t D = c->D;
+    const int bf = c->bf16;
+    for (int64_t j0 = 0; j0 < ATT_BLOCK; j0 += 16) {
+        const int nk = (int)G2_MAX(0, G2_MIN(16, nbk - j0));
+        __m512 t0 = _mm512_setzero_ps(), t1 = t0;
+        if (nk > 0) {
+            const void *kr[16];
+            for (int j = 0; j < 16; j++) kr[j] = att_krow(c, b, g, s0 + j0 + (j < nk ? j : 0));
+            for (int64_t d0 = 0; d0 < D; d0 += 16) {
+                const __mmask16 m = (D - d0 >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d0)) - 1u);
+                __m512 r[16];
+                for (int j = 0; j < 16; j++) r[j] = j < nk ? att_load16(kr[j], bf, d0, m) : _mm512_setzero_ps();
+                /* the next 16 keys' line at d0, one group ahead: this loop is memory-bound at depth,
+                 * and 16 rows read across d in step are not a pattern the hardware prefetcher follows */
+                for (int j = 0; j < 16; j++)
+                    if (s0 + j0 + 16 + j < c->S)
+                        _mm_prefetch((const char *)att_krow(c, b, g, s0 + j0 + 16 + j) + d0 * c->esz, _MM_HINT_T0);
+                att_tr16(r);
+                __m512 p0 = _mm512_setzero_ps(), p1 = p0;
+                if (D - d0 >= 16) {
+#pragma GCC unroll 16
+                    for (int d = 0; d < 16; d++) {
+                        p0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d0 + d]), r[d], p0);
+                        p1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d0 + d]), r[d], p1);
+                    }
+                } else {
+                    for (int d = 0; d < D - d0; d++) {
+                        p0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[d0 + d]), r[d], p0);
+                        p1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[d0 + d]), r[d], p1);
+                    }
+                }
+                t0 = _mm512_add_ps(t0, p0);
+                t1 = _mm512_add_ps(t1, p1);
+            }
+        }
+        _mm512_store_ps(out1 + j0, t1); /* out1 may be out0's junk twin (1 row): stored first */
+        _mm512_store_ps(out0 + j0, t0);
+    }
+}
+
+/* bit j of a row's visibility mask as a 16-lane FMA mask */
+#define ATT_KM(m, j) ((__mmask16)(0u - (unsigned)(((m) >> (j)) & 1u)))
+
+/* acc[0:64) of 4 rows (o[i], nrr of them real: the others are never stored) += p[i][j] * V[s0+j]
+ * over the block's keys in order, for the 64 elements of D from pd (mask mm[u] per vector), V read
+ * from vp, the slice packed contiguously (row j at vp + 64 j: a 16 KB slice that stays in L1,
+ * where 64 rows 1 KB apart would fall into 16 of its 64 sets); an invisible key leaves a row as
+ * it is (masked FMA: a NaN there is never multiplied) */
+static G2_TGT void att_pv_4x64_avx512(const float *vp, int64_t nbk, const __mmask16 mm[4], float *const o[4],
+                                      const float *const p[4], const uint64_t vm[4], int nrr) {
+    const __mmask16 m0 = mm[0], m1 = mm[1], m2 = mm[2], m3 = mm[3];
+    float *o0 = o[0], *o1 = o[1], *o2 = o[2], *o3 = o[3];
+    const float *p0 = p[0], *p1 = p[1], *p2 = p[2], *p3 = p[3];
+    __m512 c00 = _mm512_maskz_loadu_ps(m0, o0), c01 = _mm512_maskz_loadu_ps(m1, o0 + 16),
+           c02 = _mm512_maskz_loadu_ps(m2, o0 + 32), c03 = _mm512_maskz_loadu_ps(m3, o0 + 48);
+    __m512 c10 = _mm512_maskz_loadu_ps(m0, o1), c11 = _mm512_maskz_loadu_ps(m1, o1 + 16),
+           c12 = _mm512_maskz_loadu_ps(m2, o1 + 32), c13 = _mm512_maskz_loadu_ps(m3, o1 + 48);
+    __m512 c20 = _mm512_maskz_loadu_ps(m0, o2), c21 = _mm512_maskz_loadu_ps(m1, o2 + 16),
+           c22 = _mm512_maskz_loadu_ps(m2, o2 + 32), c23 = _mm512_maskz_loadu_ps(m3, o2 + 48);
+    __m512 c30 = _mm512_maskz_loadu_ps(m0, o3), c31 = _mm512_maskz_loadu_ps(m1, o3 + 16),
+           c32 = _mm512_maskz_loadu_ps(m2, o3 + 32), c33 = _mm512_maskz_loadu_ps(m3, o3 + 48);
+    const uint64_t full = nbk == 64 ? ~(uint64_t)0 : (((uint64_t)1 << nbk) - 1);
+    const uint64_t v0 = vm[0], v1 = vm[1], v2 = vm[2], v3 = vm[3];
+    const int allvis = nrr == 4 && (v0 & v1 & v2 & v3) == full;
+    const float *vr = vp;
+#define ATT_PV4(K0, K1, K2, K3)                                                                          \
+    {                                                                                                    \
+        __m512 w0 = _mm512_load_ps(vr), w1 = _mm512_load_ps(vr + 16);                                    \
+        __m512 w2 = _mm512_load_ps(vr + 32), w3 = _mm512_load_ps(vr + 48);                               \
+        __m512 pv = _mm512_set1_ps(p0[j]);                                                               \
+        c00 = _mm512_mask3_fmadd_ps(pv, w0, c00, K0); c01 = _mm512_mask3_fmadd_ps(pv, w1, c01, K0);      \
+        c02 = _mm512_mask3_fmadd_ps(pv, w2, c02, K0); c03 = _mm512_mask3_fmadd_ps(pv, w3, c03, K0);      \
+        pv = _mm512_set1_ps(p1[j]);                                                                      \
+        c10 = _mm512_mask3_fmadd_ps(pv, w0, c10, K1); c11 = _mm512_mask3_fmadd_ps(pv, w1, c11, K1);      \
+        c12 = _mm512_mask3_fmadd_ps(pv, w2, c12, K1); c13 = _mm512_mask3_fmadd_ps(pv, w3, c13, K1);      \
+        pv = _mm512_set1_ps(p2[j]);                                                                      \
+        c20 = _mm512_mask3_fmadd_ps(pv, w0, c20, K2); c21 = _mm512_mask3_fmadd_ps(pv, w1, c21, K2);      \
+        c22 = _mm512_mask3_fmadd_ps(pv, w2, c22, K2); c23 = _mm512_mask3_fmadd_ps(pv, w3, c23, K2);      \
+        pv = _mm512_set1_ps(p3[j]);                                                                      \
+        c30 = _mm512_mask3_fmadd_ps(pv, w0, c30, K3); c31 = _mm512_mask3_fmadd_ps(pv, w1, c31, K3);      \
+        c32 = _mm512_mask3_fmadd_ps(pv, w2, c32, K3); c33 = _mm512_mask3_fmadd_ps(pv, w3, c33, K3);      \
+    }
+    if (allvis) { /* every key visible to every row (most prefill blocks): the all-ones masks */
+        for (int64_t j = 0; j < nbk; j++, vr += 64) ATT_PV4(0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF)
+    } else {
+        for (int64_t j = 0; j < nbk; j++, vr += 64) {
+            const __mmask16 k0 = ATT_KM(v0, j), k1 = ATT_KM(v1, j), k2 = ATT_KM(v2, j), k3 = ATT_KM(v3, j);
+            if (!(k0 | k1 | k2 | k3)) continue;
+            ATT_PV4(k0, k1, k2, k3)
+        }
+    }
+#undef ATT_PV4
+    _mm512_mask_storeu_ps(o0, m0, c00); _mm512_mask_storeu_ps(o0 + 16, m1, c01);
+    _mm512_mask_storeu_ps(o0 + 32, m2, c02); _mm512_mask_storeu_ps(o0 + 48, m3, c03);
+    if (nrr > 1) {
+        _mm512_mask_storeu_ps(o1, m0, c10); _mm512_mask_storeu_ps(o1 + 16, m1, c11);
+        _mm512_mask_storeu_ps(o1 + 32, m2, c12); _mm512_mask_storeu_ps(o1 + 48, m3, c13);
+    }
+    if (nrr > 2) {
+        _mm512_mask_storeu_ps(o2, m0, c20); _mm512_mask_storeu_ps(o2 + 16, m1, c21);
+        _mm512_mask_storeu_ps(o2 + 32, m2, c22); _mm512_mask_storeu_ps(o2 + 48, m3, c23);
+    }
+    if (nrr > 3) {
+        _mm512_mask_storeu_ps(o3, m0, c30); _mm512_mask_storeu_ps(o3 + 16, m1, c31);
+        _mm512_mask_storeu_ps(o3 + 32, m2, c32); _mm512_mask_storeu_ps(o3 + 48, m3, c33);
+    }
+}
+
+/* the same for 1 or 2 rows x 128 elements of D from pd (decode), 8 vectors per row */
+static G2_TGT void att_pv_2x128_avx512(const att_ctx *c, int64_t b, int64_t g, int64_t s0, int64_t nbk,
+                                       int64_t pd, float *o0, float *o1, const float *p0, const float *p1,
+                                       uint64_t v0, uint64_t v1, int on1) {
+    const int64_t D = c->D;
+    const int bf = c->bf16;
+    __mmask16 mm[8];
+    for (int u = 0; u < 8; u++) {
+        int64_t d = pd + 16 * u;
+        mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+    }
+    if (!on1) v1 = 0;
+#define ATT_LD2(u) __m512 e##u = _mm512_maskz_loadu_ps(mm[u], o0 + 16 * u), f##u = _mm512_maskz_loadu_ps(mm[u], o1 + 16 * u);
+    ATT_LD2(0) ATT_LD2(1) ATT_LD2(2) ATT_LD2(3) ATT_LD2(4) ATT_LD2(5) ATT_LD2(6) ATT_LD2(7)
+#undef ATT_LD2
+    const void *vr = att_vrow(c, b, g, s0);
+    const int64_t vstep = c->vss * c->esz;
+    for (int64_t j = 0; j < nbk; j++, vr = (const char *)vr + vstep) {
+        const __mmask16 k0 = ATT_KM(v0, j), k1 = ATT_KM(v1, j);
+        if (!(k0 | k1)) continue;
+        const __m512 pa = _mm512_set1_ps(p0[j]), pb = _mm512_set1_ps(p1[j]);
+        __m512 w;
+#define ATT_PV2(u) w = att_load16(vr, bf, pd + 16 * u, mm[u]); e##u = _mm512_mask3_fmadd_ps(pa, w, e##u, k0); \
+                   f##u = _mm512_mask3_fmadd_ps(pb, w, f##u, k1);
+        ATT_PV2(0) ATT_PV2(1) ATT_PV2(2) ATT_PV2(3) ATT_PV2(4) ATT_PV2(5) ATT_PV2(6) ATT_PV2(7)
+#undef ATT_PV2
+    }
+#define ATT_ST2(u) _mm512_mask_storeu_ps(o0 + 16 * u, mm[u], e##u); if (on1) _mm512_mask_storeu_ps(o1 + 16 * u, mm[u], f##u);
+    ATT_ST2(0) ATT_ST2(1) ATT_ST2(2) ATT_ST2(3) ATT_ST2(4) ATT_ST2(5) ATT_ST2(6) ATT_ST2(7)
+#undef ATT_ST2
+}
+
+/* The partials of nr <= ATT_TROWS rows (of one batch and kv head) over the chunk [c0, c1), per
+ * block of ATT_BLOCK keys:
+ *   - visibility: one 64-bit mask per row from vector compares of k_pos (and key_valid);
+ *   - scores: the block's keys transposed once into kt (D x 64, amortised over all the active
+ *     rows), then, per d-block of ATT_DBLK (a 4 KB slice of kt, in L1) and per tile of 4 (or 2)
+ *     rows x 64 keys, a register chain of FMAs over the d-block added into the row's scores:
+ *     score = (((0 + P_0) + P_1) + ...) with P_i the fused chain over d-block i in d order --
+ *     the scalar path's and the twin's order, with fused products (so not bitwise theirs). A
+ *     score is its own lane: its bits do not depend on the tile or on the rows next to it. With
+ *     at most 2 active rows (decode) the same chains run on K tiles transposed in registers
+ *     (att_qk_2rows_direct_avx512), which skips the scratch;
+ *   - per row: * scaling, the polynomial softcap, the block max, the expf rescale, the
+ *     polynomial exp, l += p in key order (4 rows' chains interleaved);
+ *   - p * V: per 64 elements of D (a slice of the V block that stays in L1) and per tile of 4
+ *     rows, one FMA per visible key and element in key order (2 rows x 128 when the call has at
+ *     most 2 active rows: decode with 2 query heads per kv head).
+ * So a row's bits do not depend on the tile it shares, on the rows next to it or on the thread
+ * count (tests/test_attention_kernels.py checks it against one-row calls). */
+static G2_TGT void att_rows_chunk_avx512(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int nr,
+                                         int64_t c0, int64_t c1, float *kt) {
+    const int64_t D = c->D, window = c->window;
     const uint8_t *valid = c->key_valid ? c->key_valid + b * c->S : NULL;
-    float sbuf[ATT_TROWS][ATT_BLOCK], pbuf[ATT_TROWS][ATT_BLOCK];
-    unsigned char vis[ATT_TROWS][ATT_BLOCK];
+    float sbuf[ATT_TROWS][ATT_BLOCK] __attribute__((aligned(64)));
+    float pbuf[ATT_TROWS][ATT_BLOCK] __attribute__((aligned(64)));
+    float junk[ATT_BLOCK] __attribute__((aligned(64))); /* where the unused rows of a tile go */
+    uint64_t vm[ATT_TROWS];
     int act[ATT_TROWS];
+    float *const vpk = kt + D * ATT_BLOCK; /* the packed V slice (att_kt_bytes) */
+    /* the rows' q packed per d-block: q_r[d0 + i] at qpk[d0 * ATT_TROWS + 16 r + i] (a d-block of
+     * all the rows is 4 KB contiguous, where rows 1 KB apart would share 4 of L1's 64 sets) */
+    float *const qpk = vpk + 64 * ATT_BLOCK;
+    for (int r = 0; r < nr; r++)
+        for (int64_t d0 = 0; d0 < D; d0 += 16) {
+            const __mmask16 md = (D - d0 >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d0)) - 1u);
+            _mm512_store_ps(qpk + d0 * ATT_TROWS + 16 * r, _mm512_maskz_loadu_ps(md, rows[r].q + d0));
+        }
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
     for (int r = 0; r < nr; r++) {
-        for (int64_t d = 0; d < D; d++) rows[r].acc[d] = 0.0f;
+        memset(rows[r].acc, 0, (size_t)D * sizeof(float));
         rows[r].mx = -INFINITY;
         rows[r].l = 0.0f;
         rows[r].nvis = 0;
     }
     for (int64_t s0 = c0; s0 < c1; s0 += ATT_BLOCK) {
         const int64_t s1 = G2_MIN(c1, s0 + ATT_BLOCK), nbk = s1 - s0;
+        const uint64_t full = nbk == 64 ? ~(uint64_t)0 : (((uint64_t)1 << nbk) - 1);
+        /* visibility: kp <= qp, qp - window < kp, key_valid; from 8 vectors of k_pos */
+        uint64_t vmask = full;
+        if (valid) {
+            __m512i vb = _mm512_maskz_loadu_epi8((__mmask64)full, valid + s0);
+            vmask = (uint64_t)_mm512_test_epi8_mask(vb, vb);
+        }
+        __m512i kp[8];
+        __m512i kmn = _mm512_set1_epi64(INT64_MAX), kmx = _mm512_set1_epi64(INT64_MIN);
+        for (int i = 0; i < 8; i++) {
+            const __mmask8 m = (__mmask8)(full >> (8 * i));
+            kp[i] = _mm512_maskz_loadu_epi64(m, c->k_pos + s0 + 8 * i);
+            kmn = _mm512_mask_min_epi64(kmn, m, kmn, kp[i]);
+            kmx = _mm512_mask_max_epi64(kmx, m, kmx, kp[i]);
+        }
+        const int64_t bkmin = _mm512_reduce_min_epi64(kmn), bkmax = _mm512_reduce_max_epi64(kmx);
         int na = 0;
         for (int r = 0; r < nr; r++) {
             const int64_t qp = rows[r].qp;
-            int any = 0;
-            for (int64_t s = s0; s < s1; s++) {
-                int64_t kp = c->k_pos[s];
-                int ok = kp <= qp && (window <= 0 || qp - window < kp) && (!valid || valid[s]);
-                vis[r][s - s0] = (unsigned char)ok;
-                any |= ok;
+            uint64_t m;
+            if (bkmax <= qp && (window <= 0 || qp - window < bkmin)) {
+                m = vmask; /* the whole block in the row's causal window */
+            } else if (bkmin > qp || (window > 0 && bkmax <= qp - window)) {
+                m = 0;
+            } else {
+                const __m512i vq = _mm512_set1_epi64(qp), vw = _mm512_set1_epi64(qp - window);
+                m = 0;
+                for (int i = 0; i < 8; i++) {
+                    __mmask8 k = _mm512_cmple_epi64_mask(kp[i], vq);
+                    if (window > 0) k &= _mm512_cmpgt_epi64_mask(kp[i], vw);
+                    m |= (uint64_t)k << (8 * i);
+                }
+                m &= vmask;
             }
-            if (any) act[na++] = r;
+            vm[r] = m & full;
+            if (vm[r]) act[na++] = r;
         }
         if (!na) continue;
-        /* scores: tiles of 4 active rows x 4 keys (2 rows x 8 keys when at most 2 are left:
-         * decode with 2 query heads per kv head), one FMA chain per (row, key) either way */
-        for (int rg = 0; rg < na; rg += 4) {
-            const int nrr = G2_MIN(4, na - rg);
-            if (nrr <= 2) {
-                const int r0 = act[rg], r1 = act[rg + (nrr > 1)];
-                const float *q0 = rows[r0].q, *q1 = rows[r1].q;
-                for (int64_t s = s0; s < s1; s += 8) {
-                    const int nk = (int)G2_MIN(8, s1 - s);
-                    const void *kr[8];
-                    for (int j = 0; j < 8; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
-                    __m512 x0 = _mm512_setzero_ps(), x1 = x0, x2 = x0, x3 = x0, x4 = x0, x5 = x0, x6 = x0,
-                           x7 = x0, y0 = x0, y1 = x0, y2 = x0, y3 = x0, y4 = x0, y5 = x0, y6 = x0, y7 = x0;
-                    for (int64_t d = 0; d < D; d += 16) {
-                        __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-                        __m512 qa = _mm512_maskz_loadu_ps(m, q0 + d), qb = _mm512_maskz_loadu_ps(m, q1 + d), kv;
-#define ATT_K2(j) kv = att_load16(kr[j], bf, d, m); x##j = _mm512_fmadd_ps(qa, kv, x##j); \
-                  y##j = _mm512_fmadd_ps(qb, kv, y##j);
-                        ATT_K2(0) ATT_K2(1) ATT_K2(2) ATT_K2(3) ATT_K2(4) ATT_K2(5) ATT_K2(6) ATT_K2(7)
-#undef ATT_K2
-                    }
-                    float red[2][8] = {
-                        {_mm512_reduce_add_ps(x0), _mm512_reduce_add_ps(x1), _mm512_reduce_add_ps(x2), _mm512_reduce_add_ps(x3),
-                         _mm512_reduce_add_ps(x4), _mm512_reduce_add_ps(x5), _mm512_reduce_add_ps(x6), _mm512_reduce_add_ps(x7)},
-                        {_mm512_reduce_add_ps(y0), _mm512_reduce_add_ps(y1), _mm512_reduce_add_ps(y2), _mm512_reduce_add_ps(y3),
-                         _mm512_reduce_add_ps(y4), _mm512_reduce_add_ps(y5), _mm512_reduce_add_ps(y6), _mm512_reduce_add_ps(y7)}};
-                    for (int i = 0; i < nrr; i++) {
-                        const int r = i ? r1 : r0;
-                        for (int j = 0; j < nk; j++)
-                            sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
-                    }
+        if (na <= 2) {
+            att_qk_2rows_direct_avx512(c, b, g, s0, nbk, rows[act[0]].q, rows[act[na - 1]].q, sbuf[act[0]],
+                                       na > 1 ? sbuf[act[1]] : junk);
+        } else {
+        att_kt_block_avx512(c, b, g, s0, nbk, kt);
+        for (int64_t d0 = 0; d0 < D; d0 += ATT_DBLK) {
+            const int nd = (int)G2_MIN(ATT_DBLK, D - d0);
+            for (int rg = 0; rg < na; rg += 4) {
+                const int nrr = G2_MIN(4, na - rg);
+                const float *qr[4];
+                float *sr[4];
+                for (int i = 0; i < 4; i++) {
+                    const int r = act[rg + (i < nrr ? i : 0)];
+                    qr[i] = qpk + d0 * ATT_TROWS + 16 * r;
+                    sr[i] = i < nrr ? sbuf[r] : junk;
                 }
-                continue;
-            }
-            const float *qr[4];
-            for (int i = 0; i < 4; i++) qr[i] = rows[act[rg + (i < nrr ? i : 0)]].q;
-            for (int64_t s = s0; s < s1; s += 4) {
-                const int nk = (int)G2_MIN(4, s1 - s);
-                const void *kr[4];
-                for (int j = 0; j < 4; j++) kr[j] = att_krow(c, b, g, s + (j < nk ? j : 0));
-                /* 16 named accumulators (arrays of __m512 get spilled to the stack) */
-                __m512 a00 = _mm512_setzero_ps(), a01 = a00, a02 = a00, a03 = a00, a10 = a00, a11 = a00,
-                       a12 = a00, a13 = a00, a20 = a00, a21 = a00, a22 = a00, a23 = a00, a30 = a00,
-                       a31 = a00, a32 = a00, a33 = a00;
-                const float *q0 = qr[0], *q1 = qr[1], *q2 = qr[2], *q3 = qr[3];
-                const void *k0 = kr[0], *k1 = kr[1], *k2 = kr[2], *k3 = kr[3];
-                for (int64_t d = 0; d < D; d += 16) {
-                    __mmask16 m = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-                    __m512 kv0 = att_load16(k0, bf, d, m), kv1 = att_load16(k1, bf, d, m);
-                    __m512 kv2 = att_load16(k2, bf, d, m), kv3 = att_load16(k3, bf, d, m);
-                    __m512 qv = _mm512_maskz_loadu_ps(m, q0 + d);
-                    a00 = _mm512_fmadd_ps(qv, kv0, a00); a01 = _mm512_fmadd_ps(qv, kv1, a01);
-                    a02 = _mm512_fmadd_ps(qv, kv2, a02); a03 = _mm512_fmadd_ps(qv, kv3, a03);
-                    qv = _mm512_maskz_loadu_ps(m, q1 + d);
-                    a10 = _mm512_fmadd_ps(qv, kv0, a10); a11 = _mm512_fmadd_ps(qv, kv1, a11);
-                    a12 = _mm512_fmadd_ps(qv, kv2, a12); a13 = _mm512_fmadd_ps(qv, kv3, a13);
-                    qv = _mm512_maskz_loadu_ps(m, q2 + d);
-                    a20 = _mm512_fmadd_ps(qv, kv0, a20); a21 = _mm512_fmadd_ps(qv, kv1, a21);
-                    a22 = _mm512_fmadd_ps(qv, kv2, a22); a23 = _mm512_fmadd_ps(qv, kv3, a23);
-                    qv = _mm512_maskz_loadu_ps(m, q3 + d);
-                    a30 = _mm512_fmadd_ps(qv, kv0, a30); a31 = _mm512_fmadd_ps(qv, kv1, a31);
-                    a32 = _mm512_fmadd_ps(qv, kv2, a32); a33 = _mm512_fmadd_ps(qv, kv3, a33);
-                }
-                float red[4][4] = {
-                    {_mm512_reduce_add_ps(a00), _mm512_reduce_add_ps(a01), _mm512_reduce_add_ps(a02), _mm512_reduce_add_ps(a03)},
-                    {_mm512_reduce_add_ps(a10), _mm512_reduce_add_ps(a11), _mm512_reduce_add_ps(a12), _mm512_reduce_add_ps(a13)},
-                    {_mm512_reduce_add_ps(a20), _mm512_reduce_add_ps(a21), _mm512_reduce_add_ps(a22), _mm512_reduce_add_ps(a23)},
-                    {_mm512_reduce_add_ps(a30), _mm512_reduce_add_ps(a31), _mm512_reduce_add_ps(a32), _mm512_reduce_add_ps(a33)}};
-                for (int i = 0; i < nrr; i++) {
-                    const int r = act[rg + i];
-                    for (int j = 0; j < nk; j++)
-                        sbuf[r][s - s0 + j] = vis[r][s - s0 + j] ? red[i][j] * c->scaling : 0.0f;
-                }
+                if (nrr <= 2) att_qk_2x64_avx512(kt + d0 * ATT_BLOCK, nd, qr[0], qr[1], sr[0], sr[1], d0 == 0);
+                else att_qk_4x64_avx512(kt + d0 * ATT_BLOCK, nd, qr, sr, d0 == 0);
             }
         }
-        /* per row: softcap, block max, rescale, p = exp(s - max), l += p (att_row_chunk's steps) */
+        }
+        /* per row: scaling (0 for invisible keys, as the scalar path), softcap, block max,
+         * rescale, p = exp(s - max) (0 for invisible keys) -- att_row_chunk's steps */
+        const __m512 vscal = _mm512_set1_ps(c->scaling), vcap = _mm512_set1_ps(c->softcap);
         for (int ia = 0; ia < na; ia++) {
             const int r = act[ia];
             att_row *w = &rows[r];
-            if (c->softcap > 0.0f) g2_softcap_avx512(sbuf[r], sbuf[r], nbk, c->softcap);
-            float bmax = -INFINITY;
-            int first = 1;
-            for (int64_t j = 0; j < nbk; j++)
-                if (vis[r][j] && (first || sbuf[r][j] > bmax)) { bmax = sbuf[r][j]; first = 0; }
+            const uint64_t m = vm[r];
+            __m512 vmax = ninf;
+            for (int u = 0; u < 4; u++) {
+                const __mmask16 mu = (__mmask16)(m >> (16 * u));
+                __m512 x = _mm512_maskz_mul_ps(mu, _mm512_load_ps(sbuf[r] + 16 * u), vscal);
+                if (c->softcap > 0.0f) x = _mm512_mul_ps(vcap, g2_tanh512(_mm512_div_ps(x, vcap)));
+                _mm512_store_ps(sbuf[r] + 16 * u, x);
+                vmax = _mm512_mask_max_ps(vmax, mu, vmax, x);
+            }
+            /* the max of the visible scores (the same value as the scalar scan's; the sign of a
+             * zero maximum may differ, which changes no exp below) */
+            const float bmax = _mm512_reduce_max_ps(vmax);
             if (bmax > w->mx) {
                 float f = (w->nvis == 0) ? 0.0f : att_rescale(1, w->mx - bmax);
                 w->l *= f;
-                for (int64_t d = 0; d < D; d++) w->acc[d] *= f;
+                float *acc = w->acc;
+                const __m512 vf = _mm512_set1_ps(f);
+                for (int64_t d = 0; d < D; d += 16) {
+                    const __mmask16 md = (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+                    _mm512_mask_storeu_ps(acc + d, md, _mm512_mul_ps(_mm512_maskz_loadu_ps(md, acc + d), vf));
+                }
                 w->mx = bmax;
             }
-            for (int64_t j = 0; j < nbk; j++) pbuf[r][j] = vis[r][j] ? sbuf[r][j] - w->mx : -INFINITY;
-            g2_exp_avx512(pbuf[r], pbuf[r], nbk);
-            float l = w->l;
-            int64_t nv = w->nvis;
-            for (int64_t j = 0; j < nbk; j++)
-                if (vis[r][j]) { l += pbuf[r][j]; nv++; }
-            w->l = l;
-            w->nvis = nv;
-        }
-        /* acc += p * v: tiles of 4 active rows x 64 elements of D (2 rows x 128 when at most 2
-         * are left), keys in order */
-        for (int rg = 0; rg < na; rg += 4) {
-            const int nrr = G2_MIN(4, na - rg);
-            if (nrr <= 2) {
-                const int r0 = act[rg], r1 = act[rg + (nrr > 1)], on1 = nrr > 1;
-                const unsigned char *v0 = vis[r0], *v1 = vis[r1];
-                const float *p0 = pbuf[r0], *p1 = pbuf[r1];
-                for (int64_t pd = 0; pd < D; pd += 128) {
-                    float *o0 = rows[r0].acc + pd, *o1 = rows[r1].acc + pd;
-                    __mmask16 mm[8];
-                    for (int u = 0; u < 8; u++) {
-                        int64_t d = pd + 16 * u;
-                        mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
-                    }
-#define ATT_LD2(u) __m512 e##u = _mm512_maskz_loadu_ps(mm[u], o0 + 16 * u), f##u = _mm512_maskz_loadu_ps(mm[u], o1 + 16 * u);
-                    ATT_LD2(0) ATT_LD2(1) ATT_LD2(2) ATT_LD2(3) ATT_LD2(4) ATT_LD2(5) ATT_LD2(6) ATT_LD2(7)
-#undef ATT_LD2
-                    for (int64_t s = s0; s < s1; s++) {
-                        const int64_t j = s - s0;
-                        const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0;
-                        if (!(k0 | k1)) continue;
-                        const void *vr = att_vrow(c, b, g, s);
-                        const __m512 pa = _mm512_set1_ps(p0[j]), pb = _mm512_set1_ps(p1[j]);
-                        __m512 w;
-#define ATT_PV2(u) w = att_load16(vr, bf, pd + 16 * u, mm[u]); e##u = _mm512_mask3_fmadd_ps(pa, w, e##u, k0); \
-                   f##u = _mm512_mask3_fmadd_ps(pb, w, f##u, k1);
-                        ATT_PV2(0) ATT_PV2(1) ATT_PV2(2) ATT_PV2(3) ATT_PV2(4) ATT_PV2(5) ATT_PV2(6) ATT_PV2(7)
-#undef ATT_PV2
-                    }
-#define ATT_ST2(u) _mm512_mask_storeu_ps(o0 + 16 * u, mm[u], e##u); if (on1) _mm512_mask_storeu_ps(o1 + 16 * u, mm[u], f##u);
-                    ATT_ST2(0) ATT_ST2(1) ATT_ST2(2) ATT_ST2(3) ATT_ST2(4) ATT_ST2(5) ATT_ST2(6) ATT_ST2(7)
-#undef ATT_ST2
-                }
-                continue;
+            const __m512 vmx = _mm512_set1_ps(w->mx);
+            for (int u = 0; u < 4; u++) {
+                const __mmask16 mu = (__mmask16)(m >> (16 * u));
+                __m512 x = _mm512_mask_sub_ps(ninf, mu, _mm512_load_ps(sbuf[r] + 16 * u), vmx);
+                _mm512_store_ps(pbuf[r] + 16 * u, _mm512_maskz_mov_ps(mu, g2_exp512(x)));
             }
-            int ri[4];
-            for (int i = 0; i < 4; i++) ri[i] = act[rg + (i < nrr ? i : 0)];
-            for (int64_t pd = 0; pd < D; pd += 64) {
-                __mmask16 m[4];
-                for (int u = 0; u < 4; u++) {
-                    int64_t d = pd + 16 * u;
-                    m[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+            w->nvis += __builtin_popcountll(m);
+        }
+        /* l += p in key order (invisible keys add +0, the identity for l >= +0), 4 rows at once */
+        for (int ia = 0; ia < na; ia += 4) {
+            const int n4 = G2_MIN(4, na - ia);
+            const float *p0 = pbuf[act[ia]], *p1 = pbuf[act[ia + (n4 > 1)]], *p2 = pbuf[act[ia + (n4 > 2 ? 2 : 0)]],
+                        *p3 = pbuf[act[ia + (n4 > 3 ? 3 : 0)]];
+            float l0 = rows[act[ia]].l, l1 = rows[act[ia + (n4 > 1)]].l, l2 = rows[act[ia + (n4 > 2 ? 2 : 0)]].l,
+                  l3 = rows[act[ia + (n4 > 3 ? 3 : 0)]].l;
+            for (int64_t j = 0; j < nbk; j++) {
+                l0 += p0[j];
+                l1 += p1[j];
+                l2 += p2[j];
+                l3 += p3[j];
+            }
+            /* stores in reverse so that a duplicated slot (n4 < 4: row ia again) ends with its own sum */
+            rows[act[ia + (n4 > 3 ? 3 : 0)]].l = l3;
+            rows[act[ia + (n4 > 2 ? 2 : 0)]].l = l2;
+            rows[act[ia + (n4 > 1)]].l = l1;
+            rows[act[ia]].l = l0;
+        }
+        /* acc += p * v */
+        if (na <= 2) {
+            const int r0 = act[0], r1 = act[na - 1];
+            for (int64_t pd = 0; pd < D; pd += 128)
+                att_pv_2x128_avx512(c, b, g, s0, nbk, pd, rows[r0].acc + pd, rows[r1].acc + pd, pbuf[r0], pbuf[r1],
+                                    vm[r0], vm[r1], na > 1);
+            continue;
+        }
+        for (int64_t pd = 0; pd < D; pd += 64) {
+            __mmask16 mm[4];
+            for (int u = 0; u < 4; u++) {
+                int64_t d = pd + 16 * u;
+                mm[u] = d >= D ? (__mmask16)0 : (D - d >= 16) ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - d)) - 1u);
+            }
+            /* pack the slice: V[s0 + j][pd, pd + 64) -> vpk[64 j, 64 j + 64) (widened, 0 past D) */
+            {
+                const int bf = c->bf16;
+                const char *vr = (const char *)att_vrow(c, b, g, s0);
+                const int64_t vstep = c->vss * c->esz;
+                for (int64_t j = 0; j < nbk; j++, vr += vstep)
+                    for (int u = 0; u < 4; u++)
+                        _mm512_store_ps(vpk + 64 * j + 16 * u, att_load16(vr, bf, pd + 16 * u, mm[u]));
+            }
+            for (int rg = 0; rg < na; rg += 4) {
+                const int nrr = G2_MIN(4, na - rg);
+                float *o[4];
+                const float *p[4];
+                uint64_t v4[4];
+                for (int i = 0; i < 4; i++) {
+                    const int r = act[rg + (i < nrr ? i : 0)];
+                    o[i] = rows[r].acc + pd;
+                    p[i] = pbuf[r];
+                    v4[i] = i < nrr ? vm[r] : 0;
                 }
-                /* 4 rows x 4 vectors, named (see the scores); rows past nrr are never stored */
-                float *o0 = rows[ri[0]].acc + pd, *o1 = rows[ri[1]].acc + pd, *o2 = rows[ri[2]].acc + pd,
-                      *o3 = rows[ri[3]].acc + pd;
-                const unsigned char *v0 = vis[ri[0]], *v1 = vis[ri[1]], *v2 = vis[ri[2]], *v3 = vis[ri[3]];
-                const float *p0 = pbuf[ri[0]], *p1 = pbuf[ri[1]], *p2 = pbuf[ri[2]], *p3 = pbuf[ri[3]];
-                const __mmask16 m0 = m[0], m1 = m[1], m2 = m[2], m3 = m[3];
-                __m512 c00 = _mm512_maskz_loadu_ps(m0, o0), c01 = _mm512_maskz_loadu_ps(m1, o0 + 16),
-                       c02 = _mm512_maskz_loadu_ps(m2, o0 + 32), c03 = _mm512_maskz_loadu_ps(m3, o0 + 48);
-                __m512 c10 = _mm512_maskz_loadu_ps(m0, o1), c11 = _mm512_maskz_loadu_ps(m1, o1 + 16),
-                       c12 = _mm512_maskz_loadu_ps(m2, o1 + 32), c13 = _mm512_maskz_loadu_ps(m3, o1 + 48);
-                __m512 c20 = _mm512_maskz_loadu_ps(m0, o2), c21 = _mm512_maskz_loadu_ps(m1, o2 + 16),
-                       c22 = _mm512_maskz_loadu_ps(m2, o2 + 32), c23 = _mm512_maskz_loadu_ps(m3, o2 + 48);
-                __m512 c30 = _mm512_maskz_loadu_ps(m0, o3), c31 = _mm512_maskz_loadu_ps(m1, o3 + 16),
-                       c32 = _mm512_maskz_loadu_ps(m2, o3 + 32), c33 = _mm512_maskz_loadu_ps(m3, o3 + 48);
-                const int on1 = nrr > 1, on2 = nrr > 2, on3 = nrr > 3;
-                for (int64_t s = s0; s < s1; s++) {
-                    const int64_t j = s - s0;
-                    /* an invisible key leaves a row's accumulators as they are (masked FMA) */
-                    const __mmask16 k0 = v0[j] ? 0xFFFF : 0, k1 = (on1 && v1[j]) ? 0xFFFF : 0,
-                                    k2 = (on2 && v2[j]) ? 0xFFFF : 0, k3 = (on3 && v3[j]) ? 0xFFFF : 0;
-                    if (!(k0 | k1 | k2 | k3)) continue;
-                    const void *vr = att_vrow(c, b, g, s);
-                    __m512 w0 = att_load16(vr, bf, pd, m0), w1 = att_load16(vr, bf, pd + 16, m1);
-                    __m512 w2 = att_load16(vr, bf, pd + 32, m2), w3 = att_load16(vr, bf, pd + 48, m3);
-                    __m512 pv = _mm512_set1_ps(p0[j]);
-                    c00 = _mm512_mask3_fmadd_ps(pv, w0, c00, k0); c01 = _mm512_mask3_fmadd_ps(pv, w1, c01, k0);
-                    c02 = _mm512_mask3_fmadd_ps(pv, w2, c02, k0); c03 = _mm512_mask3_fmadd_ps(pv, w3, c03, k0);
-                    pv = _mm512_set1_ps(p1[j]);
-                    c10 = _mm512_mask3_fmadd_ps(pv, w0, c10, k1); c11 = _mm512_mask3_fmadd_ps(pv, w1, c11, k1);
-                    c12 = _mm512_mask3_fmadd_ps(pv, w2, c12, k1); c13 = _mm512_mask3_fmadd_ps(pv, w3, c13, k1);
-                    pv = _mm512_set1_ps(p2[j]);
-                    c20 = _mm512_mask3_fmadd_ps(pv, w0, c20, k2); c21 = _mm512_mask3_fmadd_ps(pv, w1, c21, k2);
-                    c22 = _mm512_mask3_fmadd_ps(pv, w2, c22, k2); c23 = _mm512_mask3_fmadd_ps(pv, w3, c23, k2);
-                    pv = _mm512_set1_ps(p3[j]);
-                    c30 = _mm512_mask3_fmadd_ps(pv, w0, c30, k3); c31 = _mm512_mask3_fmadd_ps(pv, w1, c31, k3);
-                    c32 = _mm512_mask3_fmadd_ps(pv, w2, c32, k3); c33 = _mm512_mask3_fmadd_ps(pv, w3, c33, k3);
-                }
-                _mm512_mask_storeu_ps(o0, m0, c00); _mm512_mask_storeu_ps(o0 + 16, m1, c01);
-                _mm512_mask_storeu_ps(o0 + 32, m2, c02); _mm512_mask_storeu_ps(o0 + 48, m3, c03);
-                if (on1) {
-                    _mm512_mask_storeu_ps(o1, m0, c10); _mm512_mask_storeu_ps(o1 + 16, m1, c11);
-                    _mm512_mask_storeu_ps(o1 + 32, m2, c12); _mm512_mask_storeu_ps(o1 + 48, m3, c13);
-                }
-                if (on2) {
-                    _mm512_mask_storeu_ps(o2, m0, c20); _mm512_mask_storeu_ps(o2 + 16, m1, c21);
-                    _mm512_mask_storeu_ps(o2 + 32, m2, c22); _mm512_mask_storeu_ps(o2 + 48, m3, c23);
-                }
-                if (on3) {
-                    _mm512_mask_storeu_ps(o3, m0, c30); _mm512_mask_storeu_ps(o3 + 16, m1, c31);
-                    _mm512_mask_storeu_ps(o3 + 32, m2, c32); _mm512_mask_storeu_ps(o3 + 48, m3, c33);
-                }
+                att_pv_4x64_avx512(vpk, nbk, mm, o, p, v4, nrr);
             }
         }
     }
 }
 #endif
 
-/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path, row by row on the scalar one */
+/* the chunk partials of nr rows: the tiled kernel on the AVX-512 path (kt: its per-thread scratch,
+ * att_kt_bytes), row by row on the scalar one */
 static void att_rows_chunk(const att_ctx *c, int64_t b, int64_t g, att_row *rows, int64_t nr, int64_t c0,
-                           int64_t c1) {
+                           int64_t c1, float *kt) {
+    (void)kt; /* unused without the AVX-512 path */
 #if G2_X86
     if (c->simd) {
         for (int64_t r0 = 0; r0 < nr; r0 += ATT_TROWS)
-            att_rows_chunk_avx512(c, b, g, rows + r0, (int)G2_MIN(ATT_TROWS, nr - r0), c0, c1);
+            att_rows_chunk_avx512(c, b, g, rows + r0, (int)G2_MIN(ATT_TROWS, nr - r0), c0, c1, kt);
         return;
     }
 #endif
@@ -527,7 +778,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
     const double macs = 2.0 * (double)(B * Hq * T) * (double)S * (double)D;
     const int nt = g2_par_threads(NT(n_threads), macs * (c.simd ? 2.0 * G2_NS_PER_MAC_F32 : G2_NS_PER_MAC_SCALAR));
     /* the split schedule when few query rows would leave threads idle (the bits are the same) */
-    int split = nt > 1 && nch > 1 && T <= ATT_QBLOCK && B * Hkv < 4 * nt;
+    int split = nt > 1 && nch > 1 && T <= ATT_SPLIT_MAXT && B * Hkv < 4 * nt;
     float *part = NULL;  /* (row, chunk) -> [m, l, acc[0:D)] */
     int64_t *pnv = NULL;
     const int64_t pstride = Dp + 2;
@@ -543,7 +794,10 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
 #pragma omp parallel num_threads(nt) if (nt > 1)
         {
             att_row *rw = (att_row *)malloc((size_t)nrow * sizeof(att_row));
-            if (!rw) {
+            float *ktb = c.simd ? (float *)malloc(att_kt_bytes(Dp)) : NULL;
+            if (!rw || (c.simd && !ktb)) {
+                free(rw);
+                rw = NULL;
 #pragma omp atomic write
                 err = 1;
             }
@@ -566,7 +820,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
                         nr++;
                     }
                 }
-                att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                att_rows_chunk(&c, b, g, rw, nr, c0, c1, ktb ? att_align64(ktb) : NULL);
                 for (int64_t r = 0; r < nr; r++) {
                     float *pp = rw[r].acc - 2;
                     pp[0] = rw[r].mx;
@@ -575,6 +829,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
                 }
             }
             free(rw);
+            free(ktb);
             /* the merge, in the same parallel region (the loop above ends with a barrier): one
              * fork/join per decode call instead of two, 26 fewer per token of gemma-2-2b (the
              * second region came right after the first, so its worker was usually still spinning:
@@ -610,7 +865,8 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
             float *ML = (float *)malloc((size_t)(2 * nrow) * sizeof(float));
             int64_t *NV = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
             int64_t *RI = (int64_t *)malloc((size_t)nrow * sizeof(int64_t));
-            int ok = rw && pacc && ML && NV && RI;
+            float *ktb = c.simd ? (float *)malloc(att_kt_bytes(Dp)) : NULL;
+            int ok = rw && pacc && ML && NV && RI && (!c.simd || ktb);
             if (!ok) {
 #pragma omp atomic write
                 err = 1;
@@ -642,7 +898,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
                             nr++;
                         }
                     }
-                    att_rows_chunk(&c, b, g, rw, nr, c0, c1);
+                    att_rows_chunk(&c, b, g, rw, nr, c0, c1, ktb ? att_align64(ktb) : NULL);
                     for (int64_t i = 0; i < nr; i++) {
                         int64_t r = RI[i], h = g * rep + r / nt_, t = t0 + r % nt_;
                         att_merge(c.simd, D, &ML[2 * r], &ML[2 * r + 1], out + ((b * Hq + h) * T + t) * D,
@@ -663,6 +919,7 @@ int g2_attention(const float *q, int64_t qsb, int64_t qsh, int64_t qst, const vo
             free(ML);
             free(NV);
             free(RI);
+            free(ktb);
         }
     }
     free(part);

@@ -6,7 +6,8 @@ math is an op of gemma2np.ops (rmsnorm, geglu, rope, softcap, argmax, topk) it i
 adapter over that op, so the numerics live in one place. What is the C kernels' own lives here:
 the weight formats below, and attention's formulation (masked keys skipped as -inf, a query row with
 no visible key set to the uniform average over all S keys, which is what ops' finfo.min mask yields;
-the keys in fixed chunks whose partial softmaxes are merged in chunk order, step for step the C
+the keys in fixed chunks whose partial softmaxes are merged in chunk order, a score q . k summed in
+blocks of ATT_DBLK elements of D (one chain per block, then the block sums), step for step the C
 kernel's scalar path, so the two are bitwise equal).
 `n_threads` and `out` are accepted for signature compatibility; `out`, when given, receives the result.
 
@@ -164,6 +165,7 @@ def linear(x, w, fmt="float32", scales=None, bias=None, block=0, n_threads=None,
 
 ATT_BLOCK = 64   # keys per online-softmax step of a chunk (csrc/g2_attention.c)
 ATT_CHUNK = 256  # keys per chunk, the unit of the split and the merge (csrc/g2_attention.c)
+ATT_DBLK = 16    # elements of D per chain of a score (csrc/g2_attention.c: dot_scalar)
 
 
 def _exp_ref(x):
@@ -186,19 +188,20 @@ def _seq_sum(terms, axis, start=None):
     return np.add.accumulate(np.concatenate([start[..., None], terms], axis=-1), axis=-1)[..., -1]
 
 
-def _dot8(qg, kb):
-    """q . k as the scalar C kernel sums it: 8 lanes (element i into lane i % 8, in order), then
-    ((l0 + l4) + (l1 + l5)) + ((l2 + l6) + (l3 + l7)). qg (B,G,R,T,D), kb (B,G,n,D) -> (B,G,R,T,n)."""
+def _dot_blocks(qg, kb):
+    """q . k as the C kernel orders it (csrc/g2_attention.c: dot_scalar): per block of ATT_DBLK
+    elements a sequential chain P_i = ((0 + q_d k_d) + q_(d+1) k_(d+1)) + ..., then
+    ((0 + P_0) + P_1) + ... in block order, every product and sum rounded to float32.
+    qg (B,G,R,T,D), kb (B,G,n,D) -> (B,G,R,T,n)."""
     D = qg.shape[-1]
-    pad = -D % 8
+    pad = -D % ATT_DBLK  # zero products add +0.0 to a chain that is never -0.0: no change
     if pad:
         qg = np.concatenate([qg, np.zeros(qg.shape[:-1] + (pad,), np.float32)], axis=-1)
         kb = np.concatenate([kb, np.zeros(kb.shape[:-1] + (pad,), np.float32)], axis=-1)
-    n8 = qg.shape[-1] // 8
-    prod = qg[:, :, :, :, None, :] * kb[:, :, None, None, :, :]  # (B,G,R,T,n,D8)
-    lanes = _seq_sum(prod.reshape(prod.shape[:-1] + (n8, 8)), axis=-2)  # (..., 8)
-    l = [lanes[..., i] for i in range(8)]
-    return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7]))
+    nb = qg.shape[-1] // ATT_DBLK
+    prod = qg[:, :, :, :, None, :] * kb[:, :, None, None, :, :]  # (B,G,R,T,n,D)
+    blocks = _seq_sum(prod.reshape(prod.shape[:-1] + (nb, ATT_DBLK)), axis=-1)  # (..., nb)
+    return _seq_sum(blocks, axis=-1)
 
 
 def _kv_f32(x):
@@ -226,7 +229,7 @@ def _attention_chunk(qg, k, v, vis, scaling, cap):
         anyv = vb.any(axis=-1)
         if not anyv.any():
             continue
-        sc = _dot8(qg, k[:, :, j0:j1]).reshape(B, H, T, j1 - j0) * f(scaling)
+        sc = _dot_blocks(qg, k[:, :, j0:j1]).reshape(B, H, T, j1 - j0) * f(scaling)
         if cap is not None:
             sc = f(cap) * _tanh_ref(sc / f(cap))
         bmax = np.max(np.where(vb, sc, -np.inf), axis=-1)
