@@ -363,6 +363,28 @@ def linear_q4_0(x, codes, scales, bias=None, n_threads=None, out=None):
     return y
 
 
+cdef list _quant_parts(int64_t M, int64_t K, list codes, list second, check, str kind,
+                       const uint8_t **cp, const void **sp, int64_t *Np, float **yp):
+    """The pointers of linear_int4_multi / linear_q4_0_multi's matrices (codes and their meta / scales,
+    each checked by `check`, K columns) and their (M, N_i) float32 outputs, which it returns."""
+    cdef cnp.ndarray a
+    ys = []
+    for i in range(len(codes)):
+        n_i, k_i = check(codes[i], second[i])
+        if k_i != K:
+            raise ValueError("x has %d features, %s matrix %d expects %d" % (K, kind, i, k_i))
+        Np[i] = n_i
+        a = codes[i]
+        cp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
+        a = second[i]
+        sp[i] = <const void *>cnp.PyArray_DATA(a)
+        y = np.empty((M, n_i), np.float32)
+        ys.append(y)
+        a = y
+        yp[i] = <float *>cnp.PyArray_DATA(a)
+    return ys
+
+
 def linear_q4_0_multi(x, codes, scales, n_threads=None):
     """[linear_q4_0(x, c, s) for c, s in zip(codes, scales)] in one call: x is quantised once (decode)
     and every matrix's row blocks share one parallel loop; each result equals linear_q4_0's exactly.
@@ -375,29 +397,16 @@ def linear_q4_0_multi(x, codes, scales, n_threads=None):
                          % (G2_MAX_PARTS, P, len(scales)))
     cdef int64_t M = x.shape[0], K = x.shape[1]
     cdef const uint8_t *cp[16]
-    cdef const uint16_t *sp[16]
+    cdef const void *sp[16]
     cdef float *yp[16]
     cdef int64_t Np[16]
-    cdef cnp.ndarray a
-    ys = []
-    for i in range(P):
-        n_i, k_i = _check_q4_0(codes[i], scales[i])
-        if k_i != K:
-            raise ValueError("x has %d features, q4_0 matrix %d expects %d" % (K, i, k_i))
-        Np[i] = n_i
-        a = codes[i]
-        cp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
-        a = scales[i]
-        sp[i] = <const uint16_t *>cnp.PyArray_DATA(a)
-        y = np.empty((M, n_i), np.float32)
-        ys.append(y)
-        a = y
-        yp[i] = <float *>cnp.PyArray_DATA(a)
+    ys = _quant_parts(M, K, codes, scales, _check_q4_0, "q4_0", cp, sp, Np, yp)
     cdef int nt = _threads(n_threads)
     cdef cnp.ndarray xa = x
     cdef int rc
     with nogil:
-        rc = g2_linear_q4_0_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, sp, Np, yp, nt)
+        rc = g2_linear_q4_0_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, <const uint16_t **>sp, Np, yp,
+                                  nt)
     if rc != 0:
         raise MemoryError("g2_linear_q4_0_multi: out of memory")
     return ys
@@ -446,29 +455,15 @@ def linear_int4_multi(x, codes, metas, n_threads=None):
                          % (G2_MAX_PARTS, P, len(metas)))
     cdef int64_t M = x.shape[0], K = x.shape[1]
     cdef const uint8_t *cp[16]
-    cdef const uint8_t *mp[16]
+    cdef const void *mp[16]
     cdef float *yp[16]
     cdef int64_t Np[16]
-    cdef cnp.ndarray a
-    ys = []
-    for i in range(P):
-        n_i, k_i = _check_int4(codes[i], metas[i])
-        if k_i != K:
-            raise ValueError("x has %d features, int4 matrix %d expects %d" % (K, i, k_i))
-        Np[i] = n_i
-        a = codes[i]
-        cp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
-        a = metas[i]
-        mp[i] = <const uint8_t *>cnp.PyArray_DATA(a)
-        y = np.empty((M, n_i), np.float32)
-        ys.append(y)
-        a = y
-        yp[i] = <float *>cnp.PyArray_DATA(a)
+    ys = _quant_parts(M, K, codes, metas, _check_int4, "int4", cp, mp, Np, yp)
     cdef int nt = _threads(n_threads)
     cdef cnp.ndarray xa = x
     cdef int rc
     with nogil:
-        rc = g2_linear_int4_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, mp, Np, yp, nt)
+        rc = g2_linear_int4_multi(<const float *>cnp.PyArray_DATA(xa), M, K, P, cp, <const uint8_t **>mp, Np, yp, nt)
     if rc != 0:
         raise MemoryError("g2_linear_int4_multi: out of memory")
     return ys
