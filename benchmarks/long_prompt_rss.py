@@ -27,19 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_MODEL = "/tmp/gemma2np-bench/gemma-2-2b-bf16"
 
-
-def _status() -> dict:
-    """VmRSS / VmHWM / RssAnon / RssFile of this process in bytes (Linux), else {}."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                k, _, v = line.partition(":")
-                if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                    out[k] = int(v.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
+# VmRSS / VmHWM / RssAnon / RssFile of this process in bytes: bench.py (the same directory) reads them
+from bench import _proc_status as _status  # noqa: E402
 
 
 def kv_bytes(cache) -> tuple[int, int]:
